@@ -1,0 +1,6 @@
+"""ee_mllm_jax: EE-MLLM (composite attention) and its baselines in JAX/Flax."""
+
+from ee_mllm_jax.config import LLMConfig, ModelConfig, VisionConfig
+from ee_mllm_jax.models import EEMLLM
+
+__all__ = ["EEMLLM", "LLMConfig", "ModelConfig", "VisionConfig"]

@@ -1,0 +1,188 @@
+"""Model configuration: small frozen dataclasses, one per module, plus named presets.
+
+Each module receives only its own config (`VisionConfig` for the tower, `LLMConfig` for the
+decoder); `ModelConfig` ties them together with the switches that define the model family:
+
+* ``attention="self"``      LLaVA: every token is a query, visual tokens pass the FFN.
+* ``attention="composite"`` EE-MLLM: text tokens are the only queries; visual tokens are
+  updated by the aligner ``o_proj(v_proj(input_layernorm(x_v)))`` and pass the FFN only
+  when ``visual_ffn`` is set (EE-MLLM-F: a LLaVA checkpoint run in composite mode keeps it
+  on, because its weights were trained with it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+
+ATTENTION_MODES = ("self", "composite")
+PROJECTORS = ("linear", "mlp2x_gelu")
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+class _Replaceable:
+  def replace(self, **changes):
+    return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig(_Replaceable):
+  """A ViT tower with HF's CLIP or SigLIP math.
+
+  clip:   patch conv without bias, class token, pre-layernorm, quick-GELU MLP.
+  siglip: patch conv with bias, no class token, no pre-layernorm, tanh-GELU MLP.
+  `feature_layer` indexes HF's `hidden_states` tuple (0 = embeddings, -1 = last layer),
+  as LLaVA's `vision_feature_layer` does; only the layers it needs are run. The class
+  token (CLIP) is dropped from the features ("patch" selection).
+  """
+
+  kind: Literal["clip", "siglip"] = "clip"
+  image_size: int = 336
+  patch_size: int = 14
+  width: int = 1024
+  depth: int = 24
+  num_heads: int = 16
+  mlp_dim: int = 4096
+  layer_norm_eps: float = 1e-5
+  feature_layer: int = -2
+  image_mean: tuple[float, float, float] = CLIP_MEAN
+  image_std: tuple[float, float, float] = CLIP_STD
+
+  def __post_init__(self):
+    if self.kind not in ("clip", "siglip"):
+      raise ValueError(f"VisionConfig.kind must be 'clip' or 'siglip', got {self.kind!r}")
+    if self.width % self.num_heads:
+      raise ValueError(f"vision width {self.width} is not divisible by num_heads {self.num_heads}")
+    if not 1 <= self.num_layers_run <= self.depth:
+      raise ValueError(f"feature_layer {self.feature_layer} selects no layer of a depth-{self.depth} tower")
+
+  @property
+  def grid(self) -> int:
+    """Patches per side; like HF's strided conv, a remainder of pixels is ignored (384/14 -> 27)."""
+    return self.image_size // self.patch_size
+
+  @property
+  def num_patches(self) -> int:
+    """Visual tokens per image (P)."""
+    return self.grid * self.grid
+
+  @property
+  def class_token(self) -> bool:
+    return self.kind == "clip"
+
+  @property
+  def head_dim(self) -> int:
+    return self.width // self.num_heads
+
+  @property
+  def num_layers_run(self) -> int:
+    """How many encoder layers the selected feature needs (hidden_states[k] follows layer k)."""
+    return self.feature_layer if self.feature_layer >= 0 else self.depth + 1 + self.feature_layer
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMConfig(_Replaceable):
+  """A LLaMA / Qwen2 decoder: RMSNorm, rotate-half RoPE, GQA, SwiGLU."""
+
+  vocab_size: int = 32000
+  width: int = 4096
+  depth: int = 32
+  num_heads: int = 32
+  num_kv_heads: int = 32
+  head_dim: int = 128
+  mlp_dim: int = 11008
+  rope_theta: float = 10000.0
+  rms_norm_eps: float = 1e-5
+  qkv_bias: bool = False
+  tie_embeddings: bool = False
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(_Replaceable):
+  vision: VisionConfig = VisionConfig()
+  llm: LLMConfig = LLMConfig()
+  projector: Literal["linear", "mlp2x_gelu"] = "mlp2x_gelu"
+  attention: Literal["self", "composite"] = "composite"
+  # Composite mode only: do visual tokens pass each layer's FFN? (self mode always does.)
+  visual_ffn: bool = False
+  dtype: str = "float32"  # compute dtype
+  param_dtype: str = "float32"
+  remat: Literal["none", "full", "dots"] = "none"
+  # Unrolling of the scanned layers; `True` unrolls fully (XLA's cost analysis counts a
+  # loop body once, so the FLOP check compiles unrolled).
+  scan_unroll: int | bool = 1
+
+  def __post_init__(self):
+    if self.attention not in ATTENTION_MODES:
+      raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+    if self.projector not in PROJECTORS:
+      raise ValueError(f"projector must be one of {PROJECTORS}, got {self.projector!r}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+
+  @property
+  def tokens_per_image(self) -> int:
+    return self.vision.num_patches
+
+  @property
+  def runs_visual_ffn(self) -> bool:
+    return self.attention == "self" or self.visual_ffn
+
+  @classmethod
+  def preset(cls, name: str, **overrides) -> "ModelConfig":
+    try:
+      cfg = PRESETS[name]
+    except KeyError:
+      raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}") from None
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # Unit tests: everything small, GQA on, two images of 16 tokens fit easily.
+    "tiny": ModelConfig(
+        vision=VisionConfig(image_size=32, patch_size=8, width=32, depth=2, num_heads=2,
+                            mlp_dim=64, feature_layer=-1),
+        llm=LLMConfig(vocab_size=256, width=64, depth=2, num_heads=4, num_kv_heads=2,
+                      head_dim=16, mlp_dim=128),
+    ),
+    # Trains on the synthetic dataset on 2 CPU cores in minutes (EE-MLLM, composite).
+    "demo": ModelConfig(
+        vision=VisionConfig(image_size=64, patch_size=8, width=128, depth=4, num_heads=4,
+                            mlp_dim=512, feature_layer=-1),
+        llm=LLMConfig(vocab_size=1024, width=256, depth=4, num_heads=8, num_kv_heads=4,
+                      head_dim=32, mlp_dim=704),
+    ),
+    # LLaVA-1.5-7B: CLIP ViT-L/14 at 336 px (feature layer -2, 576 tokens), mlp2x_gelu,
+    # Vicuna-7B v1.5. A released self-attention checkpoint: run with
+    # `.replace(attention="composite")` for EE-MLLM-F, or
+    # `.replace(attention="composite", visual_ffn=False)` to train EE-MLLM.
+    "llava-1.5-7b": ModelConfig(
+        vision=VisionConfig(kind="clip", image_size=336, patch_size=14, width=1024, depth=24,
+                            num_heads=16, mlp_dim=4096, layer_norm_eps=1e-5, feature_layer=-2),
+        llm=LLMConfig(vocab_size=32000, width=4096, depth=32, num_heads=32, num_kv_heads=32,
+                      head_dim=128, mlp_dim=11008, rope_theta=10000.0, rms_norm_eps=1e-5),
+        projector="mlp2x_gelu", attention="self", visual_ffn=True,
+    ),
+    # Qwen2-7B + SigLIP-so400m/14 at 384 px (729 tokens), as LLaVA-OneVision-7B ships it
+    # (the tower's last layer removed, features from the new last layer).
+    "qwen2-7b-siglip": ModelConfig(
+        vision=VisionConfig(kind="siglip", image_size=384, patch_size=14, width=1152, depth=26,
+                            num_heads=16, mlp_dim=4304, layer_norm_eps=1e-6, feature_layer=-1,
+                            image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD),
+        llm=LLMConfig(vocab_size=152064, width=3584, depth=28, num_heads=28, num_kv_heads=4,
+                      head_dim=128, mlp_dim=18944, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+                      qkv_bias=True),
+        projector="mlp2x_gelu", attention="self", visual_ffn=True,
+    ),
+}

@@ -1,0 +1,147 @@
+"""Building blocks shared by the tower and the decoder.
+
+Every parameter carries logical axis names (see `ee_mllm_jax.sharding`): `embed`, `mlp`,
+`heads`, `kv_heads`, `head_dim`, `vocab`, and `layers` for the scanned axis.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype | str
+
+
+def logical(init, names: Sequence[str | None]):
+  return nn.with_logical_partitioning(init, tuple(names))
+
+
+class Linear(nn.Module):
+  """`y = x . kernel (+ bias)`, contracting the trailing `len(in_shape)` axes of x.
+
+  `in_shape`/`features` are kept as tuples so that attention projections hold their natural
+  (D, N, H) / (N, H, D) kernels, which makes sharding by head and HF conversion direct.
+  """
+
+  in_shape: tuple[int, ...]
+  features: tuple[int, ...]
+  names: tuple[str | None, ...]  # logical names of kernel axes: in_shape + features
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
+
+  def setup(self):
+    self.kernel = self.param("kernel", logical(self.kernel_init, self.names),
+                             self.in_shape + self.features, self.param_dtype)
+    if self.use_bias:
+      self.bias = self.param("bias", logical(nn.initializers.zeros, self.names[len(self.in_shape):]),
+                             self.features, self.param_dtype)
+
+  def __call__(self, x):
+    n_in, n_out = len(self.in_shape), len(self.features)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    y = jax.lax.dot_general(x.astype(self.dtype), self.kernel.astype(self.dtype), (contract, ((), ())))
+    if self.use_bias:
+      y = y + self.bias.astype(self.dtype).reshape((1,) * (y.ndim - n_out) + self.features)
+    return y
+
+
+class RMSNorm(nn.Module):
+  """HF LlamaRMSNorm: normalise in float32, cast back, then scale."""
+
+  eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", logical(nn.initializers.ones, ("embed",)), (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return scale.astype(self.dtype) * y.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+  """torch.nn.LayerNorm with `scale`/`bias` named for the logical `embed` axis."""
+
+  eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    scale = self.param("scale", logical(nn.initializers.ones, ("embed",)), (d,), self.param_dtype)
+    bias = self.param("bias", logical(nn.initializers.zeros, ("embed",)), (d,), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * scale + bias).astype(self.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding in HF's rotate-half layout (pairs are (i, i + H/2)).
+
+  x: (B, L, heads, H); positions: (B, L) integer positions in the interleaved sequence.
+  """
+  half = x.shape[-1] // 2
+  inv_freq = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, L, H/2)
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def quick_gelu(x):
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": quick_gelu,
+    "silu": jax.nn.silu,
+}
+
+
+class SwiGLU(nn.Module):
+  """LLaMA MLP: down_proj(silu(gate_proj(x)) * up_proj(x))."""
+
+  width: int
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    up = lambda name: Linear((self.width,), (self.mlp_dim,), ("embed", "mlp"), name=name, **kw)
+    h = jax.nn.silu(up("gate_proj")(x)) * up("up_proj")(x)
+    h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+    return Linear((self.mlp_dim,), (self.width,), ("mlp", "embed"), name="down_proj", **kw)(h)
+
+
+def scan_layers(layer_cls, *, length: int, remat: str, unroll, in_axes=nn.broadcast):
+  """`nn.scan` over a stack of identical layers, with an optional remat policy.
+
+  The layer is called as `layer(carry, *broadcast_args) -> (carry, per_layer_output)`.
+  """
+  if remat != "none":
+    policy = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[remat]
+    layer_cls = nn.remat(layer_cls, policy=policy, prevent_cse=False)
+  return nn.scan(
+      layer_cls,
+      variable_axes={"params": 0},
+      split_rngs={"params": True, "dropout": True},
+      in_axes=in_axes,
+      length=length,
+      unroll=unroll,
+      metadata_params={nn.PARTITION_NAME: "layers"},
+  )

@@ -1,0 +1,110 @@
+"""LLaMA / Qwen2 decoder over two streams (visual and text), with scanned layers.
+
+Letters: B batch, V visual tokens, T text tokens, S cache length, D width, K kv heads,
+H head dim, L layers. HF names: embed_tokens, layers/{input_layernorm, self_attn,
+post_attention_layernorm, mlp}, norm, lm_head.
+
+A layer is called in one of two phases, chosen by whether it receives a cache:
+* forward: both streams through the layer in the configured mode (training, prefill);
+  also returns the layer's keys/values over [visual; text] for a cache.
+* extend: new text tokens only, against a KV cache (decode steps, prompts after a cached
+  image prefix). Text queries attend to all earlier keys in every mode, so this phase has
+  no mode switch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ee_mllm_jax.config import LLMConfig
+from ee_mllm_jax.models.attention import Attention
+from ee_mllm_jax.models.layers import Linear, RMSNorm, SwiGLU, logical, scan_layers
+
+Cache = dict[str, Any]  # k, v: (L, B, S, K, H); pos: (B, S) int32; valid: (B, S) bool; index: () int32
+
+
+class DecoderLayer(nn.Module):
+  cfg: LLMConfig
+  mode: str
+  visual_ffn: bool
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, carry, layer_cache, ctx):
+    c = self.cfg
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    attn = Attention(c, self.mode, name="self_attn", **kw)
+    norm1 = RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)
+    norm2 = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)
+    mlp = SwiGLU(c.width, c.mlp_dim, name="mlp", **kw)
+    x_v, x_t = carry
+    if layer_cache is None:
+      a_v, a_t, kv = attn(norm1(x_v), norm1(x_t), ctx["pos_v"], ctx["pos_t"], ctx["valid_v"], ctx["valid_t"])
+      x_v = x_v + a_v
+      if self.visual_ffn:
+        x_v = x_v + mlp(norm2(x_v))
+      out = kv
+    else:
+      h = norm1(x_t)
+      k_new, v_new = attn.keys_values(h, ctx["pos_t"])
+      at = (0, ctx["index"], 0, 0)
+      k = jax.lax.dynamic_update_slice(layer_cache["k"], k_new.astype(layer_cache["k"].dtype), at)
+      v = jax.lax.dynamic_update_slice(layer_cache["v"], v_new.astype(layer_cache["v"].dtype), at)
+      a_t = attn.extend(h, ctx["pos_t"], k, v, ctx["cache_pos"], ctx["cache_valid"])
+      out = {"k": k, "v": v}
+    x_t = x_t + a_t
+    x_t = x_t + mlp(norm2(x_t))
+    x_t = nn.with_logical_constraint(x_t, ("activation_batch", "activation_length", "activation_embed"))
+    return (x_v, x_t), out
+
+
+class LLM(nn.Module):
+  cfg: LLMConfig
+  mode: str
+  visual_ffn: bool
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  remat: str = "none"
+  unroll: int | bool = 1
+
+  def setup(self):
+    c = self.cfg
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.embed_tokens = nn.Embed(c.vocab_size, c.width, embedding_init=logical(nn.initializers.normal(0.02),
+                                                                               ("vocab", "embed")), **kw)
+    stack = scan_layers(DecoderLayer, length=c.depth, remat=self.remat, unroll=self.unroll,
+                        in_axes=(0, nn.broadcast))
+    self.layers = stack(c, self.mode, self.visual_ffn, **kw)
+    self.norm = RMSNorm(c.rms_norm_eps, **kw)
+    if not c.tie_embeddings:
+      self.lm_head = Linear((c.width,), (c.vocab_size,), ("embed", "vocab"), **kw)
+
+  def embed(self, input_ids):
+    return self.embed_tokens(input_ids)
+
+  def logits(self, x_t):
+    h = self.norm(x_t)
+    logits = self.embed_tokens.attend(h) if self.cfg.tie_embeddings else self.lm_head(h)
+    return logits.astype(jnp.float32)
+
+  def __call__(self, x_v, input_ids, pos_v, pos_t, valid_v, valid_t):
+    """Full forward -> text logits (B, T, vocab) and per-layer (k, v), each (L, B, V+T, K, H)."""
+    ctx = dict(pos_v=pos_v, pos_t=pos_t, valid_v=valid_v, valid_t=valid_t)
+    x_v = x_v.astype(self.dtype)
+    (_, x_t), kv = self.layers((x_v, self.embed(input_ids)), None, ctx)
+    return self.logits(x_t), kv
+
+  def extend(self, input_ids, pos_t, valid_t, cache: Cache):
+    """Append text tokens (B, T) at slots [index, index + T) of the cache; -> logits, new cache."""
+    index = cache["index"]
+    cache_pos = jax.lax.dynamic_update_slice(cache["pos"], pos_t.astype(cache["pos"].dtype), (0, index))
+    cache_valid = jax.lax.dynamic_update_slice(cache["valid"], valid_t, (0, index))
+    ctx = dict(pos_t=pos_t, index=index, cache_pos=cache_pos, cache_valid=cache_valid)
+    (_, x_t), kv = self.layers((None, self.embed(input_ids)), {"k": cache["k"], "v": cache["v"]}, ctx)
+    new_cache = dict(k=kv["k"], v=kv["v"], pos=cache_pos, valid=cache_valid, index=index + input_ids.shape[1])
+    return self.logits(x_t), new_cache

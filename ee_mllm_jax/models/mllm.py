@@ -1,0 +1,53 @@
+"""EEMLLM: vision tower -> projector -> two-stream decoder, in self or composite mode.
+
+Batch (DESIGN §3): pixel_values (B, I, H, W, 3), image_valid (B, I), input_ids (B, T),
+text_positions (B, T), text_valid (B, T), visual_positions (B, I*P); `labels` may ride
+along in a training batch and is ignored here (the loss lives in the trainer).
+Parameter groups at the top of the tree: `vision/`, `projector/`, `llm/`.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ee_mllm_jax.config import ModelConfig
+from ee_mllm_jax.models.llm import LLM
+from ee_mllm_jax.models.projector import Projector
+from ee_mllm_jax.models.vision import VisionTower
+
+
+class EEMLLM(nn.Module):
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+    self.vision = VisionTower(cfg.vision, remat=cfg.remat, unroll=cfg.scan_unroll, **kw)
+    self.projector = Projector(cfg.projector, cfg.vision.width, cfg.llm.width, **kw)
+    self.llm = LLM(cfg.llm, cfg.attention, cfg.runs_visual_ffn, remat=cfg.remat, unroll=cfg.scan_unroll, **kw)
+
+  def embed_image(self, pixel_values):
+    """(B, I, H, W, 3) -> projected visual tokens (B, I*P, D)."""
+    b, i = pixel_values.shape[:2]
+    feats = self.vision(pixel_values.reshape((b * i,) + pixel_values.shape[2:]))
+    return self.projector(feats).reshape(b, i * feats.shape[1], -1)
+
+  def visual_valid(self, image_valid):
+    return jnp.repeat(image_valid, self.cfg.tokens_per_image, axis=1)
+
+  def forward(self, pixel_values, image_valid, input_ids, text_positions, text_valid, visual_positions):
+    """Text-stream logits (B, T, vocab) float32 and the per-layer keys/values over [visual; text]."""
+    x_v = self.embed_image(pixel_values)
+    return self.llm(x_v, input_ids, visual_positions, text_positions, self.visual_valid(image_valid), text_valid)
+
+  def __call__(self, pixel_values, image_valid, input_ids, text_positions, text_valid, visual_positions,
+               labels=None):
+    del labels  # accepted so that a whole training batch can be passed with **batch
+    logits, _ = self.forward(pixel_values, image_valid, input_ids, text_positions, text_valid, visual_positions)
+    return logits
+
+  def extend(self, input_ids, text_positions, text_valid, cache):
+    """Text tokens against a KV cache (see `LLM.extend`); -> logits (B, T, vocab), new cache."""
+    return self.llm.extend(input_ids, text_positions, text_valid, cache)

@@ -1,0 +1,96 @@
+"""ViT vision tower with HF's CLIP and SigLIP math, returning LLaVA-style patch features.
+
+Letters: B images, P patches, D tower width, N heads, H head dim, F MLP width.
+Parameter leaves are named as in HF (`q_proj`, `out_proj`, `layer_norm1`, `fc1`,
+`pre_layrnorm` [sic, HF's spelling], `post_layernorm`), one level flatter (no `self_attn/`,
+`mlp/` scopes inside a layer); `convert/` holds the exact name map.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ee_mllm_jax.config import VisionConfig
+from ee_mllm_jax.models.layers import ACTIVATIONS, LayerNorm, Linear, logical, scan_layers
+
+
+class VisionLayer(nn.Module):
+  cfg: VisionConfig
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, _=None):
+    c = self.cfg
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    proj = lambda name: Linear((c.width,), (c.num_heads, c.head_dim), ("embed", "heads", "head_dim"),
+                               use_bias=True, name=name, **kw)
+    h = LayerNorm(c.layer_norm_eps, name="layer_norm1", **kw)(x)
+    q, k, v = (proj(n)(h) for n in ("q_proj", "k_proj", "v_proj"))
+    scores = jnp.einsum("bqnh,bknh->bnqk", q * c.head_dim ** -0.5, k, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+    o = jnp.einsum("bnqk,bknh->bqnh", probs, v)
+    x = x + Linear((c.num_heads, c.head_dim), (c.width,), ("heads", "head_dim", "embed"), use_bias=True,
+                   name="out_proj", **kw)(o)
+    h = LayerNorm(c.layer_norm_eps, name="layer_norm2", **kw)(x)
+    act = ACTIVATIONS["quick_gelu" if c.kind == "clip" else "gelu_tanh"]
+    h = act(Linear((c.width,), (c.mlp_dim,), ("embed", "mlp"), use_bias=True, name="fc1", **kw)(h))
+    x = x + Linear((c.mlp_dim,), (c.width,), ("mlp", "embed"), use_bias=True, name="fc2", **kw)(h)
+    return x, None
+
+
+def _first_layers(n: int, variables):
+  return jax.tree.map(lambda a: a[:n], variables)
+
+
+class VisionTower(nn.Module):
+  """(B, image, image, 3) normalised pixels -> (B, P, D) features of `cfg.feature_layer`.
+
+  All `cfg.depth` layers are parameters (checkpoints load and export whole), but only the
+  `cfg.num_layers_run` layers the selected feature depends on are computed.
+  """
+
+  cfg: VisionConfig
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  remat: str = "none"
+  unroll: int | bool = 1
+
+  @nn.compact
+  def __call__(self, images):
+    c = self.cfg
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    b, p, g = images.shape[0], c.patch_size, c.grid
+    patches = images[:, :g * p, :g * p].astype(self.dtype).reshape(b, g, p, g, p, 3)
+    # Kernel (p, p, 3, D) is HF's conv weight (D, 3, p, p) transposed; patches in row-major order.
+    kernel = self.param("patch_embedding", logical(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+                        (p, p, 3, c.width), self.param_dtype)
+    x = jnp.einsum("bipjqc,pqcd->bijd", patches, kernel.astype(self.dtype)).reshape(b, g * g, c.width)
+    if c.class_token:
+      cls = self.param("class_embedding", logical(nn.initializers.normal(0.02), ("embed",)), (c.width,),
+                       self.param_dtype)
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, c.width)), x], axis=1)
+    else:
+      x = x + self.param("patch_bias", logical(nn.initializers.zeros, ("embed",)), (c.width,),
+                         self.param_dtype).astype(self.dtype)
+    pos = self.param("position_embedding", logical(nn.initializers.normal(0.02), (None, "embed")),
+                     (x.shape[1], c.width), self.param_dtype)
+    x = x + pos.astype(self.dtype)
+    if c.class_token:
+      x = LayerNorm(c.layer_norm_eps, name="pre_layrnorm", **kw)(x)
+
+    n_run = c.num_layers_run
+    make = functools.partial(scan_layers, VisionLayer, remat=self.remat, unroll=self.unroll)
+    if n_run == c.depth or self.is_initializing():
+      stack = make(length=c.depth)
+    else:  # read only the first n_run layers of the stacked parameters
+      stack = nn.map_variables(make(length=n_run), "params",
+                               trans_in_fn=functools.partial(_first_layers, n_run), mutable=False)
+    x, _ = stack(c, name="layers", **kw)(x, None)
+    if self.is_initializing():  # HF keeps it; LLaVA's features (hidden_states[k]) never use it
+      LayerNorm(c.layer_norm_eps, name="post_layernorm", **kw)(x)
+    return x[:, 1:] if c.class_token else x

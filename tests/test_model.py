@@ -1,0 +1,181 @@
+"""Core model properties: both modes equal the naive full-sequence form; EE-MLLM-F; shapes."""
+
+import flax.linen as nn
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ee_mllm_jax as eem
+from batches import MIXED_PLANS, make_batch
+from reference import naive_llm_logits
+
+MODEL_KEYS = ("pixel_values", "image_valid", "input_ids", "text_positions", "text_valid", "visual_positions")
+
+
+def init_params(cfg, batch, seed=0):
+  return nn.meta.unbox(eem.EEMLLM(cfg).init(jax.random.key(seed), **batch)["params"])
+
+
+def naive_logits(cfg, params, batch):
+  x_v = eem.EEMLLM(cfg).apply({"params": params}, batch["pixel_values"], method="embed_image")
+  valid_v = np.repeat(batch["image_valid"], cfg.tokens_per_image, axis=1)
+  return naive_llm_logits(params["llm"], cfg, x_v, batch["input_ids"], batch["visual_positions"],
+                          batch["text_positions"], valid_v, batch["text_valid"])
+
+
+def assert_close_on_valid(got, want, valid, tol):
+  got, want = np.asarray(got, np.float64)[valid], np.asarray(want)[valid]
+  err = np.max(np.abs(got - want)) / np.max(np.abs(want))
+  assert err < tol, f"max relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("attention,visual_ffn", [("composite", False), ("composite", True), ("self", True)])
+def test_two_stream_model_equals_naive_full_sequence(attention, visual_ffn):
+  cfg = eem.ModelConfig.preset("tiny", attention=attention, visual_ffn=visual_ffn)
+  batch = make_batch(cfg, MIXED_PLANS)
+  params = init_params(cfg, batch)
+  # Random (non-unit) norm scales so that a missing or misplaced norm cannot pass.
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: x * (1 + 0.3 * jax.random.normal(jax.random.key(len(str(path))), x.shape))
+      if "scale" in str(path) else x, params)
+  got = jax.jit(eem.EEMLLM(cfg).apply)({"params": params}, **batch)
+  assert got.shape == batch["input_ids"].shape + (cfg.llm.vocab_size,)
+  assert_close_on_valid(got, naive_logits(cfg, params, batch), batch["text_valid"], 1e-5)
+
+
+def test_modes_differ_and_visual_ffn_matters():
+  """Guards the test above: the three variants really compute different functions."""
+  base = eem.ModelConfig.preset("tiny")
+  batch = make_batch(base, MIXED_PLANS)
+  params = init_params(base, batch)
+  outs = [eem.EEMLLM(base.replace(attention=a, visual_ffn=f)).apply({"params": params}, **batch)
+          for a, f in [("composite", False), ("composite", True), ("self", True)]]
+  valid = batch["text_valid"]
+  for i in range(3):
+    for j in range(i + 1, 3):
+      assert np.max(np.abs(np.asarray(outs[i] - outs[j])[valid])) > 1e-4
+
+
+def test_stream_order_does_not_matter():
+  """Only positions matter: permuting tokens within each stream permutes the logits."""
+  cfg = eem.ModelConfig.preset("tiny")
+  batch = make_batch(cfg, MIXED_PLANS)
+  params = init_params(cfg, batch)
+  perm = np.random.default_rng(1).permutation(batch["input_ids"].shape[1])
+  shuffled = dict(batch, **{k: batch[k][:, perm] for k in ("input_ids", "text_positions", "text_valid")})
+  a = eem.EEMLLM(cfg).apply({"params": params}, **batch)
+  b = eem.EEMLLM(cfg).apply({"params": params}, **shuffled)
+  assert_close_on_valid(np.asarray(b), np.asarray(a)[:, perm], shuffled["text_valid"], 1e-5)
+
+
+@pytest.mark.parametrize("attention", ["self", "composite"])
+def test_ee_mllm_f_image_dependence(attention):
+  """One parameter set (trained as LLaVA) runs in both modes: text after the image depends on
+  it, text before it (a system prompt) does not."""
+  llava = eem.ModelConfig.preset("tiny", attention="self", visual_ffn=True)
+  cfg = llava.replace(attention=attention)
+  batch = make_batch(llava, [[4, "img", 6], [4, "img", 6]])
+  params = init_params(llava, batch)  # same params for both modes
+  other = dict(batch, pixel_values=batch["pixel_values"][::-1].copy())  # swap the two images
+  a = np.asarray(eem.EEMLLM(cfg).apply({"params": params}, **batch))
+  b = np.asarray(eem.EEMLLM(cfg).apply({"params": params}, **other))
+  np.testing.assert_allclose(a[:, :4], b[:, :4], rtol=0, atol=1e-6)  # system prompt: blind to it
+  assert np.min(np.max(np.abs(a[:, 4:10] - b[:, 4:10]), axis=-1)) > 1e-4  # every later token sees it
+
+
+def test_padding_is_inert():
+  """Padded text tokens, their ids and absent images' pixels change no valid logit."""
+  cfg = eem.ModelConfig.preset("tiny")
+  batch = make_batch(cfg, MIXED_PLANS)
+  params = init_params(cfg, batch)
+  noisy = dict(batch)
+  rng = np.random.default_rng(7)
+  noisy["input_ids"] = np.where(batch["text_valid"], batch["input_ids"],
+                                rng.integers(0, cfg.llm.vocab_size, batch["input_ids"].shape)).astype(np.int32)
+  absent = ~batch["image_valid"][:, :, None, None, None]
+  noisy["pixel_values"] = np.where(absent, 100 * rng.standard_normal(batch["pixel_values"].shape),
+                                   batch["pixel_values"]).astype(np.float32)
+  a = eem.EEMLLM(cfg).apply({"params": params}, **batch)
+  b = eem.EEMLLM(cfg).apply({"params": params}, **noisy)
+  assert_close_on_valid(b, np.asarray(a), batch["text_valid"], 1e-6)
+
+
+def _shapes_in_jaxpr(jaxpr, out=None):
+  out = set() if out is None else out
+  for eqn in jaxpr.eqns:
+    for v in eqn.outvars:
+      out.add(tuple(getattr(v.aval, "shape", ())))
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      _shapes_in_jaxpr(sub, out)
+  return out
+
+
+@pytest.mark.parametrize("attention,visual_ffn", [("composite", False), ("composite", True), ("self", True)])
+def test_composite_does_not_compute_what_it_drops(attention, visual_ffn):
+  """No visual query projection, no V x V scores, no visual FFN unless visual_ffn."""
+  cfg = eem.ModelConfig.preset("tiny", attention=attention, visual_ffn=visual_ffn)
+  batch = make_batch(cfg, [[3, "img", 5, "img", 4]] * 2)  # V = 32, T = 13, S = 45
+  params = init_params(cfg, batch)
+  model_batch = {k: batch[k] for k in MODEL_KEYS}
+  jaxpr = jax.make_jaxpr(lambda p: eem.EEMLLM(cfg).apply({"params": p}, **model_batch))(params)
+  shapes = _shapes_in_jaxpr(jaxpr.jaxpr)
+  c, b, v, s = cfg.llm, 2, 32, 32 + 13
+  g = c.num_heads // c.num_kv_heads
+  visual_or_all_queries = {(b, v, c.num_heads, c.head_dim), (b, s, c.num_heads, c.head_dim)}
+  square_scores = {(b, c.num_kv_heads, g, s, s)}
+  visual_ffn_act = {(b, v, c.mlp_dim)}
+  composite = attention == "composite"
+  assert bool(shapes & visual_or_all_queries) != composite
+  assert bool(shapes & square_scores) != composite
+  assert bool(shapes & visual_ffn_act) == cfg.runs_visual_ffn
+
+
+def count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def test_llava_7b_parameter_count_without_allocating():
+  cfg = eem.ModelConfig.preset("llava-1.5-7b")
+  p, s = cfg.tokens_per_image, cfg.vision.image_size
+  assert p == 576
+  spec = dict(pixel_values=jax.ShapeDtypeStruct((1, 1, s, s, 3), jnp.float32),
+              image_valid=jax.ShapeDtypeStruct((1, 1), jnp.bool_),
+              input_ids=jax.ShapeDtypeStruct((1, 8), jnp.int32),
+              text_positions=jax.ShapeDtypeStruct((1, 8), jnp.int32),
+              text_valid=jax.ShapeDtypeStruct((1, 8), jnp.bool_),
+              visual_positions=jax.ShapeDtypeStruct((1, p), jnp.int32))
+  shapes = jax.eval_shape(lambda b: eem.EEMLLM(cfg).init(jax.random.key(0), **b), spec)["params"]
+  shapes = nn.meta.unbox(shapes)
+  assert count(shapes["llm"]) == 6_738_415_616  # Vicuna-7B
+  d, f = 1024, 4096  # CLIP ViT-L/14-336: 24 layers, 577 positions, as HF's CLIPVisionModel counts it
+  per_layer = 4 * (d * d + d) + 2 * 2 * d + (d * f + f) + (f * d + d)
+  assert count(shapes["vision"]) == 24 * per_layer + 14 * 14 * 3 * d + d + 577 * d + 2 * 2 * d == 303_507_456
+  assert count(shapes["projector"]) == 1024 * 4096 + 4096 + 4096 * 4096 + 4096  # 20.98M
+  assert round(count(shapes) / 1e9, 2) == 7.06
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("attention", ["self", "composite"])
+def test_jit_and_grad_are_finite(dtype, attention):
+  cfg = eem.ModelConfig.preset("tiny", attention=attention, dtype=dtype, remat="full")
+  batch = make_batch(cfg, MIXED_PLANS)
+  batch["labels"] = np.where(batch["text_valid"], batch["input_ids"], -100).astype(np.int32)
+  params = init_params(cfg, batch)
+  model = eem.EEMLLM(cfg)
+
+  def loss_fn(p):
+    logits = model.apply({"params": p}, **batch)
+    mask = batch["labels"] >= 0
+    lp = jax.nn.log_softmax(logits)
+    nll = -jnp.take_along_axis(lp, jnp.maximum(batch["labels"], 0)[..., None], -1)[..., 0]
+    return jnp.sum(nll * mask) / mask.sum()
+
+  loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
+  assert np.isfinite(loss)
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+  # every parameter that the forward uses receives gradient (post_layernorm is unused by design)
+  flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+  zero = [jax.tree_util.keystr(k) for k, g in flat if not bool(jnp.any(g != 0))]
+  assert zero == ["['vision']['post_layernorm']['bias']", "['vision']['post_layernorm']['scale']"], zero
