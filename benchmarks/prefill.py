@@ -1,0 +1,121 @@
+"""Prefill speed of self (LLaVA) vs composite (EE-MLLM) attention, measured in one process.
+
+The same random parameters run in both modes. Prefill = the decoder forward over V visual
+tokens (already projected) and a T-token prompt, returning the text logits and the per-layer
+KV cache; the vision tower + projector cost the same in both modes and are timed once apart.
+
+  python benchmarks/prefill.py                       # width-scaled LLaVA-7B shape, CPU, ~2 min
+  python benchmarks/prefill.py --preset llava-1.5-7b --dtype bfloat16   # on a GPU
+
+Prints one row per (mode, V): analytic GFLOPs, median ms, achieved GFLOP/s; then, per V, the
+self/composite time ratio beside the analytic FLOP ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import ee_mllm_jax as eem
+from ee_mllm_jax import flops
+
+
+def parse_args():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--preset", default=None, help="full-size preset (e.g. llava-1.5-7b); default: width-scaled")
+  p.add_argument("--width", type=int, default=1024, help="scaled LLM width (LLaVA-7B: 4096)")
+  p.add_argument("--layers", type=int, default=4, help="scaled LLM depth (LLaVA-7B: 32)")
+  p.add_argument("--visual", type=int, nargs="+", default=[576, 2880], help="visual token counts V")
+  p.add_argument("--text", type=int, default=64, help="prompt tokens T")
+  p.add_argument("--batch", type=int, default=1)
+  p.add_argument("--dtype", default="float32")
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--skip-vision", action="store_true", help="do not time the vision tower + projector")
+  return p.parse_args()
+
+
+def model_config(args) -> eem.ModelConfig:
+  if args.preset:
+    cfg = eem.ModelConfig.preset(args.preset)
+  else:  # LLaVA-1.5-7B proportions (head dim 128, MLP 11008/4096, MHA) at a CPU-sized width/depth;
+    # the tower is scaled by the same factors so that it keeps its share of the prefill
+    base = eem.ModelConfig.preset("llava-1.5-7b")
+    llm = base.llm.replace(width=args.width, depth=args.layers, num_heads=args.width // 128,
+                           num_kv_heads=args.width // 128, mlp_dim=round(args.width * 11008 / 4096))
+    w, d = args.width / base.llm.width, args.layers / base.llm.depth
+    vision = base.vision.replace(width=round(1024 * w), num_heads=max(1, round(16 * w)),
+                                 mlp_dim=round(4096 * w), depth=max(2, round(24 * d)))
+    cfg = base.replace(llm=llm, vision=vision)
+  return cfg.replace(attention="self", visual_ffn=True, dtype=args.dtype, param_dtype=args.dtype)
+
+
+def time_fn(fn, *args, repeats: int) -> float:
+  jax.block_until_ready(fn(*args))  # compile + warm up
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times)) * 1e3
+
+
+def llm_prefill(model):
+  def run(params, x_v, ids, pos_v, pos_t, valid_v, valid_t):
+    return model.apply({"params": params}, x_v, ids, pos_v, pos_t, valid_v, valid_t, method=lambda m, *a: m.llm(*a))
+  return jax.jit(run)
+
+
+def main():
+  args = parse_args()
+  cfg = model_config(args)
+  modes = {"self": cfg, "composite": cfg.replace(attention="composite", visual_ffn=False)}
+  c, b, t = cfg.llm, args.batch, args.text
+  dtype = jnp.dtype(args.dtype)
+  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; LLM width {c.width}, depth {c.depth}, "
+        f"heads {c.num_heads}/{c.num_kv_heads}, mlp {c.mlp_dim}; tower width {cfg.vision.width}, "
+        f"depth {cfg.vision.depth}; dtype {args.dtype}")
+
+  rng = np.random.default_rng(0)
+  params = None
+  rows = {}
+  print(f"{'mode':>9} {'V':>6} {'T':>4} {'GFLOPs':>10} {'ms':>10} {'GFLOP/s':>9}")
+  for v in args.visual:
+    n_img = -(-v // cfg.tokens_per_image)
+    pos_v = np.broadcast_to(np.arange(v, dtype=np.int32), (b, v))
+    pos_t = np.broadcast_to(np.arange(v, v + t, dtype=np.int32), (b, t))
+    ids = rng.integers(0, c.vocab_size, (b, t)).astype(np.int32)
+    x_v = jnp.asarray(rng.standard_normal((b, v, c.width)), dtype)
+    ones_v, ones_t = np.ones((b, v), bool), np.ones((b, t), bool)
+    if params is None:  # one random parameter set for every mode and V
+      init = jax.jit(lambda key: eem.EEMLLM(cfg).init(key, pixel_values=jnp.zeros((1, 1) + (cfg.vision.image_size,) * 2 + (3,)),
+                                                      image_valid=np.ones((1, 1), bool), input_ids=ids[:1],
+                                                      text_positions=pos_t[:1], text_valid=ones_t[:1],
+                                                      visual_positions=np.arange(cfg.tokens_per_image)[None]))
+      params = nn.meta.unbox(init(jax.random.key(0))["params"])
+    for mode, mcfg in modes.items():
+      ms = time_fn(llm_prefill(eem.EEMLLM(mcfg)), params, x_v, ids, pos_v, pos_t, ones_v, ones_t, repeats=args.repeats)
+      gflop = flops.llm_flops(mcfg, visual_len=v, text_len=t, batch=b)["total"] / 1e9
+      rows[mode, v] = (gflop, ms)
+      print(f"{mode:>9} {v:>6} {t:>4} {gflop:>10.1f} {ms:>10.1f} {gflop / ms * 1e3:>9.1f}")
+    if not args.skip_vision:
+      tower = jax.jit(lambda p, px: eem.EEMLLM(cfg).apply({"params": p}, px, method="embed_image"))
+      px = jnp.asarray(rng.standard_normal((b, n_img) + (cfg.vision.image_size,) * 2 + (3,)), dtype)
+      ms = time_fn(tower, params, px, repeats=max(1, args.repeats // 2))
+      gflop = (flops.vision_flops(cfg.vision, images=b * n_img) + flops.projector_flops(cfg, images=b * n_img)) / 1e9
+      print(f"{'tower':>9} {v:>6} {'':>4} {gflop:>10.1f} {ms:>10.1f} {gflop / ms * 1e3:>9.1f}   "
+            f"({n_img} image(s) through vision tower + projector, same in both modes)")
+
+  print("\nself / composite:")
+  print(f"{'V':>6} {'time ratio':>11} {'FLOP ratio':>11} {'time/FLOP':>10}")
+  for v in args.visual:
+    (fs, ts), (fc, tc) = rows["self", v], rows["composite", v]
+    print(f"{v:>6} {ts / tc:>11.2f} {fs / fc:>11.2f} {(ts / tc) / (fs / fc):>10.2f}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,86 @@
+"""Analytic forward FLOPs per mode and component (a multiply-add counts 2).
+
+The counts are of what the implementation executes: attention scores are computed over the
+full (masked) query x key rectangle, every image slot of a fixed-shape batch goes through
+the tower, and in composite mode there are no visual queries, no V x V scores, and the
+aligner costs K*H*D per visual token (o_proj folded over the G query heads of a kv head).
+Of the elementwise work only the softmax is counted, as its own component (`softmax`: scale,
+mask, max, subtract, sum, divide = 6 per score, what XLA's cost analysis charges; the exp is
+a transcendental), since at small head dims it is a tenth of the attention; norms,
+activations and RoPE are left out, as is usual for MFU.
+
+Letters: V visual tokens, T text tokens, S = V + T keys, D width, N/K query/kv heads,
+H head dim, F MLP width, P patches per image.
+"""
+
+from __future__ import annotations
+
+from ee_mllm_jax.config import ModelConfig, VisionConfig
+
+
+def vision_flops(cfg: VisionConfig, *, images: int) -> float:
+  """Tower forward for `images` images, running only the layers the feature layer needs."""
+  p, d = cfg.num_patches, cfg.width
+  tokens = p + (1 if cfg.class_token else 0)
+  patch_embed = 2 * p * cfg.patch_size ** 2 * 3 * d
+  per_layer = (2 * tokens * 4 * d * d  # q, k, v, out projections
+               + 2 * 2 * tokens * tokens * d  # scores and weighted values
+               + SOFTMAX_FLOPS_PER_SCORE * tokens * tokens * cfg.num_heads
+               + 2 * tokens * 2 * d * cfg.mlp_dim)  # fc1, fc2
+  return images * (patch_embed + cfg.num_layers_run * per_layer)
+
+
+def projector_flops(cfg: ModelConfig, *, images: int) -> float:
+  d_in, d = cfg.vision.width, cfg.llm.width
+  per_token = 2 * d_in * d + (2 * d * d if cfg.projector == "mlp2x_gelu" else 0)
+  return images * cfg.tokens_per_image * per_token
+
+
+SOFTMAX_FLOPS_PER_SCORE = 6
+
+
+def _layer_flops(c, *, queries: int, keys: int, ffn_tokens: int, aligner_tokens: int) -> tuple[float, float]:
+  d, f, n, k, h = c.width, c.mlp_dim, c.num_heads, c.num_kv_heads, c.head_dim
+  linear = (2 * queries * d * n * h  # q_proj
+            + 2 * keys * d * 2 * k * h  # k_proj, v_proj over every key
+            + 2 * queries * n * h * d  # o_proj on attention outputs
+            + 2 * aligner_tokens * k * h * d  # aligner (composite)
+            + 2 * ffn_tokens * 3 * d * f)  # gate, up, down
+  return linear, 2 * 2 * queries * keys * n * h  # scores and weighted values
+
+
+def llm_flops(cfg: ModelConfig, *, visual_len: int, text_len: int, batch: int = 1) -> dict[str, float]:
+  """Decoder forward over V visual and T text tokens in `cfg.attention` mode, as the scanned
+  stack executes it (the last layer's visual update is computed though nothing reads it)."""
+  c = cfg.llm
+  v, t = visual_len, text_len
+  composite = cfg.attention == "composite"
+  lin, att = _layer_flops(c, queries=t if composite else v + t, keys=v + t,
+                          ffn_tokens=v + t if cfg.runs_visual_ffn else t, aligner_tokens=v if composite else 0)
+  out = {
+      "llm_linear": batch * c.depth * lin,
+      "attention": batch * c.depth * att,
+      "softmax": batch * c.depth * att * SOFTMAX_FLOPS_PER_SCORE / (4 * c.head_dim),
+      "lm_head": batch * 2 * t * c.width * c.vocab_size,
+  }
+  out["total"] = sum(out.values())
+  return out
+
+
+def forward_flops(cfg: ModelConfig, *, batch: int, num_images: int, text_len: int) -> dict[str, float]:
+  """Whole-model forward for a batch of `batch` samples with `num_images` image slots each."""
+  images = batch * num_images
+  out = {"vision": vision_flops(cfg.vision, images=images),
+         "projector": projector_flops(cfg, images=images)}
+  llm = llm_flops(cfg, visual_len=num_images * cfg.tokens_per_image, text_len=text_len, batch=batch)
+  out.update({k: v for k, v in llm.items() if k != "total"})
+  out["total"] = sum(out.values())
+  return out
+
+
+def decode_step_flops(cfg: ModelConfig, *, cache_len: int, batch: int = 1) -> float:
+  """One new text token per row against `cache_len` cached keys (identical in every mode)."""
+  c = cfg.llm
+  d, f, n, k, h = c.width, c.mlp_dim, c.num_heads, c.num_kv_heads, c.head_dim
+  per_layer = 2 * d * (n + 2 * k) * h + 2 * n * h * d + 2 * 3 * d * f + 2 * 2 * cache_len * n * h
+  return batch * (c.depth * per_layer + 2 * d * c.vocab_size)
