@@ -136,24 +136,37 @@ def count(tree):
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
-def test_llava_7b_parameter_count_without_allocating():
-  cfg = eem.ModelConfig.preset("llava-1.5-7b")
+def abstract_params(cfg):
   p, s = cfg.tokens_per_image, cfg.vision.image_size
-  assert p == 576
   spec = dict(pixel_values=jax.ShapeDtypeStruct((1, 1, s, s, 3), jnp.float32),
               image_valid=jax.ShapeDtypeStruct((1, 1), jnp.bool_),
               input_ids=jax.ShapeDtypeStruct((1, 8), jnp.int32),
               text_positions=jax.ShapeDtypeStruct((1, 8), jnp.int32),
               text_valid=jax.ShapeDtypeStruct((1, 8), jnp.bool_),
               visual_positions=jax.ShapeDtypeStruct((1, p), jnp.int32))
-  shapes = jax.eval_shape(lambda b: eem.EEMLLM(cfg).init(jax.random.key(0), **b), spec)["params"]
-  shapes = nn.meta.unbox(shapes)
+  return nn.meta.unbox(jax.eval_shape(lambda b: eem.EEMLLM(cfg).init(jax.random.key(0), **b), spec)["params"])
+
+
+def test_llava_7b_parameter_count_without_allocating():
+  cfg = eem.ModelConfig.preset("llava-1.5-7b")
+  assert cfg.tokens_per_image == 576
+  shapes = abstract_params(cfg)
   assert count(shapes["llm"]) == 6_738_415_616  # Vicuna-7B
   d, f = 1024, 4096  # CLIP ViT-L/14-336: 24 layers, 577 positions, as HF's CLIPVisionModel counts it
   per_layer = 4 * (d * d + d) + 2 * 2 * d + (d * f + f) + (f * d + d)
   assert count(shapes["vision"]) == 24 * per_layer + 14 * 14 * 3 * d + d + 577 * d + 2 * 2 * d == 303_507_456
   assert count(shapes["projector"]) == 1024 * 4096 + 4096 + 4096 * 4096 + 4096  # 20.98M
   assert round(count(shapes) / 1e9, 2) == 7.06
+
+
+def test_qwen2_siglip_parameter_count_without_allocating():
+  cfg = eem.ModelConfig.preset("qwen2-7b-siglip")
+  assert cfg.tokens_per_image == 729  # 384 px / 14 px patches -> 27 x 27 (HF's conv drops 6 px)
+  shapes = abstract_params(cfg)
+  assert count(shapes["llm"]) == 7_615_616_512  # Qwen2-7B (GQA 28/4, qkv bias, untied)
+  d, f = 1152, 4304  # SigLIP-so400m/14-384 with its last layer removed (26 layers), no pooling head
+  per_layer = 4 * (d * d + d) + 2 * 2 * d + (d * f + f) + (f * d + d)
+  assert count(shapes["vision"]) == 26 * per_layer + 14 * 14 * 3 * d + d + 729 * d + 2 * d
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
