@@ -1,0 +1,141 @@
+"""Image decoding and preprocessing: file -> RGB -> square -> resize -> normalised array.
+
+Mirrors what LLaVA feeds CLIP: `expand2square` with the processor's mean colour, then
+CLIPImageProcessor (bicubic resize of the shortest edge, centre crop, rescale, normalise).
+Everything a real crawl contains is turned into plain RGB first: palette and alpha images
+(composited, because dropping alpha exposes whatever colour hides under transparent
+pixels), CMYK, 16-bit greyscale (scaled, because Pillow's own conversion clips at 255),
+and EXIF-rotated photos (turned upright, as a viewer shows them).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageOps
+
+PreprocessMode = Literal["pad", "resize", "crop"]
+Background = Literal["white", "mean"]
+
+
+class ImageError(Exception):
+  """An image file that cannot be used; `reason` is one of the bad-record reasons."""
+
+  def __init__(self, reason: str, message: str):
+    super().__init__(reason, message)
+    self.reason = reason
+    self.message = message
+
+  def __str__(self):
+    return self.message
+
+
+def mean_colour(mean: tuple[float, float, float]) -> tuple[int, int, int]:
+  """The processor's mean as an 8-bit RGB colour, truncated as LLaVA's expand2square call does."""
+  return tuple(int(m * 255) for m in mean)
+
+
+def open_image(path: str) -> Image.Image:
+  """Decodes `path` fully (so truncation is caught here), EXIF orientation applied."""
+  try:
+    size = os.path.getsize(path)
+  except FileNotFoundError:
+    raise ImageError("missing_image", f"image file not found: {path}") from None
+  except OSError as e:
+    raise ImageError("missing_image", f"image file cannot be read: {path}: {e}") from None
+  if size == 0:
+    raise ImageError("empty_image", f"image file is empty (0 bytes): {path}")
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", Image.DecompressionBombWarning)
+      with Image.open(path) as img:
+        img.load()
+        return ImageOps.exif_transpose(img)
+  except Image.UnidentifiedImageError:
+    raise ImageError("not_an_image", f"not an image file: {path}") from None
+  except Exception as e:  # truncated data, bad CRC, decompression bomb, codec errors
+    raise ImageError("corrupt_image", f"corrupt or truncated image: {path}: {e}") from None
+
+
+def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+  """Any Pillow mode -> RGB; transparent pixels show `background`."""
+  if img.mode == "RGB":
+    return img
+  if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
+    return Image.fromarray(_to_uint8(np.asarray(img)), "L").convert("RGB")
+  if img.mode == "P" and "transparency" in img.info:
+    img = img.convert("RGBA")
+  if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    rgba = img.convert("RGBA")
+    canvas = Image.new("RGBA", rgba.size, background + (255,))
+    return Image.alpha_composite(canvas, rgba).convert("RGB")
+  return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+  """Greyscale with more than 8 bits -> 0..255, keeping the full range visible."""
+  is_float = values.dtype.kind == "f"
+  values = values.astype(np.float64)
+  if is_float and values.max(initial=0) <= 1.0:
+    peak = 1.0  # float images in [0, 1]
+  elif values.max(initial=0) <= 255:
+    peak = 255.0  # 8-bit data stored in a wide mode
+  else:
+    peak = 65535.0
+  return np.clip(np.round(values * (255.0 / peak)), 0, 255).astype(np.uint8)
+
+
+def expand_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+  """Pads the short side equally on both sides (LLaVA's `expand2square`)."""
+  width, height = img.size
+  if width == height:
+    return img
+  side = max(width, height)
+  square = Image.new(img.mode, (side, side), fill)
+  square.paste(img, ((side - width) // 2, (side - height) // 2))
+  return square
+
+
+def resize_and_crop(img: Image.Image, size: int) -> Image.Image:
+  """CLIPImageProcessor: bicubic resize of the shortest edge to `size`, centre crop."""
+  width, height = img.size
+  if width <= height:
+    new_w, new_h = size, int(size * height / width)
+  else:
+    new_w, new_h = int(size * width / height), size
+  img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+  left, top = (new_w - size) // 2, (new_h - size) // 2
+  return img.crop((left, top, left + size, top + size))
+
+
+def preprocess(img: Image.Image, *, size: int, mean, std, mode: PreprocessMode = "pad",
+               background: Background = "white") -> np.ndarray:
+  """A decoded image -> (size, size, 3) float32, normalised with the tower's mean/std."""
+  fill = mean_colour(mean)
+  img = to_rgb(img, (255, 255, 255) if background == "white" else fill)
+  if mode == "pad":
+    img = expand_to_square(img, fill)
+  if mode == "resize":
+    img = img.resize((size, size), Image.Resampling.BICUBIC)
+  else:  # after padding the image is square, so this is a plain resize
+    img = resize_and_crop(img, size)
+  # (x / 255 - mean) / std, folded into one multiply and one subtract, in place.
+  std = np.asarray(std, np.float64)
+  pixels = np.asarray(img, dtype=np.float32)
+  pixels *= (1 / (255 * std)).astype(np.float32)
+  pixels -= (np.asarray(mean, np.float64) / std).astype(np.float32)
+  return pixels
+
+
+def load_pixels(path: str, **kwargs) -> np.ndarray:
+  """`open_image` + `preprocess`; raises ImageError naming the file."""
+  img = open_image(path)
+  try:
+    return preprocess(img, **kwargs)
+  except ImageError:
+    raise
+  except Exception as e:  # an exotic mode Pillow cannot convert
+    raise ImageError("corrupt_image", f"cannot convert image {path} ({img.mode}): {e}") from None

@@ -1,0 +1,239 @@
+"""Tokenizer loading, chat templates, and the text side of the interleaved layout.
+
+A conversation is rendered to one prompt string exactly as LLaVA / Qwen2 render it, with
+character spans marking what the model learns (assistant answers and their end-of-turn
+token). The string is cut at each `<image>` placeholder, as LLaVA's
+`tokenizer_image_token` does, and each piece is tokenised with offsets; a token is a
+target when its characters overlap a learned span. Rendering whole strings (rather than
+tokenising role markers and answers separately) keeps token boundaries identical to the
+reference tokenisation, whatever the tokenizer's handling of spaces.
+
+Every `<image>` is replaced by the image's P visual positions; text tokens take the
+positions around them, so the interleaved sequence is 0..L-1 without gaps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+import tokenizers
+
+IMAGE_PLACEHOLDER = "<image>"
+IGNORE_INDEX = -100
+HUMAN, ASSISTANT = "human", "gpt"
+_ROLES = {"human": HUMAN, "user": HUMAN, "gpt": ASSISTANT, "assistant": ASSISTANT}
+
+VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+CHATML_SYSTEM = "You are a helpful assistant."
+
+
+class ConversationError(Exception):
+  """A conversation that cannot be trained on; `reason` is a bad-record reason."""
+
+  def __init__(self, reason: str, message: str):
+    super().__init__(reason, message)
+    self.reason = reason
+    self.message = message
+
+  def __str__(self):
+    return self.message
+
+
+def load_tokenizer(path: str) -> tokenizers.Tokenizer:
+  """Any HF `tokenizer.json`."""
+  return tokenizers.Tokenizer.from_file(str(path))
+
+
+def token_id(tokenizer: tokenizers.Tokenizer, token: str) -> int:
+  idx = tokenizer.token_to_id(token)
+  if idx is None:
+    raise ValueError(f"the tokenizer has no {token!r} token, which this chat template needs")
+  return idx
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatTemplate:
+  """How turns become a prompt string.
+
+  plain:     LLaVA stage 1: the images, "\\n", then each answer + "\\n" (learned). Human
+             text is dropped. LLaVA has no "\\n" after the image; here a text token must
+             follow it, because only text tokens have logits: without one the first
+             caption token would have no predictor that can see the image.
+  vicuna_v1: LLaVA-1.5: "<s>{system} USER: {q} ASSISTANT: {a}</s>USER: ...".
+  chatml:    Qwen2: "<|im_start|>{role}\\n{text}<|im_end|>\\n" per turn, no BOS;
+             the answer and its <|im_end|> are learned.
+  """
+
+  name: str
+  system: str | None = None
+
+  def __post_init__(self):
+    if self.name not in TEMPLATE_NAMES:
+      raise ValueError(f"unknown chat template {self.name!r}; known: {TEMPLATE_NAMES}")
+
+  @property
+  def bos(self) -> str | None:
+    return None if self.name == "chatml" else "<s>"
+
+  @property
+  def end_of_turn(self) -> str:
+    """The token that ends an assistant turn: generation stops on it."""
+    return {"plain": "\n", "vicuna_v1": "</s>", "chatml": "<|im_end|>"}[self.name]
+
+  def render(self, turns: Sequence[tuple[str, str]], *, prompt: bool) -> list[tuple[str, bool]]:
+    """Turns -> [(text, learned)] whose concatenation is the prompt string.
+
+    With `prompt`, the string ends with the assistant-turn opener (turns must end with
+    a human turn): what a model is given before it generates the answer.
+    """
+    if self.name == "plain":
+      images = "".join(IMAGE_PLACEHOLDER * text.count(IMAGE_PLACEHOLDER)
+                       for role, text in turns if role == HUMAN)
+      parts = [(images + "\n", False)]
+      parts += [(text + "\n", True) for role, text in turns if role == ASSISTANT]
+      return parts
+    if self.name == "vicuna_v1":
+      parts = [((self.system if self.system is not None else VICUNA_SYSTEM) + " ", False)]
+      for role, text in turns:
+        if role == HUMAN:
+          parts.append((f"USER: {text} ", False))
+        else:
+          parts += [("ASSISTANT: ", False), (text + "</s>", True)]
+      if prompt:
+        parts.append(("ASSISTANT:", False))
+      return parts
+    system = self.system if self.system is not None else CHATML_SYSTEM
+    parts = [(f"<|im_start|>system\n{system}<|im_end|>\n", False)] if system else []
+    for role, text in turns:
+      if role == HUMAN:
+        parts.append((f"<|im_start|>user\n{text}<|im_end|>\n", False))
+      else:
+        parts += [("<|im_start|>assistant\n", False), (text + "<|im_end|>", True), ("\n", False)]
+    if prompt:
+      parts.append(("<|im_start|>assistant\n", False))
+    return parts
+
+
+TEMPLATE_NAMES = ("plain", "vicuna_v1", "chatml")
+
+
+@dataclasses.dataclass(frozen=True)
+class Turns:
+  """A parsed conversation: `turns` are (HUMAN | ASSISTANT, text)."""
+
+  turns: tuple[tuple[str, str], ...]
+  system: str | None = None
+  answer: str | None = None  # prompt mode: the reference answer of the asked question
+  question: str | None = None
+
+  @property
+  def num_images(self) -> int:
+    return sum(text.count(IMAGE_PLACEHOLDER) for _, text in self.turns)
+
+  def without_last_round(self) -> "Turns":
+    """Drops the last human turn and everything after it (for truncation)."""
+    last = max(i for i, (role, _) in enumerate(self.turns) if role == HUMAN)
+    return dataclasses.replace(self, turns=self.turns[:last])
+
+
+def parse_conversation(conversations, *, prompt_turn: int | None = None) -> Turns:
+  """LLaVA `conversations` -> Turns, validated.
+
+  For training (prompt_turn None) the conversation must contain an assistant answer.
+  For prompting, the conversation is cut after human turn `prompt_turn` (-1: the last);
+  the assistant reply that followed it, if any, becomes the reference answer.
+  """
+  if not isinstance(conversations, list) or not conversations:
+    raise ConversationError("bad_conversation", "'conversations' must be a non-empty list")
+  system, turns = None, []
+  for i, turn in enumerate(conversations):
+    if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+      raise ConversationError("bad_conversation", f"turn {i} has no string 'value'")
+    role = turn.get("from")
+    if role == "system" and i == 0:
+      system = turn["value"]
+      continue
+    if role not in _ROLES:
+      raise ConversationError("bad_conversation", f"turn {i} has unknown role {role!r}")
+    if _ROLES[role] == ASSISTANT and IMAGE_PLACEHOLDER in turn["value"]:
+      raise ConversationError("bad_conversation", f"assistant turn {i} contains {IMAGE_PLACEHOLDER}")
+    turns.append((_ROLES[role], turn["value"]))
+  if prompt_turn is None:
+    if not any(role == ASSISTANT for role, _ in turns):
+      raise ConversationError("no_assistant_turn", "conversation has no assistant ('gpt') turn")
+    if turns[0][0] != HUMAN:
+      raise ConversationError("bad_conversation", "conversation does not start with a human turn")
+    return Turns(tuple(turns), system)
+  human = [i for i, (role, _) in enumerate(turns) if role == HUMAN]
+  try:
+    cut = human[prompt_turn]
+  except IndexError:
+    raise ConversationError(
+        "bad_conversation", f"no human turn {prompt_turn} to prompt with ({len(human)} human turns)") from None
+  follows = turns[cut + 1] if cut + 1 < len(turns) else None
+  answer = follows[1] if follows and follows[0] == ASSISTANT else None
+  question = turns[cut][1].replace(IMAGE_PLACEHOLDER, "").strip()
+  return Turns(tuple(turns[:cut + 1]), system, answer, question)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextLayout:
+  """One sample's text stream. n text tokens; L = n + images * P interleaved positions."""
+
+  input_ids: np.ndarray  # (n,) int32
+  positions: np.ndarray  # (n,) int32, interleaved position of each text token
+  labels: np.ndarray  # (n,) int32, next learned text token or IGNORE_INDEX
+  image_starts: tuple[int, ...]  # interleaved position of each image's first token
+  length: int  # L
+
+
+def encode(tokenizer: tokenizers.Tokenizer, template: ChatTemplate, turns: Turns, *,
+           tokens_per_image: int, prompt: bool = False) -> TextLayout:
+  """Renders, tokenises and lays out one conversation (see the module docstring)."""
+  if turns.system is not None and template.name != "plain":
+    template = dataclasses.replace(template, system=turns.system)
+  parts = template.render(turns.turns, prompt=prompt)
+  text = "".join(t for t, _ in parts)
+  learned, start = [], 0
+  for part, is_learned in parts:
+    if is_learned:
+      learned.append((start, start + len(part)))
+    start += len(part)
+
+  ids, targets, positions, image_starts = [], [], [], []
+  bos = template.bos
+  if template.name == "plain" and tokenizer.token_to_id(bos) is None:
+    bos = None  # stage 1 also serves tokenizers without a BOS token (Qwen2's)
+  if bos is not None:
+    ids.append(token_id(tokenizer, bos))
+    targets.append(False)
+    positions.append(0)
+  pos, offset = len(ids), 0
+  pieces = text.split(IMAGE_PLACEHOLDER)
+  for k, piece in enumerate(pieces):
+    if piece:
+      enc = tokenizer.encode(piece, add_special_tokens=False)
+      for tok, (s, e) in zip(enc.ids, enc.offsets):
+        s, e = s + offset, e + offset
+        targets.append(any((s < b and e > a) if e > s else a <= s < b for a, b in learned))
+        ids.append(tok)
+        positions.append(pos)
+        pos += 1
+    offset += len(piece) + len(IMAGE_PLACEHOLDER)
+    if k < len(pieces) - 1:
+      image_starts.append(pos)
+      pos += tokens_per_image
+
+  ids = np.asarray(ids, np.int32)
+  positions = np.asarray(positions, np.int32)
+  targets = np.asarray(targets, bool)
+  # labels[t] = the next text token if it directly follows (no image between) and is learned.
+  labels = np.full(len(ids), IGNORE_INDEX, np.int32)
+  follows = (positions[1:] == positions[:-1] + 1) & targets[1:]
+  labels[:-1] = np.where(follows, ids[1:], IGNORE_INDEX)
+  if prompt:  # what a prompt's earlier answers would teach is not wanted at evaluation
+    labels[:] = IGNORE_INDEX
+  return TextLayout(ids, positions, labels, tuple(image_starts), pos)

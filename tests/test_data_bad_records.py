@@ -1,0 +1,127 @@
+"""Bad input: a clear error naming the record and file, or skipped, counted and reported."""
+
+import json
+import logging
+
+import grain
+import numpy as np
+import pytest
+from PIL import Image
+
+from ee_mllm_jax.config import ModelConfig
+from ee_mllm_jax.data import pipeline, synthetic
+
+ONE_PROCESS = grain.sharding.NoSharding()
+
+
+def conv(question="<image>\nColour?", answer="red"):
+  turns = [{"from": "human", "value": question}]
+  return turns + ([{"from": "gpt", "value": answer}] if answer is not None else [])
+
+
+# case -> (record or raw JSONL line, reason, what the error message must name)
+CASES = {
+    "missing_image": ({"id": "r-missing", "image": "nope.png", "conversations": conv()}, "nope.png"),
+    "empty_image": ({"id": "r-empty", "image": "empty.png", "conversations": conv()}, "empty.png"),
+    "corrupt_image": ({"id": "r-truncated", "image": "truncated.png", "conversations": conv()}, "truncated.png"),
+    "not_an_image": ({"id": "r-text", "image": "text.png", "conversations": conv()}, "text.png"),
+    "malformed_json": ('{"id": "r-json", "conversations": [', "line 2"),
+    "no_assistant_turn": ({"id": "r-noanswer", "image": "good.png", "conversations": conv(answer=None)}, "r-noanswer"),
+    "image_count_mismatch": ({"id": "r-count", "image": "good.png", "conversations": conv("Colour?")}, "r-count"),
+    "too_long": ({"id": "r-long", "conversations": conv(" ".join(["colour"] * 300))}, "r-long"),
+    "too_many_images": ({"id": "r-many", "image": ["good.png"] * 2, "conversations": conv("<image><image>")}, "r-many"),
+    "bad_conversation": ({"id": "r-role", "conversations": [{"from": "robot", "value": "hi"}]}, "r-role"),
+}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+  root = tmp_path_factory.mktemp("bad")
+  synthetic.generate(str(root / "syn"), num_train=8, num_val=4)
+  Image.new("RGB", (40, 30), (255, 0, 0)).save(root / "good.png")
+  (root / "empty.png").write_bytes(b"")
+  (root / "truncated.png").write_bytes((root / "good.png").read_bytes()[:70])
+  (root / "text.png").write_text("hello, I am not an image\n")
+  return root
+
+
+def config(base, records, **fields):
+  path = base / f"records-{len(list(base.glob('records-*')))}.jsonl"
+  path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+  cfg = pipeline.DataConfig.for_model(
+      ModelConfig.preset("demo"), train_file=str(path), val_file=str(path), image_dir=str(base),
+      tokenizer_file=str(base / "syn" / "tokenizer.json"), buckets=(64, 128), global_batch_size=2,
+      read_threads=0)
+  return cfg.replace(**fields)
+
+
+GOOD = {"id": "r-good", "image": "good.png", "conversations": conv()}
+
+
+@pytest.mark.parametrize("reason", list(CASES))
+def test_raise_mode_names_the_record_the_file_and_the_reason(base, reason):
+  bad, names = CASES[reason]
+  cfg = config(base, [GOOD, bad])
+  with pytest.raises(pipeline.BadRecordError) as info:
+    list(pipeline.make_eval_iterator(cfg, shard=ONE_PROCESS))
+  error = info.value
+  assert error.reason == reason
+  assert names in str(error) and cfg.val_file in str(error)
+  if reason != "malformed_json":
+    assert error.record_id == bad["id"]
+
+
+@pytest.mark.parametrize("reason", list(CASES))
+def test_skip_mode_counts_reports_and_leaves_an_empty_row(base, reason, caplog):
+  bad, _ = CASES[reason]
+  cfg = config(base, [GOOD, bad, GOOD], on_bad_record="skip")
+  it = pipeline.make_eval_iterator(cfg, shard=ONE_PROCESS, with_meta=True)
+  with caplog.at_level(logging.WARNING, logger=pipeline.__name__):
+    batches = list(it)
+  assert it.stats.counts[reason] == 1 and it.stats.total == 1
+  assert reason in caplog.text and (bad["id"] if isinstance(bad, dict) else "line 2") in caplog.text
+  metas = [m for _, meta in batches for m in meta]
+  assert [m and m["id"] for m in metas].count("r-good") == 2
+  if reason != "malformed_json":  # malformed lines are dropped when the file is read
+    (row,) = [i for i, m in enumerate(metas) if m and m.get("skipped")]
+    assert metas[row] == {"id": bad["id"], "skipped": reason}
+    batch = batches[row // 2][0]
+    assert not batch["text_valid"][row % 2].any() and not batch["image_valid"][row % 2].any()
+    assert (batch["labels"][row % 2] == -100).all()
+
+
+def test_with_worker_processes_errors_and_counts_reach_the_parent(base):
+  records = [GOOD] + [bad for bad, _ in CASES.values()] + [GOOD]
+  cfg = config(base, records, worker_count=2, on_bad_record="skip", num_epochs=1)
+  it = pipeline.make_train_iterator(cfg, shard=ONE_PROCESS)
+  batches = list(it)
+  it.close()
+  assert len(batches) == 6  # 11 parsed records -> 12 rows
+  assert it.stats.counts == {reason: 1 for reason in pipeline.BAD_RECORD_REASONS}
+  assert sum(b["text_valid"].any(1).sum() for b in batches) == 2
+  it = pipeline.make_train_iterator(cfg.replace(on_bad_record="raise", shuffle=False,
+                                                train_file=config(base, [GOOD, CASES["corrupt_image"][0]]).train_file),
+                                    shard=ONE_PROCESS)
+  with pytest.raises(pipeline.BadRecordError) as info:
+    list(it)
+  it.close()
+  assert info.value.reason == "corrupt_image" and info.value.record_id == "r-truncated"
+
+
+def test_skipping_keeps_resume_exact_and_restores_the_counts(base):
+  records = [dict(GOOD, id=f"g{i}") for i in range(5)] + [bad for bad, _ in list(CASES.values())[:4]]
+  cfg = config(base, records, on_bad_record="skip")
+  it = pipeline.make_train_iterator(cfg, shard=ONE_PROCESS)
+  for _ in range(5):
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))
+  counts = dict(it.stats.counts)
+  expected = [next(it) for _ in range(6)]
+  resumed = pipeline.make_train_iterator(cfg, shard=ONE_PROCESS)
+  resumed.set_state(state)
+  assert resumed.stats.counts == counts
+  for a, b in zip(expected, [next(resumed) for _ in range(6)]):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+  assert resumed.stats.counts == it.stats.counts
+  assert it.stats.total > sum(counts.values())  # the second epoch counted its bad records again
