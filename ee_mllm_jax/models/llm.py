@@ -27,6 +27,29 @@ from ee_mllm_jax.models.layers import Linear, RMSNorm, SwiGLU, logical, scan_lay
 Cache = dict[str, Any]  # k, v: (L, B, S, K, H); pos: (B, S) int32; valid: (B, S) bool; index: () int32
 
 
+def pad_cache(cache: Cache, size: int) -> Cache:
+  """Grow a cache to `size` slots; the new slots are empty (invalid) until `extend` writes them."""
+  extra = size - cache["pos"].shape[1]
+  if extra < 0:
+    raise ValueError(f"cannot shrink a cache of {cache['pos'].shape[1]} slots to {size}")
+  grow = lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
+  return dict(k=grow(cache["k"], 2), v=grow(cache["v"], 2), pos=grow(cache["pos"], 1),
+              valid=grow(cache["valid"], 1), index=cache["index"])
+
+
+def repeat_cache(cache: Cache, repeats: int) -> Cache:
+  """Repeat each row of a cache `repeats` times (row b -> rows b*repeats ... b*repeats+repeats-1),
+  e.g. one image prefix shared by several prompts."""
+  return dict(k=jnp.repeat(cache["k"], repeats, axis=1), v=jnp.repeat(cache["v"], repeats, axis=1),
+              pos=jnp.repeat(cache["pos"], repeats, axis=0), valid=jnp.repeat(cache["valid"], repeats, axis=0),
+              index=cache["index"])
+
+
+def last_valid_index(pos_t: jax.Array, valid_t: jax.Array) -> jax.Array:
+  """(B, T) text positions/validity -> (B,) column of each row's last (highest-position) valid token."""
+  return jnp.argmax(jnp.where(valid_t, pos_t, jnp.iinfo(jnp.int32).min), axis=1)
+
+
 class DecoderLayer(nn.Module):
   cfg: LLMConfig
   mode: str
@@ -98,6 +121,20 @@ class LLM(nn.Module):
     x_v = x_v.astype(self.dtype)
     (_, x_t), kv = self.layers((x_v, self.embed(input_ids)), None, ctx)
     return self.logits(x_t), kv
+
+  def prefill(self, x_v, input_ids, pos_v, pos_t, valid_v, valid_t, cache_size: int | None = None):
+    """Full forward -> next-token logits (B, vocab) float32 at each row's last valid text token,
+    and the cache over [visual; text] grown to `cache_size` slots (default V + T), index V + T.
+
+    The same layers as `__call__`; only the last token per row goes through the LM head.
+    """
+    ctx = dict(pos_v=pos_v, pos_t=pos_t, valid_v=valid_v, valid_t=valid_t)
+    (_, x_t), (k, v) = self.layers((x_v.astype(self.dtype), self.embed(input_ids)), None, ctx)
+    last = last_valid_index(pos_t, valid_t)
+    logits = self.logits(jnp.take_along_axis(x_t, last[:, None, None], axis=1)[:, 0])
+    cache = dict(k=k, v=v, pos=jnp.concatenate([pos_v, pos_t], 1).astype(jnp.int32),
+                 valid=jnp.concatenate([valid_v, valid_t], 1), index=jnp.asarray(k.shape[2], jnp.int32))
+    return logits, pad_cache(cache, cache_size or k.shape[2])
 
   def extend(self, input_ids, pos_t, valid_t, cache: Cache):
     """Append text tokens (B, T) at slots [index, index + T) of the cache; -> logits, new cache."""

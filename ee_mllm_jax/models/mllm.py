@@ -48,6 +48,14 @@ class EEMLLM(nn.Module):
     logits, _ = self.forward(pixel_values, image_valid, input_ids, text_positions, text_valid, visual_positions)
     return logits
 
+  def prefill(self, pixel_values, image_valid, input_ids, text_positions, text_valid, visual_positions,
+              cache_size=None):
+    """`forward` that keeps what generation needs: next-token logits (B, vocab) at each row's last
+    valid text token and the KV cache grown to `cache_size` slots (see `LLM.prefill`)."""
+    x_v = self.embed_image(pixel_values)
+    return self.llm.prefill(x_v, input_ids, visual_positions, text_positions, self.visual_valid(image_valid),
+                            text_valid, cache_size)
+
   def extend(self, input_ids, text_positions, text_valid, cache):
     """Text tokens against a KV cache (see `LLM.extend`); -> logits (B, T, vocab), new cache."""
     return self.llm.extend(input_ids, text_positions, text_valid, cache)

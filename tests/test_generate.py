@@ -1,0 +1,171 @@
+"""Cached generation: equals repeated full forward passes, batching and prefix reuse change no
+token, stop ids, reproducible sampling, and composite mode computes no visual queries."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ee_mllm_jax as eem
+from batches import MIXED_PLANS, make_batch
+from ee_mllm_jax.generate import prefill_prefix, repeat_cache, sample_token, split_at_last_image
+
+# (attention, visual_ffn): LLaVA, EE-MLLM, EE-MLLM-F; all run the same LLaVA-style parameters
+MODES = {"self": ("self", True), "composite": ("composite", False), "ee-mllm-f": ("composite", True)}
+STEPS = 8
+
+
+@functools.cache
+def llava_params():
+  """One parameter set (LLaVA-style, i.e. trained in self mode) that every mode runs."""
+  cfg = eem.ModelConfig.preset("tiny", attention="self", visual_ffn=True)
+  return nn.meta.unbox(jax.jit(eem.EEMLLM(cfg).init)(jax.random.key(0), **make_batch(cfg, [[1, "img"]]))["params"])
+
+
+def setup(mode, plans=MIXED_PLANS):
+  attention, visual_ffn = MODES[mode]
+  cfg = eem.ModelConfig.preset("tiny", attention=attention, visual_ffn=visual_ffn)
+  return cfg, make_batch(cfg, plans), llava_params()
+
+
+def greedy_by_full_forward(cfg, params, batch, steps):
+  """The uncached definition: append each row's argmax to its prompt, rerun the whole model."""
+  b = batch["input_ids"].shape[0]
+  grown = {k: v for k, v in batch.items() if k != "labels"}
+  for k, fill in [("input_ids", 0), ("text_positions", 0), ("text_valid", False)]:
+    grown[k] = np.concatenate([batch[k], np.full((b, steps), fill, batch[k].dtype)], axis=1)
+  n_prompt = batch["text_valid"].sum(1)
+  next_pos = np.max(np.where(batch["text_valid"], batch["text_positions"], -1), 1) + 1
+  forward = jax.jit(lambda p, x: eem.EEMLLM(cfg).apply({"params": p}, **x))
+  rows = np.arange(b)
+  tokens, logprobs = np.zeros((b, steps), np.int32), np.zeros((b, steps), np.float32)
+  for i in range(steps):
+    logits = np.asarray(forward(params, grown))[rows, n_prompt + i - 1]
+    tokens[:, i] = logits.argmax(-1)
+    logprobs[:, i] = np.asarray(jax.nn.log_softmax(logits))[rows, tokens[:, i]]
+    col = n_prompt + i
+    grown["input_ids"][rows, col] = tokens[:, i]
+    grown["text_positions"][rows, col] = next_pos + i
+    grown["text_valid"][rows, col] = True
+  return tokens, logprobs
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_greedy_with_cache_equals_argmax_of_repeated_full_forward(mode):
+  cfg, batch, params = setup(mode)
+  out = eem.generate(params, cfg, batch, max_new_tokens=STEPS)
+  want_tokens, want_logprobs = greedy_by_full_forward(cfg, params, batch, STEPS)
+  np.testing.assert_array_equal(np.asarray(out.tokens), want_tokens)
+  np.testing.assert_allclose(np.asarray(out.logprobs), want_logprobs, rtol=0, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(out.lengths), STEPS)
+  assert len(np.unique(want_tokens)) > STEPS  # guard: the rows do not all repeat one token
+
+
+def test_padded_batch_equals_each_prompt_alone():
+  cfg, batch, params = setup("self")  # visual queries too: the mode with the most to leak
+  together = eem.generate(params, cfg, batch, max_new_tokens=4)
+  for row in (1, 3):  # two images, the longest row; one image, the shortest, padded everywhere
+    n_text, n_img = int(batch["text_valid"][row].sum()), max(1, int(batch["image_valid"][row].sum()))
+    p = cfg.tokens_per_image
+    alone = dict(pixel_values=batch["pixel_values"][row:row + 1, :n_img],
+                 image_valid=batch["image_valid"][row:row + 1, :n_img],
+                 visual_positions=batch["visual_positions"][row:row + 1, :n_img * p],
+                 **{k: batch[k][row:row + 1, :n_text] for k in ("input_ids", "text_positions", "text_valid")})
+    out = eem.generate(params, cfg, alone, max_new_tokens=4)
+    np.testing.assert_array_equal(np.asarray(out.tokens[0]), np.asarray(together.tokens[row]))
+    np.testing.assert_allclose(np.asarray(out.logprobs[0]), np.asarray(together.logprobs[row]), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["self", "composite"])
+def test_reusing_an_image_prefix_cache_equals_recomputing(mode):
+  cfg, batch, params = setup(mode)
+  full = eem.generate(params, cfg, batch, max_new_tokens=STEPS)
+  prefix, rest = split_at_last_image(batch)
+  reused = eem.generate(params, cfg, rest, cache=prefill_prefix(params, cfg, prefix), max_new_tokens=STEPS)
+  np.testing.assert_array_equal(np.asarray(reused.tokens), np.asarray(full.tokens))
+  np.testing.assert_allclose(np.asarray(reused.logprobs), np.asarray(full.logprobs), atol=1e-5)
+
+  # Two questions about one image (same system prompt): one prefix cache, tiled.
+  two = make_batch(cfg, [[3, "img", 5], [3, "img", 2]], seed=1)
+  two["pixel_values"][1], two["input_ids"][1, :3] = two["pixel_values"][0], two["input_ids"][0, :3]
+  prefix, rest = split_at_last_image(two)
+  cache = repeat_cache(prefill_prefix(params, cfg, {k: v[:1] for k, v in prefix.items()}), 2)
+  shared = eem.generate(params, cfg, rest, cache=cache, max_new_tokens=STEPS)
+  full = eem.generate(params, cfg, two, max_new_tokens=STEPS)
+  np.testing.assert_array_equal(np.asarray(shared.tokens), np.asarray(full.tokens))
+  np.testing.assert_allclose(np.asarray(shared.logprobs), np.asarray(full.logprobs), atol=1e-5)
+
+
+def test_stop_id_stops_its_row_while_others_continue():
+  cfg, batch, params = setup("composite")
+  free = np.asarray(eem.generate(params, cfg, batch, max_new_tokens=STEPS).tokens)
+
+  def expected_lengths(stop):
+    hits = free == stop
+    return np.where(hits.any(1), hits.argmax(1) + 1, STEPS)
+
+  # a token row 0 emits mid-way, before some other row would emit it (if ever)
+  stop = next(t for t in free[0, 1:] if expected_lengths(t)[0] < expected_lengths(t).max())
+  lengths = expected_lengths(stop)
+  out = eem.generate(params, cfg, batch, max_new_tokens=STEPS, stop_ids=(stop, 9999), pad_id=-1)
+  np.testing.assert_array_equal(np.asarray(out.lengths), lengths)
+  for row, n in enumerate(lengths):
+    np.testing.assert_array_equal(np.asarray(out.tokens[row, :n]), free[row, :n])
+    assert np.all(np.asarray(out.tokens[row, n:]) == -1)
+    assert np.all(np.asarray(out.logprobs[row, n:]) == 0)
+
+
+def test_sampling_is_reproducible_for_a_seed():
+  cfg, batch, params = setup("composite")
+  sample = lambda seed, **kw: np.asarray(eem.generate(params, cfg, batch, max_new_tokens=STEPS,
+                                                      rng=jax.random.key(seed), temperature=1.0, **kw).tokens)
+  a, b, c = sample(0, top_p=0.9), sample(0, top_p=0.9), sample(1, top_p=0.9)
+  np.testing.assert_array_equal(a, b)
+  assert np.mean(a != c) > 0.5
+  greedy = np.asarray(eem.generate(params, cfg, batch, max_new_tokens=STEPS).tokens)
+  assert np.mean(a != greedy) > 0.5
+  np.testing.assert_array_equal(sample(3, top_p=1e-6), greedy)  # top-p keeps only the top token
+
+
+def test_top_p_keeps_the_smallest_set_with_enough_mass():
+  probs = np.array([0.5, 0.3, 0.15, 0.05])
+  logits = jnp.log(jnp.asarray(np.tile(probs, (20000, 1)), jnp.float32))
+  tokens = np.asarray(sample_token(logits, jax.random.key(0), temperature=1.0, top_p=0.7))
+  freq = np.bincount(tokens, minlength=4) / tokens.size
+  np.testing.assert_allclose(freq, [0.625, 0.375, 0, 0], atol=0.015)  # renormalised over {0, 1}
+  hot = np.asarray(sample_token(logits, jax.random.key(0), temperature=0.25, top_p=1.0))
+  np.testing.assert_allclose(np.bincount(hot, minlength=4) / hot.size, probs ** 4 / np.sum(probs ** 4), atol=0.015)
+
+
+def _shapes_in_jaxpr(jaxpr, out=None):
+  out = set() if out is None else out
+  for eqn in jaxpr.eqns:
+    for v in eqn.outvars:
+      out.add(tuple(getattr(v.aval, "shape", ())))
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      _shapes_in_jaxpr(sub, out)
+  return out
+
+
+@pytest.mark.parametrize("mode", ["self", "composite", "ee-mllm-f"])
+def test_composite_prefill_and_decode_compute_no_visual_queries_or_square_scores(mode):
+  cfg, batch, params = setup(mode, plans=[[3, "img", 5, "img", 4]] * 2)  # V = 32, T = 13, S = 45
+  new = 3
+  jaxpr = jax.make_jaxpr(lambda p: eem.generate(p, cfg, batch, max_new_tokens=new))(params)
+  shapes = _shapes_in_jaxpr(jaxpr.jaxpr)
+  c, b, v, t, s = cfg.llm, 2, 32, 13, 45
+  g = c.num_heads // c.num_kv_heads
+  # guards that the walk sees inside the decode loop and the prefill
+  assert {(b, 1, c.num_heads, c.head_dim), (b, c.num_kv_heads, g, 1, s + new - 1)} <= shapes  # decode step
+  composite = cfg.attention == "composite"
+  if composite:
+    assert {(b, t, c.num_heads, c.head_dim), (b, c.num_kv_heads, g, t, s)} <= shapes  # text queries only
+  visual_or_all_queries = {(b, v, c.num_heads, c.head_dim), (b, s, c.num_heads, c.head_dim)}
+  # any score block (B, K, G, Q, S) with >= V queries and >= V keys
+  square_scores = {x for x in shapes if len(x) == 5 and x[-2] >= v and x[-1] >= v}
+  assert bool(shapes & visual_or_all_queries) != composite
+  assert bool(square_scores) != composite
