@@ -42,7 +42,7 @@ def test_analytic_forward_flops_match_xla(preset, attention):
   layer = DecoderLayer(c, cfg.attention, cfg.runs_visual_ffn)
   ctx = dict(pos_v=batch["visual_positions"], pos_t=batch["text_positions"],
              valid_v=np.ones((b, v), bool), valid_t=batch["text_valid"])
-  carry = (np.zeros((b, v, c.width), f32), np.zeros((b, t, c.width), f32))
+  carry = dict(x_v=np.zeros((b, v, c.width), f32), x_t=np.zeros((b, t, c.width), f32))
   total += (c.depth - 1) * xla_layer_flops(layer, carry, None, ctx)
 
   analytic = flops.forward_flops(cfg, batch=b, num_images=2, text_len=t)["total"]

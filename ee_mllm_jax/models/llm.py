@@ -58,32 +58,37 @@ class DecoderLayer(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, carry, layer_cache, ctx):
+  def __call__(self, carry, layer, ctx):
+    """carry: {"x_v", "x_t"} (forward) or {"x_t", "k", "v"} with the whole stacked cache
+    (extend: updated in place at this layer's slot, so a decode step copies no cache);
+    layer: this layer's index in the stack (extend only)."""
     c = self.cfg
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     attn = Attention(c, self.mode, name="self_attn", **kw)
     norm1 = RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)
     norm2 = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)
     mlp = SwiGLU(c.width, c.mlp_dim, name="mlp", **kw)
-    x_v, x_t = carry
-    if layer_cache is None:
-      a_v, a_t, kv = attn(norm1(x_v), norm1(x_t), ctx["pos_v"], ctx["pos_t"], ctx["valid_v"], ctx["valid_t"])
+    x_t = carry["x_t"]
+    if "k" not in carry:
+      x_v = carry["x_v"]
+      a_v, a_t, out = attn(norm1(x_v), norm1(x_t), ctx["pos_v"], ctx["pos_t"], ctx["valid_v"], ctx["valid_t"])
       x_v = x_v + a_v
       if self.visual_ffn:
         x_v = x_v + mlp(norm2(x_v))
-      out = kv
+      new = dict(x_v=x_v)
     else:
       h = norm1(x_t)
       k_new, v_new = attn.keys_values(h, ctx["pos_t"])
-      at = (0, ctx["index"], 0, 0)
-      k = jax.lax.dynamic_update_slice(layer_cache["k"], k_new.astype(layer_cache["k"].dtype), at)
-      v = jax.lax.dynamic_update_slice(layer_cache["v"], v_new.astype(layer_cache["v"].dtype), at)
+      at = (layer, 0, ctx["index"], 0, 0)
+      k_all = jax.lax.dynamic_update_slice(carry["k"], k_new[None].astype(carry["k"].dtype), at)
+      v_all = jax.lax.dynamic_update_slice(carry["v"], v_new[None].astype(carry["v"].dtype), at)
+      k, v = (jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False) for a in (k_all, v_all))
       a_t = attn.extend(h, ctx["pos_t"], k, v, ctx["cache_pos"], ctx["cache_valid"])
-      out = {"k": k, "v": v}
+      new, out = dict(k=k_all, v=v_all), None
     x_t = x_t + a_t
     x_t = x_t + mlp(norm2(x_t))
     x_t = nn.with_logical_constraint(x_t, ("activation_batch", "activation_length", "activation_embed"))
-    return (x_v, x_t), out
+    return dict(new, x_t=x_t), out
 
 
 class LLM(nn.Module):
@@ -119,8 +124,8 @@ class LLM(nn.Module):
     """Full forward -> text logits (B, T, vocab) and per-layer (k, v), each (L, B, V+T, K, H)."""
     ctx = dict(pos_v=pos_v, pos_t=pos_t, valid_v=valid_v, valid_t=valid_t)
     x_v = x_v.astype(self.dtype)
-    (_, x_t), kv = self.layers((x_v, self.embed(input_ids)), None, ctx)
-    return self.logits(x_t), kv
+    carry, kv = self.layers(dict(x_v=x_v, x_t=self.embed(input_ids)), None, ctx)
+    return self.logits(carry["x_t"]), kv
 
   def prefill(self, x_v, input_ids, pos_v, pos_t, valid_v, valid_t, cache_size: int | None = None):
     """Full forward -> next-token logits (B, vocab) float32 at each row's last valid text token,
@@ -129,9 +134,9 @@ class LLM(nn.Module):
     The same layers as `__call__`; only the last token per row goes through the LM head.
     """
     ctx = dict(pos_v=pos_v, pos_t=pos_t, valid_v=valid_v, valid_t=valid_t)
-    (_, x_t), (k, v) = self.layers((x_v.astype(self.dtype), self.embed(input_ids)), None, ctx)
+    carry, (k, v) = self.layers(dict(x_v=x_v.astype(self.dtype), x_t=self.embed(input_ids)), None, ctx)
     last = last_valid_index(pos_t, valid_t)
-    logits = self.logits(jnp.take_along_axis(x_t, last[:, None, None], axis=1)[:, 0])
+    logits = self.logits(jnp.take_along_axis(carry["x_t"], last[:, None, None], axis=1)[:, 0])
     cache = dict(k=k, v=v, pos=jnp.concatenate([pos_v, pos_t], 1).astype(jnp.int32),
                  valid=jnp.concatenate([valid_v, valid_t], 1), index=jnp.asarray(k.shape[2], jnp.int32))
     return logits, pad_cache(cache, cache_size or k.shape[2])
@@ -142,6 +147,7 @@ class LLM(nn.Module):
     cache_pos = jax.lax.dynamic_update_slice(cache["pos"], pos_t.astype(cache["pos"].dtype), (0, index))
     cache_valid = jax.lax.dynamic_update_slice(cache["valid"], valid_t, (0, index))
     ctx = dict(pos_t=pos_t, index=index, cache_pos=cache_pos, cache_valid=cache_valid)
-    (_, x_t), kv = self.layers((None, self.embed(input_ids)), {"k": cache["k"], "v": cache["v"]}, ctx)
-    new_cache = dict(k=kv["k"], v=kv["v"], pos=cache_pos, valid=cache_valid, index=index + input_ids.shape[1])
-    return self.logits(x_t), new_cache
+    carry = dict(x_t=self.embed(input_ids), k=cache["k"], v=cache["v"])
+    carry, _ = self.layers(carry, jnp.arange(self.cfg.depth), ctx)
+    new_cache = dict(k=carry["k"], v=carry["v"], pos=cache_pos, valid=cache_valid, index=index + input_ids.shape[1])
+    return self.logits(carry["x_t"]), new_cache
