@@ -1,0 +1,114 @@
+"""Train state, optimizer, and parameter freezing.
+
+The state is a plain dict, so Orbax saves it and `jax.tree` maps it:
+
+    step       () int32            optimizer updates done
+    params     nested dict         all parameters (float32 master copies by default)
+    opt_state  optax state         over the *trainable* parameters only
+    rng        (2,) uint32         base key; step k uses fold_in(rng, k)
+
+Freezing is a regex over parameter paths ("projector/linear_1/kernel"), matched from the
+start (`re.match`): LLaVA stage 1 trains `projector/`, stage 2 `projector/|llm/`. Frozen
+parameters are outside the differentiated and optimised tree, so they get no gradient, no
+optimizer state, and pass through every step unchanged (bit-identical).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+
+from ee_mllm_jax import sharding
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW with linear warmup and cosine decay (LLaVA / HF Trainer defaults)."""
+
+  learning_rate: float = 2e-5
+  total_steps: int = 1000
+  warmup_steps: int = 0
+  end_lr_ratio: float = 0.0  # final lr = learning_rate * end_lr_ratio
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  clip_norm: float = 1.0  # global-norm clipping; <= 0 disables
+  trainable: str = ".*"  # regex over parameter paths; the rest is frozen
+
+
+def make_schedule(cfg: OptimConfig) -> optax.Schedule:
+  warmup = min(cfg.warmup_steps, max(cfg.total_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      0.0, cfg.learning_rate, warmup, max(cfg.total_steps, warmup + 1), cfg.learning_rate * cfg.end_lr_ratio)
+
+
+def make_optimizer(cfg: OptimConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Clip by global norm, then AdamW; weight decay on matrices only (not norms or biases)."""
+  schedule = make_schedule(cfg)
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                      mask=decay_mask)
+  tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw) if cfg.clip_norm > 0 else adamw
+  return tx, schedule
+
+
+def _path(key: tuple[str, ...]) -> str:
+  return "/".join(key)
+
+
+def trainable_mask(params: Params, pattern: str) -> dict[str, bool]:
+  """{"group/.../leaf": trainable?} for every parameter."""
+  regex = re.compile(pattern)
+  return {_path(k): bool(regex.match(_path(k))) for k in traverse_util.flatten_dict(params)}
+
+
+def split_params(params: Params, pattern: str) -> tuple[Params, Params]:
+  """(trainable, frozen) sub-trees of `params`; works on boxed and abstract trees too."""
+  regex = re.compile(pattern)
+  flat = traverse_util.flatten_dict(params)
+  train = {k: v for k, v in flat.items() if regex.match(_path(k))}
+  frozen = {k: v for k, v in flat.items() if not regex.match(_path(k))}
+  return traverse_util.unflatten_dict(train), traverse_util.unflatten_dict(frozen)
+
+
+def merge_params(train: Params, frozen: Params) -> Params:
+  flat = {**traverse_util.flatten_dict(frozen), **traverse_util.flatten_dict(train)}
+  return traverse_util.unflatten_dict(flat)
+
+
+def make_init_fn(model: nn.Module, optimizer: optax.GradientTransformation, pattern: str,
+                 example_batch: dict[str, Any], seed: int = 0) -> Callable[[], dict[str, Any]]:
+  """() -> boxed train state. Boxes (nn.LogicallyPartitioned) carry the logical axis names
+  to the optimizer moments too, so `sharding.tree_shardings` can place the whole state."""
+
+  def init():
+    key = jax.random.PRNGKey(seed)
+    params = model.init(jax.random.fold_in(key, 0), **example_batch)["params"]
+    train, _ = split_params(params, pattern)
+    if not train:
+      raise ValueError(f"the trainable pattern {pattern!r} matches no parameter")
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(train),
+            "rng": jax.random.fold_in(key, 1)}
+
+  return init
+
+
+def create_sharded_state(init_boxed: Callable[[], dict[str, Any]], mesh: jax.sharding.Mesh):
+  """eval_shape(init) -> shardings -> jit(init, out_shardings): the state is born sharded.
+
+  Returns (init, shardings, abstract): `init()` builds the state directly on the mesh,
+  `abstract` (ShapeDtypeStructs with shardings) is the restore target for checkpoints.
+  """
+  shardings = sharding.tree_shardings(jax.eval_shape(init_boxed), mesh)
+  init = jax.jit(lambda: nn.meta.unbox(init_boxed()), out_shardings=shardings)
+  return init, shardings, jax.eval_shape(init)
