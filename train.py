@@ -7,18 +7,36 @@ cluster environment that jax.distributed.initialize detects (JAX_COORDINATOR_ADD
 SLURM, Open MPI); every process runs the same command.
 """
 
+import importlib.util
+import logging
+import os
+
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for multi-process runs.")
 flags.DEFINE_integer("num_processes", 0, "Number of processes (multi-process runs).")
 flags.DEFINE_integer("process_id", -1, "This process's index (multi-process runs).")
+flags.DEFINE_bool("library_logs", False, "Show INFO logs of libraries (orbax, grain, jax), not only ours.")
 FLAGS = flags.FLAGS
+
+
+class _OwnInfoOnly(logging.Filter):
+  """INFO from this project; from libraries only warnings and errors (orbax logs ~40 lines a save)."""
+
+  package_dir = os.path.dirname(importlib.util.find_spec("ee_mllm_jax").origin) + os.sep
+
+  def filter(self, record):
+    return (record.levelno >= logging.WARNING or record.pathname.startswith(self.package_dir)
+            or record.pathname == __file__)
 
 
 def main(argv):
   del argv
+  if not FLAGS.library_logs:
+    absl_logging.get_absl_handler().addFilter(_OwnInfoOnly())
   from ee_mllm_jax import sharding  # pylint: disable=g-import-not-at-top
   from ee_mllm_jax.train import loop  # pylint: disable=g-import-not-at-top
   sharding.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)

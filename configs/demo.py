@@ -39,7 +39,7 @@ def get_config():
 
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
 
-  c.steps = 1400  # > 0: optimizer steps; <= 0: num_epochs over the train set
+  c.steps = 2000  # > 0: optimizer steps; <= 0: num_epochs over the train set
   c.num_epochs = 1.0
   c.accum_steps = 1
   c.optim = ml_collections.ConfigDict(dict(
@@ -50,7 +50,7 @@ def get_config():
   c.init_from = ml_collections.ConfigDict(dict(path="", kind="orbax"))  # or kind="hf"
 
   c.log_every = 25
-  c.eval_every = 350  # < 0: no validation at all
+  c.eval_every = 1000  # < 0: no validation at all
   c.eval_batch_size = 80
   c.eval_max_batches = -1  # -1: the whole val set
   c.eval_blank_images = True

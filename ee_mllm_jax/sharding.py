@@ -40,8 +40,6 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("activation_length", None),
     ("activation_embed", None),
     ("activation_mlp", "tensor"),
-    ("batch", BATCH_AXES),  # SwiGLU's hidden-state constraint uses the short names
-    ("length", None),
 )
 
 

@@ -5,13 +5,13 @@ import functools
 
 import flax.linen as nn
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import ee_mllm_jax as eem
 from batches import MIXED_PLANS, make_batch
+from jaxpr_shapes import shapes_in_jaxpr
 from ee_mllm_jax.generate import prefill_prefix, repeat_cache, sample_token, split_at_last_image
 
 # (attention, visual_ffn): LLaVA, EE-MLLM, EE-MLLM-F; all run the same LLaVA-style parameters
@@ -141,22 +141,12 @@ def test_top_p_keeps_the_smallest_set_with_enough_mass():
   np.testing.assert_allclose(np.bincount(hot, minlength=4) / hot.size, probs ** 4 / np.sum(probs ** 4), atol=0.015)
 
 
-def _shapes_in_jaxpr(jaxpr, out=None):
-  out = set() if out is None else out
-  for eqn in jaxpr.eqns:
-    for v in eqn.outvars:
-      out.add(tuple(getattr(v.aval, "shape", ())))
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      _shapes_in_jaxpr(sub, out)
-  return out
-
-
 @pytest.mark.parametrize("mode", ["self", "composite", "ee-mllm-f"])
 def test_composite_prefill_and_decode_compute_no_visual_queries_or_square_scores(mode):
   cfg, batch, params = setup(mode, plans=[[3, "img", 5, "img", 4]] * 2)  # V = 32, T = 13, S = 45
   new = 3
   jaxpr = jax.make_jaxpr(lambda p: eem.generate(p, cfg, batch, max_new_tokens=new))(params)
-  shapes = _shapes_in_jaxpr(jaxpr.jaxpr)
+  shapes = shapes_in_jaxpr(jaxpr.jaxpr)
   c, b, v, t, s = cfg.llm, 2, 32, 13, 45
   g = c.num_heads // c.num_kv_heads
   # guards that the walk sees inside the decode loop and the prefill

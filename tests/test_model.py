@@ -2,13 +2,13 @@
 
 import flax.linen as nn
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import ee_mllm_jax as eem
 from batches import MIXED_PLANS, make_batch
+from jaxpr_shapes import shapes_in_jaxpr
 from reference import naive_llm_logits
 
 MODEL_KEYS = ("pixel_values", "image_valid", "input_ids", "text_positions", "text_valid", "visual_positions")
@@ -102,16 +102,6 @@ def test_padding_is_inert():
   assert_close_on_valid(b, np.asarray(a), batch["text_valid"], 1e-6)
 
 
-def _shapes_in_jaxpr(jaxpr, out=None):
-  out = set() if out is None else out
-  for eqn in jaxpr.eqns:
-    for v in eqn.outvars:
-      out.add(tuple(getattr(v.aval, "shape", ())))
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      _shapes_in_jaxpr(sub, out)
-  return out
-
-
 @pytest.mark.parametrize("attention,visual_ffn", [("composite", False), ("composite", True), ("self", True)])
 def test_composite_does_not_compute_what_it_drops(attention, visual_ffn):
   """No visual query projection, no V x V scores, no visual FFN unless visual_ffn."""
@@ -120,7 +110,7 @@ def test_composite_does_not_compute_what_it_drops(attention, visual_ffn):
   params = init_params(cfg, batch)
   model_batch = {k: batch[k] for k in MODEL_KEYS}
   jaxpr = jax.make_jaxpr(lambda p: eem.EEMLLM(cfg).apply({"params": p}, **model_batch))(params)
-  shapes = _shapes_in_jaxpr(jaxpr.jaxpr)
+  shapes = shapes_in_jaxpr(jaxpr.jaxpr)
   c, b, v, s = cfg.llm, 2, 32, 32 + 13
   g = c.num_heads // c.num_kv_heads
   visual_or_all_queries = {(b, v, c.num_heads, c.head_dim), (b, s, c.num_heads, c.head_dim)}

@@ -124,7 +124,7 @@ class SwiGLU(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     up = lambda name: Linear((self.width,), (self.mlp_dim,), ("embed", "mlp"), name=name, **kw)
     h = jax.nn.silu(up("gate_proj")(x)) * up("up_proj")(x)
-    h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+    h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
     return Linear((self.mlp_dim,), (self.width,), ("mlp", "embed"), name="down_proj", **kw)(h)
 
 
