@@ -120,12 +120,16 @@ class LLM(nn.Module):
     logits = self.embed_tokens.attend(h) if self.cfg.tie_embeddings else self.lm_head(h)
     return logits.astype(jnp.float32)
 
+  def _forward_layers(self, x_v, input_ids, pos_v, pos_t, valid_v, valid_t):
+    """Both streams through every layer -> final text stream (B, T, D) and per-layer (k, v)."""
+    ctx = dict(pos_v=pos_v, pos_t=pos_t, valid_v=valid_v, valid_t=valid_t)
+    carry, kv = self.layers(dict(x_v=x_v.astype(self.dtype), x_t=self.embed(input_ids)), None, ctx)
+    return carry["x_t"], kv
+
   def __call__(self, x_v, input_ids, pos_v, pos_t, valid_v, valid_t):
     """Full forward -> text logits (B, T, vocab) and per-layer (k, v), each (L, B, V+T, K, H)."""
-    ctx = dict(pos_v=pos_v, pos_t=pos_t, valid_v=valid_v, valid_t=valid_t)
-    x_v = x_v.astype(self.dtype)
-    carry, kv = self.layers(dict(x_v=x_v, x_t=self.embed(input_ids)), None, ctx)
-    return self.logits(carry["x_t"]), kv
+    x_t, kv = self._forward_layers(x_v, input_ids, pos_v, pos_t, valid_v, valid_t)
+    return self.logits(x_t), kv
 
   def prefill(self, x_v, input_ids, pos_v, pos_t, valid_v, valid_t, cache_size: int | None = None):
     """Full forward -> next-token logits (B, vocab) float32 at each row's last valid text token,
@@ -133,10 +137,9 @@ class LLM(nn.Module):
 
     The same layers as `__call__`; only the last token per row goes through the LM head.
     """
-    ctx = dict(pos_v=pos_v, pos_t=pos_t, valid_v=valid_v, valid_t=valid_t)
-    carry, (k, v) = self.layers(dict(x_v=x_v.astype(self.dtype), x_t=self.embed(input_ids)), None, ctx)
+    x_t, (k, v) = self._forward_layers(x_v, input_ids, pos_v, pos_t, valid_v, valid_t)
     last = last_valid_index(pos_t, valid_t)
-    logits = self.logits(jnp.take_along_axis(carry["x_t"], last[:, None, None], axis=1)[:, 0])
+    logits = self.logits(jnp.take_along_axis(x_t, last[:, None, None], axis=1)[:, 0])
     cache = dict(k=k, v=v, pos=jnp.concatenate([pos_v, pos_t], 1).astype(jnp.int32),
                  valid=jnp.concatenate([valid_v, valid_t], 1), index=jnp.asarray(k.shape[2], jnp.int32))
     return logits, pad_cache(cache, cache_size or k.shape[2])
