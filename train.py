@@ -10,6 +10,7 @@ SLURM, Open MPI); every process runs the same command.
 import importlib.util
 import logging
 import os
+import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -40,9 +41,24 @@ def main(argv):
   from ee_mllm_jax import sharding  # pylint: disable=g-import-not-at-top
   from ee_mllm_jax.train import loop  # pylint: disable=g-import-not-at-top
   sharding.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  loop.train(FLAGS.config)
+  try:
+    loop.train(FLAGS.config)
+  except loop.USER_ERRORS as e:  # a bad setting, input or checkpoint, or a diverged run: one line, exit 1
+    sys.exit(f"error: {e}")
+
+
+def run():
+  flags.mark_flag_as_required("config")
+  try:
+    app.run(main)
+  except AttributeError as e:
+    if FLAGS.is_parsed():
+      raise
+    # ml_collections rejects an unknown `--config.<field>` while the flags are parsed
+    key = str(e).strip("\"'")
+    args = [a for a in sys.argv[1:] if a.startswith("--config.") and key in a.split("=")[0].split(".")]
+    sys.exit(f"error: {args[0] if args else key}: the config has no field {key!r}")
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("config")
-  app.run(main)
+  run()

@@ -14,7 +14,6 @@ self/composite time ratio beside the analytic FLOP ratio.
 from __future__ import annotations
 
 import argparse
-import time
 
 import flax.linen as nn
 import jax
@@ -22,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import ee_mllm_jax as eem
+from common import median_ms, scaled_llava
+from ee_mllm_jax import batch as batch_lib
 from ee_mllm_jax import flops
 
 
@@ -40,28 +41,8 @@ def parse_args():
 
 
 def model_config(args) -> eem.ModelConfig:
-  if args.preset:
-    cfg = eem.ModelConfig.preset(args.preset)
-  else:  # LLaVA-1.5-7B proportions (head dim 128, MLP 11008/4096, MHA) at a CPU-sized width/depth;
-    # the tower is scaled by the same factors so that it keeps its share of the prefill
-    base = eem.ModelConfig.preset("llava-1.5-7b")
-    llm = base.llm.replace(width=args.width, depth=args.layers, num_heads=args.width // 128,
-                           num_kv_heads=args.width // 128, mlp_dim=round(args.width * 11008 / 4096))
-    w, d = args.width / base.llm.width, args.layers / base.llm.depth
-    vision = base.vision.replace(width=round(1024 * w), num_heads=max(1, round(16 * w)),
-                                 mlp_dim=round(4096 * w), depth=max(2, round(24 * d)))
-    cfg = base.replace(llm=llm, vision=vision)
+  cfg = eem.ModelConfig.preset(args.preset) if args.preset else scaled_llava(args.width, args.layers)
   return cfg.replace(attention="self", visual_ffn=True, dtype=args.dtype, param_dtype=args.dtype)
-
-
-def time_fn(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile + warm up
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times)) * 1e3
 
 
 def llm_prefill(model):
@@ -92,20 +73,17 @@ def main():
     x_v = jnp.asarray(rng.standard_normal((b, v, c.width)), dtype)
     ones_v, ones_t = np.ones((b, v), bool), np.ones((b, t), bool)
     if params is None:  # one random parameter set for every mode and V
-      init = jax.jit(lambda key: eem.EEMLLM(cfg).init(key, pixel_values=jnp.zeros((1, 1) + (cfg.vision.image_size,) * 2 + (3,)),
-                                                      image_valid=np.ones((1, 1), bool), input_ids=ids[:1],
-                                                      text_positions=pos_t[:1], text_valid=ones_t[:1],
-                                                      visual_positions=np.arange(cfg.tokens_per_image)[None]))
+      init = jax.jit(lambda key: eem.EEMLLM(cfg).init(key, **batch_lib.example(cfg)))
       params = nn.meta.unbox(init(jax.random.key(0))["params"])
     for mode, mcfg in modes.items():
-      ms = time_fn(llm_prefill(eem.EEMLLM(mcfg)), params, x_v, ids, pos_v, pos_t, ones_v, ones_t, repeats=args.repeats)
+      ms = median_ms(llm_prefill(eem.EEMLLM(mcfg)), params, x_v, ids, pos_v, pos_t, ones_v, ones_t, repeats=args.repeats)
       gflop = flops.llm_flops(mcfg, visual_len=v, text_len=t, batch=b)["total"] / 1e9
       rows[mode, v] = (gflop, ms)
       print(f"{mode:>9} {v:>6} {t:>4} {gflop:>10.1f} {ms:>10.1f} {gflop / ms * 1e3:>9.1f}")
     if not args.skip_vision:
       tower = jax.jit(lambda p, px: eem.EEMLLM(cfg).apply({"params": p}, px, method="embed_image"))
       px = jnp.asarray(rng.standard_normal((b, n_img) + (cfg.vision.image_size,) * 2 + (3,)), dtype)
-      ms = time_fn(tower, params, px, repeats=max(1, args.repeats // 2))
+      ms = median_ms(tower, params, px, repeats=max(1, args.repeats // 2))
       gflop = (flops.vision_flops(cfg.vision, images=b * n_img) + flops.projector_flops(cfg, images=b * n_img)) / 1e9
       print(f"{'tower':>9} {v:>6} {'':>4} {gflop:>10.1f} {ms:>10.1f} {gflop / ms * 1e3:>9.1f}   "
             f"({n_img} image(s) through vision tower + projector, same in both modes)")

@@ -14,7 +14,7 @@ image: V / P images, then `--text_len` prompt tokens) and each mode it measures
 It prints a table and the fitted log-log slopes of TTFT vs V, and writes a log-log plot.
 
 CPU (default): a width-scaled LLaVA-1.5-7B shape (head dim 128, FFN 2.69 x width, CLIP at
-336 px / patch 14 = 576 tokens per image, tower width = width / 4), float32:
+336 px / patch 14 = 576 tokens per image, tower scaled like the LLM: benchmarks/common.py), float32:
     python benchmarks/resolution.py
 GPU: the real shape in bfloat16:
     python benchmarks/resolution.py --preset llava-1.5-7b
@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import flax.linen as nn
 import jax
@@ -34,6 +32,8 @@ import numpy as np
 
 import ee_mllm_jax as eem
 from ee_mllm_jax.flops import decode_step_flops, forward_flops
+from common import images_then_text, median_ms, scaled_llava
+from ee_mllm_jax import batch as batch_lib
 from ee_mllm_jax.generate import decode, prefill, sample_token
 
 MODES = {"self": dict(attention="self", visual_ffn=True),  # LLaVA
@@ -47,7 +47,6 @@ def parse_args(argv=None):
                                                 "default: the width-scaled CPU shape below, float32")
   p.add_argument("--width", type=int, default=512, help="LLM width of the scaled shape")
   p.add_argument("--layers", type=int, default=4, help="LLM layers of the scaled shape")
-  p.add_argument("--vision_layers", type=int, default=2, help="tower layers run (feature layer -2)")
   p.add_argument("--vocab", type=int, default=4096)
   p.add_argument("--dtype", default=None, help="compute/param dtype (default: float32 scaled, bfloat16 preset)")
   p.add_argument("--visual_tokens", default="576,1152,2304,2880,4608")
@@ -58,39 +57,6 @@ def parse_args(argv=None):
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--plot", default="benchmarks/out/resolution.png")
   return p.parse_args(argv)
-
-
-def scaled_llava(width: int, layers: int, vision_layers: int, vocab: int) -> eem.ModelConfig:
-  base = eem.ModelConfig.preset("llava-1.5-7b")
-  heads, vw = width // 128, width // 4
-  llm = base.llm.replace(width=width, depth=layers, num_heads=heads, num_kv_heads=heads,
-                         mlp_dim=round(width * 11008 / 4096), vocab_size=vocab)
-  vision = base.vision.replace(width=vw, num_heads=max(1, vw // 64), mlp_dim=4 * vw, depth=vision_layers + 1)
-  return base.replace(llm=llm, vision=vision)
-
-
-def synthetic_batch(cfg, batch: int, num_images: int, text_len: int, seed: int = 0):
-  """Images at positions [0, V), then the prompt at [V, V + T) (DESIGN §3 layout)."""
-  rng = np.random.default_rng(seed)
-  p, s, v = cfg.tokens_per_image, cfg.vision.image_size, num_images * cfg.tokens_per_image
-  tile = lambda x: np.tile(x[None], (batch, 1))
-  return dict(pixel_values=rng.standard_normal((batch, num_images, s, s, 3)).astype(np.float32),
-              image_valid=np.ones((batch, num_images), bool),
-              visual_positions=tile(np.arange(v, dtype=np.int32)),
-              input_ids=rng.integers(0, cfg.llm.vocab_size, (batch, text_len)).astype(np.int32),
-              text_positions=tile(np.arange(v, v + text_len, dtype=np.int32)),
-              text_valid=np.ones((batch, text_len), bool))
-
-
-def timed(fn, repeats: int) -> float:
-  """Median wall seconds of `repeats` calls after one warmup (compile) call."""
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def log_log_slope(xs, ys) -> float:
@@ -104,7 +70,7 @@ def main(argv=None):
     base = eem.ModelConfig.preset(args.preset)
   else:
     dtype = args.dtype or "float32"
-    base = scaled_llava(args.width, args.layers, args.vision_layers, args.vocab)
+    base = scaled_llava(args.width, args.layers, args.vocab)
   base = base.replace(dtype=dtype, param_dtype=dtype)
   p = base.tokens_per_image
   visual_tokens = [int(v) for v in args.visual_tokens.split(",")]
@@ -118,8 +84,7 @@ def main(argv=None):
         f"vocab {c.vocab_size}; tower: width {base.vision.width}, {base.vision.num_layers_run} layers, "
         f"{p} tokens/image; batch {b}, prompt {t} text tokens, {n} new tokens, median of {args.repeats}")
 
-  init_batch = synthetic_batch(base, 1, 1, 8)
-  params = jax.jit(eem.EEMLLM(base.replace(**MODES["self"])).init)(jax.random.key(0), **init_batch)["params"]
+  params = jax.jit(eem.EEMLLM(base.replace(**MODES["self"])).init)(jax.random.key(0), **batch_lib.example(base))["params"]
   params = jax.block_until_ready(nn.meta.unbox(params))
 
   rows = []
@@ -127,7 +92,8 @@ def main(argv=None):
             f"{'decode tok/s':>12} {'step GFLOP':>10}")
   print(header + "\n" + "-" * len(header))
   for v in visual_tokens:
-    batch = jax.device_put(synthetic_batch(base, b, v // p, t))  # TTFT excludes the host-to-device copy
+    batch = jax.device_put(batch_lib.model_inputs(images_then_text(base, batch=b, num_images=v // p, text_len=t)))
+    # (TTFT excludes the host-to-device copy)
     next_pos = jnp.full((b,), v + t, jnp.int32)
     ttft_self = None
     for mode in modes:
@@ -137,9 +103,10 @@ def main(argv=None):
         logits, cache = prefill(params, cfg, batch, cache_size=v + t + n - 1)
         return sample_token(logits, None), logits, cache
 
-      ttft = timed(lambda: first_token()[0], args.repeats)
+      ttft = median_ms(lambda: first_token()[0], repeats=args.repeats) / 1e3
       _, logits, cache = first_token()
-      step = timed(lambda: decode(params, cfg, logits, cache, next_pos, max_new_tokens=n).tokens, args.repeats)
+      step = median_ms(lambda: decode(params, cfg, logits, cache, next_pos, max_new_tokens=n).tokens,
+                       repeats=args.repeats) / 1e3
       flops = forward_flops(cfg, batch=b, num_images=v // p, text_len=t)["total"]
       step_flops = decode_step_flops(cfg, cache_len=v + t + n - 1, batch=b)
       tok_s = b * (n - 1) / step

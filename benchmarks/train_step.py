@@ -18,6 +18,7 @@ import numpy as np
 from absl import app, flags
 
 import ee_mllm_jax as eem
+from common import images_then_text
 from ee_mllm_jax import flops, sharding
 from ee_mllm_jax.train.loop import PEAK_FLOPS
 from ee_mllm_jax.train.state import OptimConfig, create_sharded_state, make_init_fn, make_optimizer
@@ -39,23 +40,15 @@ FLAGS = flags.FLAGS
 
 
 def make_batch(cfg, b, t, n_img):
-  p, s = cfg.tokens_per_image, cfg.vision.image_size
-  rng = np.random.default_rng(0)
-  v = n_img * p
-  return dict(pixel_values=rng.standard_normal((b, n_img, s, s, 3)).astype(np.float32),
-              image_valid=np.ones((b, n_img), bool),
-              input_ids=rng.integers(0, cfg.llm.vocab_size, (b, t)).astype(np.int32),
-              text_positions=np.broadcast_to(np.arange(v, v + t, dtype=np.int32), (b, t)).copy(),
-              text_valid=np.ones((b, t), bool),
-              visual_positions=np.broadcast_to(np.arange(v, dtype=np.int32), (b, v)).copy(),
-              labels=rng.integers(0, cfg.llm.vocab_size, (b, t)).astype(np.int32))
+  batch = images_then_text(cfg, batch=b, num_images=n_img, text_len=t)
+  batch["labels"] = np.random.default_rng(1).integers(0, cfg.llm.vocab_size, (b, t)).astype(np.int32)
+  return batch
 
 
 def time_mode(cfg, mesh, batch):
   model = eem.EEMLLM(cfg)
   tx, schedule = make_optimizer(OptimConfig(learning_rate=1e-5, total_steps=100, trainable=FLAGS.trainable))
-  one_row = {k: v[:1] for k, v in batch.items() if k != "labels"}
-  init, shardings, _ = create_sharded_state(make_init_fn(model, tx, FLAGS.trainable, one_row), mesh)
+  init, shardings, _ = create_sharded_state(make_init_fn(model, tx, FLAGS.trainable), mesh)
   step = jax.jit(make_train_step(model, tx, schedule, FLAGS.trainable),
                  in_shardings=(shardings, sharding.batch_sharding(mesh, (FLAGS.batch,))),
                  out_shardings=(shardings, None), donate_argnums=0)

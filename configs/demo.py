@@ -49,6 +49,7 @@ def get_config():
   c.checkpoint = ml_collections.ConfigDict(dict(dir="", every_steps=200, keep=2, async_save=True))
   c.init_from = ml_collections.ConfigDict(dict(path="", kind="orbax"))  # or kind="hf"
 
+  c.on_nonfinite = "stop"  # a non-finite loss or gradient: "stop" (exit 1) or "skip" the step
   c.log_every = 25
   c.eval_every = 1000  # < 0: no validation at all
   c.eval_batch_size = 80

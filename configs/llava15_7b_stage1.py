@@ -6,7 +6,8 @@
 The argument after ':' picks the mode: `composite` (EE-MLLM: visual tokens skip the FFN)
 or `self` (LLaVA). Defaults are LLaVA-1.5's published stage-1 hyperparameters
 (scripts/v1_5/pretrain.sh): LCS-558K captions, `plain` template, global batch 256,
-lr 1e-3, 1 epoch, warmup ratio 0.03, cosine decay, no weight decay, bf16, max length 2048.
+lr 1e-3, 1 epoch, warmup ratio 0.03, cosine decay, no weight decay, bf16, gradient
+checkpointing, max length 2048.
 Point `data.*` at the data and `init_from` at CLIP ViT-L/336 + Vicuna-7B-v1.5 weights
 (an Orbax parameter checkpoint, or kind="hf" for an HF LLaVA checkpoint via `convert/`).
 """
@@ -26,7 +27,10 @@ def get_config(mode: str = "composite"):
   c.model.visual_ffn = mode == "self"
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "float32"
-  c.model.remat = "none"  # only the projector is trained: activations of frozen layers are not kept
+  # Frozen layers still keep activations: the projector's gradient flows back through every LLM
+  # layer (LLaVA's stage 1 uses gradient checkpointing too). benchmarks/memory.py: remat none
+  # vs full for one step of 32 rows.
+  c.model.remat = "full"
   c.synthetic.dir = ""  # real data
   c.data = ml_collections.ConfigDict(dict(
       train_file="data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json",

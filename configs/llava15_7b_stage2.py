@@ -17,7 +17,6 @@ from configs import llava15_7b_stage1
 def get_config(mode: str = "composite"):
   c = llava15_7b_stage1.get_config(mode)
   c.workdir = f"runs/llava15_7b_stage2_{mode}"
-  c.model.remat = "full"
   c.data.train_file = "data/LLaVA-Instruct/llava_v1_5_mix665k.json"
   c.data.image_dir = "data/LLaVA-Instruct"
   c.data.template = "vicuna_v1"

@@ -1,7 +1,9 @@
 """ee_mllm_jax: EE-MLLM (composite attention) and its baselines in JAX/Flax."""
 
+from ee_mllm_jax import batch
+from ee_mllm_jax.batch import Cache
 from ee_mllm_jax.config import LLMConfig, ModelConfig, VisionConfig
 from ee_mllm_jax.generate import generate
 from ee_mllm_jax.models import EEMLLM
 
-__all__ = ["EEMLLM", "LLMConfig", "ModelConfig", "VisionConfig", "generate"]
+__all__ = ["Cache", "EEMLLM", "LLMConfig", "ModelConfig", "VisionConfig", "batch", "generate"]

@@ -13,6 +13,8 @@ decoder); `ModelConfig` ties them together with the switches that define the mod
 from __future__ import annotations
 
 import dataclasses
+import json
+import typing
 from typing import Literal
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -20,7 +22,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
 
-ATTENTION_MODES = ("self", "composite")
+AttentionMode = Literal["self", "composite"]
+ATTENTION_MODES: tuple[str, ...] = typing.get_args(AttentionMode)
 PROJECTORS = ("linear", "mlp2x_gelu")
 REMAT_POLICIES = ("none", "full", "dots")
 
@@ -28,6 +31,43 @@ REMAT_POLICIES = ("none", "full", "dots")
 class _Replaceable:
   def replace(self, **changes):
     return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict:
+    """Plain JSON-able dict (nested configs as dicts, tuples as lists); `from_dict` inverts it."""
+    return json.loads(json.dumps(dataclasses.asdict(self)))
+
+  @classmethod
+  def from_dict(cls, d: dict):
+    """The config a `to_dict` dict describes; unknown fields are an error naming them, missing
+    ones take the defaults (a config written by an older version of this package)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+      raise ValueError(f"{cls.__name__} has no field(s) {unknown}; known: {sorted(fields)}")
+    kwargs = {}
+    for name, value in d.items():
+      default = getattr(cls, name, None)
+      if isinstance(default, _Replaceable):
+        value = type(default).from_dict(value)
+      elif isinstance(default, tuple):
+        value = tuple(value)
+      kwargs[name] = value
+    return cls(**kwargs)
+
+  def diff(self, other) -> dict[str, tuple]:
+    """{"llm.depth": (mine, other's), ...} for every field that differs (nested paths)."""
+    a, b = _flat(self.to_dict()), _flat(other.to_dict())
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +153,7 @@ class ModelConfig(_Replaceable):
   vision: VisionConfig = VisionConfig()
   llm: LLMConfig = LLMConfig()
   projector: Literal["linear", "mlp2x_gelu"] = "mlp2x_gelu"
-  attention: Literal["self", "composite"] = "composite"
+  attention: AttentionMode = "composite"
   # Composite mode only: do visual tokens pass each layer's FFN? (self mode always does.)
   visual_ffn: bool = False
   dtype: str = "float32"  # compute dtype

@@ -2,12 +2,12 @@
 
 Letters: B batch, T prompt length (text stream), N new tokens, S cache slots, V visual tokens.
 
-The cache (`models.llm.Cache`) stores keys/values by slot and every token's position; the
+The cache (`ee_mllm_jax.batch.Cache`) stores keys/values by slot and every token's position; the
 mask compares positions only, so a batch of unequal prompts shares one write index. Each row
 writes its prompt into the same slots (pads marked invalid, so no row sees another's pads)
 and its i-th new token into slot `index + i` at its own position `last prompt position + 1 + i`.
 A prompt must end with a text token (chat templates do: "ASSISTANT:"), since only text tokens
-produce logits in composite mode.
+produce logits; `generate` refuses a row whose last valid token is an image.
 
 In composite mode nothing here computes a visual query or a V x V score: the prefill is the
 model's two-stream forward, and a decode step is one text query per row against the cache.
@@ -22,7 +22,7 @@ the rest of each prompt continues after them:
     cache = prefill_prefix(params, cfg, prefix)                # once per image (+ system text)
     out = generate(params, cfg, rest, cache=cache, max_new_tokens=32)
     # n questions about each image: rest rows b*n ... b*n+n-1 share prefix row b
-    out = generate(params, cfg, questions, cache=repeat_cache(cache, n), max_new_tokens=32)
+    out = generate(params, cfg, questions, cache=cache.repeat(n), max_new_tokens=32)
 """
 
 from __future__ import annotations
@@ -34,15 +34,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ee_mllm_jax import batch as batch_lib
+from ee_mllm_jax.batch import MODEL_KEYS, TEXT_KEYS, Cache, last_valid_index, next_positions
 from ee_mllm_jax.config import ModelConfig
 from ee_mllm_jax.models import EEMLLM
-from ee_mllm_jax.models.llm import Cache, last_valid_index, pad_cache, repeat_cache
 
-MODEL_KEYS = ("pixel_values", "image_valid", "input_ids", "text_positions", "text_valid", "visual_positions")
-TEXT_KEYS = ("input_ids", "text_positions", "text_valid")
-
-__all__ = ["Generation", "decode", "generate", "prefill", "prefill_prefix", "repeat_cache", "sample_token",
-           "split_at_last_image"]
+__all__ = ["Generation", "decode", "generate", "prefill", "prefill_prefix", "sample_token", "split_at_last_image"]
 
 
 class Generation(NamedTuple):
@@ -71,11 +68,6 @@ def sample_token(logits: jax.Array, rng: jax.Array | None, *, temperature: float
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def _next_positions(text_positions, text_valid):
-  """(B,) position of each row's first new token: one past its last valid prompt token."""
-  return jnp.max(jnp.where(text_valid, text_positions, -1), axis=1).astype(jnp.int32) + 1
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_size"))
 def _prefill(params, cfg, batch, cache_size):
   return EEMLLM(cfg).apply({"params": params}, *(batch[k] for k in MODEL_KEYS), cache_size, method="prefill")
@@ -85,7 +77,7 @@ def prefill(params, cfg: ModelConfig, batch: dict[str, Any], *,
             cache_size: int | None = None) -> tuple[jax.Array, Cache]:
   """Vision tower + one forward over [visual; prompt] (DESIGN §3 batch) -> next-token logits
   (B, vocab) at each row's last valid text token, and the cache (V + T slots, or `cache_size`)."""
-  return _prefill(params, cfg, {k: batch[k] for k in MODEL_KEYS}, cache_size)
+  return _prefill(params, cfg, batch_lib.model_inputs(batch), cache_size)
 
 
 def prefill_prefix(params, cfg: ModelConfig, prefix_batch: dict[str, Any]) -> Cache:
@@ -96,7 +88,7 @@ def prefill_prefix(params, cfg: ModelConfig, prefix_batch: dict[str, Any]) -> Ca
 
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_size"))
 def _extend_prompt(params, cfg, text, cache, cache_size):
-  cache = pad_cache(cache, cache_size)
+  cache = cache.pad(cache_size)
   logits, cache = EEMLLM(cfg).apply({"params": params}, *(text[k] for k in TEXT_KEYS), cache, method="extend")
   last = last_valid_index(text["text_positions"], text["text_valid"])
   return jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0], cache
@@ -156,20 +148,23 @@ def generate(params, cfg: ModelConfig, batch: dict[str, Any], *, max_new_tokens:
   """Prefill, then decode `max_new_tokens` tokens per row (greedy when temperature == 0).
 
   Without `cache`, `batch` is a DESIGN §3 batch whose `text_valid` marks each row's prompt.
-  With `cache` (from `prefill_prefix`, possibly `repeat_cache`d), `batch` holds only the text
+  With `cache` (from `prefill_prefix`, possibly `.repeat`ed), `batch` holds only the text
   after the prefix (`input_ids`, `text_positions`, `text_valid`), at positions after it.
   Works in every mode; EE-MLLM-F is a self-trained `params` with a composite `cfg`.
+  A row whose prompt ends with an image (no text after it) is refused with a ValueError.
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  text = {k: batch[k] for k in TEXT_KEYS}
+  batch_lib.validate(batch, cfg if cache is None else None, keys=MODEL_KEYS if cache is None else TEXT_KEYS)
+  batch_lib.check_prompts_end_with_text(batch, cache)
+  text = batch_lib.text_inputs(batch)
   if cache is None:
     v, t = batch["visual_positions"].shape[1], text["input_ids"].shape[1]
     logits, cache = prefill(params, cfg, batch, cache_size=v + t + max_new_tokens - 1)
   else:
-    size = cache["pos"].shape[1] + text["input_ids"].shape[1] + max_new_tokens - 1
+    size = cache.size + text["input_ids"].shape[1] + max_new_tokens - 1
     logits, cache = _extend_prompt(params, cfg, text, cache, size)
-  next_pos = _next_positions(text["text_positions"], text["text_valid"])
+  next_pos = next_positions(text["text_positions"], text["text_valid"])
   return decode(params, cfg, logits, cache, next_pos, max_new_tokens=max_new_tokens, rng=rng,
                 temperature=temperature, top_p=top_p, stop_ids=stop_ids, pad_id=pad_id)
 
@@ -182,7 +177,7 @@ def split_at_last_image(batch: dict[str, Any]) -> tuple[dict[str, np.ndarray], d
   """
   ids, pos, valid = (np.asarray(batch[k]) for k in TEXT_KEYS)
   image_valid, pos_v = np.asarray(batch["image_valid"]), np.asarray(batch["visual_positions"])
-  valid_v = np.repeat(image_valid, pos_v.shape[1] // max(image_valid.shape[1], 1), axis=1)
+  valid_v = batch_lib.visual_valid(image_valid, pos_v.shape[1])
   end = np.max(np.where(valid_v, pos_v, -1), axis=1, initial=-1)[:, None]  # last image token
 
   def pack(keep):

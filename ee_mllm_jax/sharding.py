@@ -104,6 +104,11 @@ def batch_sharding(mesh: jax.sharding.Mesh, shape: Sequence[int]) -> NamedShardi
   return NamedSharding(mesh, fit_spec(P(BATCH_AXES), shape, mesh))
 
 
+def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
+  """How many ways the batch dimension is split (the product of the data-parallel axes)."""
+  return _axis_size(mesh, BATCH_AXES)
+
+
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
   """Per-process host batches -> global arrays; each process passes its own rows.
 

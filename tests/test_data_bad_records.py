@@ -31,14 +31,19 @@ CASES = {
     "too_long": ({"id": "r-long", "conversations": conv(" ".join(["colour"] * 300))}, "r-long"),
     "too_many_images": ({"id": "r-many", "image": ["good.png"] * 2, "conversations": conv("<image><image>")}, "r-many"),
     "bad_conversation": ({"id": "r-role", "conversations": [{"from": "robot", "value": "hi"}]}, "r-role"),
+    "outside_image_root": ({"id": "r-escape", "image": "../secret.png", "conversations": conv()}, "secret.png"),
+    "null_record": ("null", "line 2"),
 }
+READ_TIME = ("malformed_json", "null_record")  # dropped (and counted) when the file is read
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-  root = tmp_path_factory.mktemp("bad")
+  root = tmp_path_factory.mktemp("bad") / "images"
+  root.mkdir()
   synthetic.generate(str(root / "syn"), num_train=8, num_val=4)
   Image.new("RGB", (40, 30), (255, 0, 0)).save(root / "good.png")
+  Image.new("RGB", (40, 30), (0, 0, 255)).save(root.parent / "secret.png")  # outside the image root
   (root / "empty.png").write_bytes(b"")
   (root / "truncated.png").write_bytes((root / "good.png").read_bytes()[:70])
   (root / "text.png").write_text("hello, I am not an image\n")
@@ -67,7 +72,7 @@ def test_raise_mode_names_the_record_the_file_and_the_reason(base, reason):
   error = info.value
   assert error.reason == reason
   assert names in str(error) and cfg.val_file in str(error)
-  if reason != "malformed_json":
+  if reason not in READ_TIME:
     assert error.record_id == bad["id"]
 
 
@@ -82,7 +87,7 @@ def test_skip_mode_counts_reports_and_leaves_an_empty_row(base, reason, caplog):
   assert reason in caplog.text and (bad["id"] if isinstance(bad, dict) else "line 2") in caplog.text
   metas = [m for _, meta in batches for m in meta]
   assert [m and m["id"] for m in metas].count("r-good") == 2
-  if reason != "malformed_json":  # malformed lines are dropped when the file is read
+  if reason not in READ_TIME:
     (row,) = [i for i, m in enumerate(metas) if m and m.get("skipped")]
     assert metas[row] == {"id": bad["id"], "skipped": reason}
     batch = batches[row // 2][0]
@@ -96,7 +101,7 @@ def test_with_worker_processes_errors_and_counts_reach_the_parent(base):
   it = pipeline.make_train_iterator(cfg, shard=ONE_PROCESS)
   batches = list(it)
   it.close()
-  assert len(batches) == 6  # 11 parsed records -> 12 rows
+  assert len(batches) == 6  # 12 parsed records (2 lines dropped when read) -> 12 rows
   assert it.stats.counts == {reason: 1 for reason in pipeline.BAD_RECORD_REASONS}
   assert sum(b["text_valid"].any(1).sum() for b in batches) == 2
   it = pipeline.make_train_iterator(cfg.replace(on_bad_record="raise", shuffle=False,
@@ -125,3 +130,52 @@ def test_skipping_keeps_resume_exact_and_restores_the_counts(base):
       np.testing.assert_array_equal(a[k], b[k])
   assert resumed.stats.counts == it.stats.counts
   assert it.stats.total > sum(counts.values())  # the second epoch counted its bad records again
+
+
+def test_image_paths_stay_inside_the_image_root_unless_allowed(base):
+  """`..`, an absolute path and a symlink that points out are refused; a symlink that stays
+  inside is fine; allow_images_outside_root reads them all."""
+  (base / "inside_link.png").unlink(missing_ok=True)
+  (base / "outside_link.png").unlink(missing_ok=True)
+  (base / "inside_link.png").symlink_to(base / "good.png")
+  (base / "outside_link.png").symlink_to(base.parent / "secret.png")
+  escapes = {"r-dotdot": "../secret.png", "r-absolute": str(base.parent / "secret.png"),
+             "r-symlink": "outside_link.png"}
+  records = [dict(GOOD, id="r-inside", image="inside_link.png")]
+  records += [dict(GOOD, id=k, image=v) for k, v in escapes.items()]
+  cfg = config(base, records, on_bad_record="skip")
+  it = pipeline.make_eval_iterator(cfg, shard=ONE_PROCESS, with_meta=True)
+  metas = [m for _, meta in it for m in meta]
+  assert it.stats.counts["outside_image_root"] == 3 and it.stats.total == 3
+  assert {m["id"]: m.get("skipped") for m in metas if m} == {"r-inside": None, **dict.fromkeys(escapes,
+                                                                                            "outside_image_root")}
+  allowed = pipeline.make_eval_iterator(cfg.replace(allow_images_outside_root=True), shard=ONE_PROCESS)
+  batches = list(allowed)
+  assert allowed.stats.total == 0
+  blue = [b["pixel_values"][r, 0, 10, 10] for b in batches for r in range(2) if b["image_valid"][r, 0]]
+  assert len(blue) == 4 and sum(p[2] > p[0] for p in blue) == 3  # the secret image is blue, good.png red
+
+
+def test_a_file_that_is_not_utf8_is_named_with_its_line(base, tmp_path):
+  good = json.dumps(GOOD).encode()
+  jsonl = tmp_path / "latin1.jsonl"
+  jsonl.write_bytes(good + b"\n" + json.dumps(dict(GOOD, id="r-latin")).encode().replace(b"Colour", b"Col\xf6ur") + b"\n")
+  with pytest.raises(pipeline.BadRecordError, match=r"line 2.*latin1.jsonl.*not UTF-8"):
+    pipeline.load_records(str(jsonl))
+  records, stats = pipeline.load_records(str(jsonl), on_bad_record="skip")
+  assert len(records) == 1 and stats.counts["malformed_json"] == 1
+  listing = tmp_path / "latin1.json"
+  listing.write_bytes(b"[" + good + b",\n" + good.replace(b"Colour", b"Col\xf6ur") + b"]")
+  with pytest.raises(ValueError, match=r"latin1.json is not UTF-8: .* \(line 2\)"):
+    pipeline.load_records(str(listing))
+
+
+def test_null_records_and_duplicate_ids(base, tmp_path, caplog):
+  listing = tmp_path / "records.json"
+  listing.write_text(json.dumps([GOOD, None, GOOD, dict(GOOD, id="r-other")]))
+  with pytest.raises(pipeline.BadRecordError, match="index 1.*null_record"):
+    pipeline.load_records(str(listing))
+  with caplog.at_level(logging.WARNING, logger=pipeline.__name__):
+    records, stats = pipeline.load_records(str(listing), on_bad_record="skip")
+  assert [r["id"] for r in records] == ["r-good", "r-good", "r-other"] and stats.counts["null_record"] == 1
+  assert "1 record ids occur more than once (2 records in all), e.g. 'r-good'" in caplog.text

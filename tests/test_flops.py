@@ -1,6 +1,5 @@
 """Analytic FLOPs (flops.py) agree with XLA's own count of the compiled forward."""
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -8,11 +7,9 @@ import pytest
 import ee_mllm_jax as eem
 from batches import make_batch
 from ee_mllm_jax import flops
-from ee_mllm_jax.models.llm import DecoderLayer
+from ee_mllm_jax.batch import model_inputs
+from ee_mllm_jax.models.llm import DecoderLayer, ForwardContext, Streams
 from ee_mllm_jax.models.vision import VisionLayer
-
-MODEL_KEYS = ("pixel_values", "image_valid", "input_ids", "text_positions", "text_valid", "visual_positions")
-
 
 def xla_flops(fn, *args):
   return jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
@@ -29,7 +26,7 @@ def test_analytic_forward_flops_match_xla(preset, attention):
   """XLA charges a loop body once, so its count for the scanned model is completed with
   (n - 1) standalone compiles of each scanned layer (both streams returned: nothing dead)."""
   cfg = eem.ModelConfig.preset(preset, attention=attention)
-  batch = {k: v for k, v in make_batch(cfg, [[3, "img", 40, "img", 20]] * 2).items() if k in MODEL_KEYS}
+  batch = model_inputs(make_batch(cfg, [[3, "img", 40, "img", 20]] * 2))
   b, t = batch["input_ids"].shape
   model = eem.EEMLLM(cfg)
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), **batch))
@@ -40,13 +37,14 @@ def test_analytic_forward_flops_match_xla(preset, attention):
   x_img = np.zeros((b * 2, vc.num_patches + vc.class_token, vc.width), f32)
   total += (vc.num_layers_run - 1) * xla_layer_flops(VisionLayer(vc), x_img)
   layer = DecoderLayer(c, cfg.attention, cfg.runs_visual_ffn)
-  ctx = dict(pos_v=batch["visual_positions"], pos_t=batch["text_positions"],
-             valid_v=np.ones((b, v), bool), valid_t=batch["text_valid"])
-  carry = dict(x_v=np.zeros((b, v, c.width), f32), x_t=np.zeros((b, t, c.width), f32))
+  ctx = ForwardContext(pos_v=batch["visual_positions"], pos_t=batch["text_positions"],
+                       valid_v=np.ones((b, v), bool), valid_t=batch["text_valid"])
+  carry = Streams(x_v=np.zeros((b, v, c.width), f32), x_t=np.zeros((b, t, c.width), f32))
   total += (c.depth - 1) * xla_layer_flops(layer, carry, None, ctx)
 
   analytic = flops.forward_flops(cfg, batch=b, num_images=2, text_len=t)["total"]
-  assert abs(total / analytic - 1) < 0.10, f"XLA {total:.4g} vs analytic {analytic:.4g}: {total / analytic:.3f}"
+  # XLA also counts norms, RoPE and activations, which the analytic count leaves out (<= 2.9% here)
+  assert 0 <= total / analytic - 1 < 0.03, f"XLA {total:.4g} vs analytic {analytic:.4g}: {total / analytic:.3f}"
   print(f"{preset} {attention}: XLA/analytic = {total / analytic:.3f}")
 
 

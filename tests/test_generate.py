@@ -1,9 +1,6 @@
 """Cached generation: equals repeated full forward passes, batching and prefix reuse change no
 token, stop ids, reproducible sampling, and composite mode computes no visual queries."""
 
-import functools
-
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,18 +9,17 @@ import pytest
 import ee_mllm_jax as eem
 from batches import MIXED_PLANS, make_batch
 from jaxpr_shapes import shapes_in_jaxpr
-from ee_mllm_jax.generate import prefill_prefix, repeat_cache, sample_token, split_at_last_image
+from models import forward, init_params
+from ee_mllm_jax.generate import prefill_prefix, sample_token, split_at_last_image
 
 # (attention, visual_ffn): LLaVA, EE-MLLM, EE-MLLM-F; all run the same LLaVA-style parameters
 MODES = {"self": ("self", True), "composite": ("composite", False), "ee-mllm-f": ("composite", True)}
 STEPS = 8
 
 
-@functools.cache
 def llava_params():
   """One parameter set (LLaVA-style, i.e. trained in self mode) that every mode runs."""
-  cfg = eem.ModelConfig.preset("tiny", attention="self", visual_ffn=True)
-  return nn.meta.unbox(jax.jit(eem.EEMLLM(cfg).init)(jax.random.key(0), **make_batch(cfg, [[1, "img"]]))["params"])
+  return init_params(eem.ModelConfig.preset("tiny", attention="self", visual_ffn=True))
 
 
 def setup(mode, plans=MIXED_PLANS):
@@ -40,11 +36,10 @@ def greedy_by_full_forward(cfg, params, batch, steps):
     grown[k] = np.concatenate([batch[k], np.full((b, steps), fill, batch[k].dtype)], axis=1)
   n_prompt = batch["text_valid"].sum(1)
   next_pos = np.max(np.where(batch["text_valid"], batch["text_positions"], -1), 1) + 1
-  forward = jax.jit(lambda p, x: eem.EEMLLM(cfg).apply({"params": p}, **x))
   rows = np.arange(b)
   tokens, logprobs = np.zeros((b, steps), np.int32), np.zeros((b, steps), np.float32)
   for i in range(steps):
-    logits = np.asarray(forward(params, grown))[rows, n_prompt + i - 1]
+    logits = np.asarray(forward(cfg, params, grown))[rows, n_prompt + i - 1]
     tokens[:, i] = logits.argmax(-1)
     logprobs[:, i] = np.asarray(jax.nn.log_softmax(logits))[rows, tokens[:, i]]
     col = n_prompt + i
@@ -93,7 +88,7 @@ def test_reusing_an_image_prefix_cache_equals_recomputing(mode):
   two = make_batch(cfg, [[3, "img", 5], [3, "img", 2]], seed=1)
   two["pixel_values"][1], two["input_ids"][1, :3] = two["pixel_values"][0], two["input_ids"][0, :3]
   prefix, rest = split_at_last_image(two)
-  cache = repeat_cache(prefill_prefix(params, cfg, {k: v[:1] for k, v in prefix.items()}), 2)
+  cache = prefill_prefix(params, cfg, {k: v[:1] for k, v in prefix.items()}).repeat(2)
   shared = eem.generate(params, cfg, rest, cache=cache, max_new_tokens=STEPS)
   full = eem.generate(params, cfg, two, max_new_tokens=STEPS)
   np.testing.assert_array_equal(np.asarray(shared.tokens), np.asarray(full.tokens))

@@ -1,6 +1,5 @@
 """Core model properties: both modes equal the naive full-sequence form; EE-MLLM-F; shapes."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,18 +8,14 @@ import pytest
 import ee_mllm_jax as eem
 from batches import MIXED_PLANS, make_batch
 from jaxpr_shapes import shapes_in_jaxpr
+from models import embed_image, forward, init_params
 from reference import naive_llm_logits
-
-MODEL_KEYS = ("pixel_values", "image_valid", "input_ids", "text_positions", "text_valid", "visual_positions")
-
-
-def init_params(cfg, batch, seed=0):
-  return nn.meta.unbox(eem.EEMLLM(cfg).init(jax.random.key(seed), **batch)["params"])
-
+from ee_mllm_jax.batch import model_inputs, visual_valid
+from ee_mllm_jax.params import abstract_params
 
 def naive_logits(cfg, params, batch):
-  x_v = eem.EEMLLM(cfg).apply({"params": params}, batch["pixel_values"], method="embed_image")
-  valid_v = np.repeat(batch["image_valid"], cfg.tokens_per_image, axis=1)
+  x_v = embed_image(cfg, params, batch["pixel_values"])
+  valid_v = visual_valid(batch["image_valid"], batch["visual_positions"].shape[1])
   return naive_llm_logits(params["llm"], cfg, x_v, batch["input_ids"], batch["visual_positions"],
                           batch["text_positions"], valid_v, batch["text_valid"])
 
@@ -35,12 +30,12 @@ def assert_close_on_valid(got, want, valid, tol):
 def test_two_stream_model_equals_naive_full_sequence(attention, visual_ffn):
   cfg = eem.ModelConfig.preset("tiny", attention=attention, visual_ffn=visual_ffn)
   batch = make_batch(cfg, MIXED_PLANS)
-  params = init_params(cfg, batch)
+  params = init_params(cfg)
   # Random (non-unit) norm scales so that a missing or misplaced norm cannot pass.
   params = jax.tree_util.tree_map_with_path(
       lambda path, x: x * (1 + 0.3 * jax.random.normal(jax.random.key(len(str(path))), x.shape))
       if "scale" in str(path) else x, params)
-  got = jax.jit(eem.EEMLLM(cfg).apply)({"params": params}, **batch)
+  got = forward(cfg, params, batch)
   assert got.shape == batch["input_ids"].shape + (cfg.llm.vocab_size,)
   assert_close_on_valid(got, naive_logits(cfg, params, batch), batch["text_valid"], 1e-5)
 
@@ -49,8 +44,8 @@ def test_modes_differ_and_visual_ffn_matters():
   """Guards the test above: the three variants really compute different functions."""
   base = eem.ModelConfig.preset("tiny")
   batch = make_batch(base, MIXED_PLANS)
-  params = init_params(base, batch)
-  outs = [eem.EEMLLM(base.replace(attention=a, visual_ffn=f)).apply({"params": params}, **batch)
+  params = init_params(base)
+  outs = [forward(base.replace(attention=a, visual_ffn=f), params, batch)
           for a, f in [("composite", False), ("composite", True), ("self", True)]]
   valid = batch["text_valid"]
   for i in range(3):
@@ -62,11 +57,11 @@ def test_stream_order_does_not_matter():
   """Only positions matter: permuting tokens within each stream permutes the logits."""
   cfg = eem.ModelConfig.preset("tiny")
   batch = make_batch(cfg, MIXED_PLANS)
-  params = init_params(cfg, batch)
+  params = init_params(cfg)
   perm = np.random.default_rng(1).permutation(batch["input_ids"].shape[1])
   shuffled = dict(batch, **{k: batch[k][:, perm] for k in ("input_ids", "text_positions", "text_valid")})
-  a = eem.EEMLLM(cfg).apply({"params": params}, **batch)
-  b = eem.EEMLLM(cfg).apply({"params": params}, **shuffled)
+  a = forward(cfg, params, batch)
+  b = forward(cfg, params, shuffled)
   assert_close_on_valid(np.asarray(b), np.asarray(a)[:, perm], shuffled["text_valid"], 1e-5)
 
 
@@ -77,10 +72,10 @@ def test_ee_mllm_f_image_dependence(attention):
   llava = eem.ModelConfig.preset("tiny", attention="self", visual_ffn=True)
   cfg = llava.replace(attention=attention)
   batch = make_batch(llava, [[4, "img", 6], [4, "img", 6]])
-  params = init_params(llava, batch)  # same params for both modes
+  params = init_params(llava)  # same params for both modes
   other = dict(batch, pixel_values=batch["pixel_values"][::-1].copy())  # swap the two images
-  a = np.asarray(eem.EEMLLM(cfg).apply({"params": params}, **batch))
-  b = np.asarray(eem.EEMLLM(cfg).apply({"params": params}, **other))
+  a = np.asarray(forward(cfg, params, batch))
+  b = np.asarray(forward(cfg, params, other))
   np.testing.assert_allclose(a[:, :4], b[:, :4], rtol=0, atol=1e-6)  # system prompt: blind to it
   assert np.min(np.max(np.abs(a[:, 4:10] - b[:, 4:10]), axis=-1)) > 1e-4  # every later token sees it
 
@@ -89,7 +84,7 @@ def test_padding_is_inert():
   """Padded text tokens, their ids and absent images' pixels change no valid logit."""
   cfg = eem.ModelConfig.preset("tiny")
   batch = make_batch(cfg, MIXED_PLANS)
-  params = init_params(cfg, batch)
+  params = init_params(cfg)
   noisy = dict(batch)
   rng = np.random.default_rng(7)
   noisy["input_ids"] = np.where(batch["text_valid"], batch["input_ids"],
@@ -97,8 +92,8 @@ def test_padding_is_inert():
   absent = ~batch["image_valid"][:, :, None, None, None]
   noisy["pixel_values"] = np.where(absent, 100 * rng.standard_normal(batch["pixel_values"].shape),
                                    batch["pixel_values"]).astype(np.float32)
-  a = eem.EEMLLM(cfg).apply({"params": params}, **batch)
-  b = eem.EEMLLM(cfg).apply({"params": params}, **noisy)
+  a = forward(cfg, params, batch)
+  b = forward(cfg, params, noisy)
   assert_close_on_valid(b, np.asarray(a), batch["text_valid"], 1e-6)
 
 
@@ -107,8 +102,8 @@ def test_composite_does_not_compute_what_it_drops(attention, visual_ffn):
   """No visual query projection, no V x V scores, no visual FFN unless visual_ffn."""
   cfg = eem.ModelConfig.preset("tiny", attention=attention, visual_ffn=visual_ffn)
   batch = make_batch(cfg, [[3, "img", 5, "img", 4]] * 2)  # V = 32, T = 13, S = 45
-  params = init_params(cfg, batch)
-  model_batch = {k: batch[k] for k in MODEL_KEYS}
+  params = init_params(cfg)
+  model_batch = model_inputs(batch)
   jaxpr = jax.make_jaxpr(lambda p: eem.EEMLLM(cfg).apply({"params": p}, **model_batch))(params)
   shapes = shapes_in_jaxpr(jaxpr.jaxpr)
   c, b, v, s = cfg.llm, 2, 32, 32 + 13
@@ -124,17 +119,6 @@ def test_composite_does_not_compute_what_it_drops(attention, visual_ffn):
 
 def count(tree):
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-
-
-def abstract_params(cfg):
-  p, s = cfg.tokens_per_image, cfg.vision.image_size
-  spec = dict(pixel_values=jax.ShapeDtypeStruct((1, 1, s, s, 3), jnp.float32),
-              image_valid=jax.ShapeDtypeStruct((1, 1), jnp.bool_),
-              input_ids=jax.ShapeDtypeStruct((1, 8), jnp.int32),
-              text_positions=jax.ShapeDtypeStruct((1, 8), jnp.int32),
-              text_valid=jax.ShapeDtypeStruct((1, 8), jnp.bool_),
-              visual_positions=jax.ShapeDtypeStruct((1, p), jnp.int32))
-  return nn.meta.unbox(jax.eval_shape(lambda b: eem.EEMLLM(cfg).init(jax.random.key(0), **b), spec)["params"])
 
 
 def test_llava_7b_parameter_count_without_allocating():
@@ -165,7 +149,7 @@ def test_jit_and_grad_are_finite(dtype, attention):
   cfg = eem.ModelConfig.preset("tiny", attention=attention, dtype=dtype, remat="full")
   batch = make_batch(cfg, MIXED_PLANS)
   batch["labels"] = np.where(batch["text_valid"], batch["input_ids"], -100).astype(np.int32)
-  params = init_params(cfg, batch)
+  params = init_params(cfg)
   model = eem.EEMLLM(cfg)
 
   def loss_fn(p):

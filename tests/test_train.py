@@ -1,6 +1,8 @@
 """Trainer properties on 8 simulated CPU devices: sharded = single device, accumulation =
 one big batch, freezing is exact, checkpoints restore onto another mesh."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -24,10 +26,11 @@ def _batch(seed=0):
   return batch
 
 
+@functools.cache  # tests that run the same step on the same mesh share one compilation
 def _setup(mesh, trainable=".*", accum=1, lr=1e-2):
   model = eem.EEMLLM(CFG)
   tx, schedule = make_optimizer(OptimConfig(learning_rate=lr, total_steps=10, warmup_steps=1, trainable=trainable))
-  init, shardings, abstract = create_sharded_state(make_init_fn(model, tx, trainable, _batch()), mesh)
+  init, shardings, abstract = create_sharded_state(make_init_fn(model, tx, trainable), mesh)
   step = jax.jit(make_train_step(model, tx, schedule, trainable, accum),
                  in_shardings=(shardings, sharding.batch_sharding(mesh, (len(PLANS),))),
                  out_shardings=(shardings, None), donate_argnums=0)
@@ -103,3 +106,25 @@ def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
   params = ckpt_lib.load_params(str(tmp_path), abstract["params"])  # init_from path
   for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(expected["params"])):
     np.testing.assert_array_equal(np.asarray(x), y)
+
+
+def test_a_step_without_labels_or_with_non_finite_values_changes_nothing():
+  """A batch whose rows were all skipped (no labelled token), or whose loss is non-finite, is
+  not applied: AdamW would otherwise move the weights (momentum, decay) or write NaN into them."""
+  mesh = sharding.make_mesh((2, 2, 2))
+  init, step, _ = _setup(mesh)
+  state = init()
+  before = jax.device_get(state)
+  empty = dict(_batch(0), labels=np.full_like(_batch(0)["labels"], -100))
+  poisoned = _batch(1)
+  poisoned["pixel_values"] = np.full_like(poisoned["pixel_values"], np.inf)
+  for batch, finite in ((empty, True), (poisoned, False)):
+    state, metrics = step(state, sharding.shard_batch(batch, mesh))
+    assert bool(metrics["finite"]) == finite and not bool(metrics["applied"]) and bool(metrics["params_finite"])
+  after = jax.device_get(state)
+  assert int(after["step"]) == 2  # the steps count (the data moved on), the parameters did not
+  for x, y in zip(jax.tree.leaves(after["params"]) + jax.tree.leaves(after["opt_state"]),
+                  jax.tree.leaves(before["params"]) + jax.tree.leaves(before["opt_state"])):
+    np.testing.assert_array_equal(x, y)
+  state, metrics = step(state, sharding.shard_batch(_batch(0), mesh))
+  assert bool(metrics["applied"])  # guard: a normal batch is applied

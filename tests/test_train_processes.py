@@ -1,7 +1,6 @@
-"""train.py as users run it, in subprocesses: SIGTERM -> checkpoint -> restart continues
-exactly; two jax.distributed processes on 127.0.0.1 train on disjoint data."""
+"""train.py as users run it, in subprocesses: SIGTERM or SIGKILL -> restart continues exactly;
+SIGKILL leaves no worker behind; two jax.distributed processes on 127.0.0.1 train on disjoint data."""
 
-import importlib.util
 import json
 import os
 import signal
@@ -12,70 +11,100 @@ import time
 
 import pytest
 
-from ee_mllm_jax.data import synthetic
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = dict(seed=0, num_train=96, num_val=16, image_size=32, vocab_size=384, max_turns=1)
+from conftest import ROOT, TEST_XLA_FLAGS, logged_losses, tiny_overrides
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-  """Generated once here, so that concurrent processes find it ready (same arguments as the
-  runs: the demo config's mix with DATA's sizes)."""
-  spec = importlib.util.spec_from_file_location("demo_config", os.path.join(ROOT, "configs/demo.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  args = {**module.get_config().synthetic.to_dict(), **DATA}
-  root = str(tmp_path_factory.mktemp("data") / "synthetic")
-  del args["dir"]
-  synthetic.ensure_dataset(root, **args)
-  return root
-
-
-def _command(dataset, workdir, steps, *extra):
-  overrides = dict(workdir=workdir, steps=steps, log_every=1, eval_every=-1, progress_bar=False, seed=0,
-                   **{"model.preset": "tiny", "model.llm.vocab_size": DATA["vocab_size"],
-                      "synthetic.dir": dataset, "synthetic.num_train": DATA["num_train"],
-                      "synthetic.num_val": DATA["num_val"], "synthetic.image_size": DATA["image_size"],
-                      "synthetic.vocab_size": DATA["vocab_size"], "data.global_batch_size": 8,
-                      "data.buckets": "(32,)", "checkpoint.every_steps": 1, "checkpoint.keep": 2})
+def _command(dataset, workdir, steps, *extra, **overrides):
+  flat = {**tiny_overrides(dataset, workdir, steps), **overrides}
+  flat["data.buckets"] = "(" + ",".join(map(str, flat["data.buckets"])) + ",)"
   return [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs/demo.py")] + \
-      [f"--config.{k}={v}" for k, v in overrides.items()] + list(extra)
+      [f"--config.{k}={v}" for k, v in flat.items()] + list(extra)
 
 
 def _env(devices):
-  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-              PYTHONPATH=ROOT)
+  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}")
 
 
-def _losses(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    records = [json.loads(line) for line in f]
-  return {r["step"]: r["loss"] for r in records if "loss" in r}
+STEPS = 8
 
 
-def test_sigterm_checkpoints_and_a_restart_continues_exactly(dataset, tmp_path):
-  steps = 8
-  full, split = str(tmp_path / "full"), str(tmp_path / "split")
-  subprocess.run(_command(dataset, full, steps), env=_env(2), check=True, timeout=300, capture_output=True)
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_dataset, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("full"))
+  subprocess.run(_command(tiny_dataset, workdir, STEPS), env=_env(2), check=True, timeout=300, capture_output=True)
+  return logged_losses(workdir)
 
-  proc = subprocess.Popen(_command(dataset, split, steps), env=_env(2), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT)
+
+def _start_and_wait(command, workdir, losses: int):
+  """Starts train.py; returns once `losses` steps are in its metrics file."""
+  proc = subprocess.Popen(command, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
-    if os.path.exists(os.path.join(split, "metrics.jsonl")) and len(_losses(split)) >= 3:
-      proc.send_signal(signal.SIGTERM)
-      break
+    try:
+      if len(logged_losses(workdir)) >= losses:
+        return proc
+    except (FileNotFoundError, ValueError):  # not written yet, or a line half-written
+      pass
     time.sleep(0.05)
-  out = proc.communicate(timeout=240)[0].decode()
-  assert proc.returncode == 0, out[-3000:]
-  stopped_at = max(_losses(split))
-  assert "stopped at step" in out and stopped_at < steps, out[-2000:]
+  raise AssertionError(f"train.py ended or hung before step {losses}: {proc.communicate()[0].decode()[-3000:]}")
 
-  subprocess.run(_command(dataset, split, steps), env=_env(2), check=True, timeout=300, capture_output=True)
-  resumed = _losses(split)
-  assert sorted(resumed) == list(range(1, steps + 1))
-  assert resumed == _losses(full)  # bit-identical: the same loss at every step
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_stopped_run_restarts_exactly(uninterrupted, tiny_dataset, tmp_path, sig):
+  """SIGTERM: a checkpoint, then a clean exit. SIGKILL: lands while asynchronous saves (one per
+  step) are in flight. Either way a restart continues from the newest complete checkpoint, logs
+  each step once (the metrics of steps after that checkpoint are rewritten) and reproduces the
+  uninterrupted run's loss at every step, bit for bit."""
+  workdir = str(tmp_path / "split")
+  proc = _start_and_wait(_command(tiny_dataset, workdir, STEPS), workdir, losses=3)
+  proc.send_signal(sig)
+  out = proc.communicate(timeout=240)[0].decode()
+  if sig == signal.SIGTERM:
+    assert proc.returncode == 0 and "stopped at step" in out, out[-3000:]
+  else:
+    assert proc.returncode == -signal.SIGKILL
+  assert max(logged_losses(workdir)) < STEPS
+
+  subprocess.run(_command(tiny_dataset, workdir, STEPS), env=_env(2), check=True, timeout=300, capture_output=True)
+  resumed = logged_losses(workdir)
+  assert sorted(resumed) == list(range(1, STEPS + 1))
+  assert resumed == uninterrupted  # bit-identical: the same loss at every step
+
+
+def _descendants(pid: int) -> set[int]:
+  out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True, check=True).stdout
+  children: dict[int, list[int]] = {}
+  for line in out.splitlines():
+    p, pp = map(int, line.split())
+    children.setdefault(pp, []).append(p)
+  found, todo = set(), [pid]
+  while todo:
+    for child in children.get(todo.pop(), []):
+      found.add(child)
+      todo.append(child)
+  return found
+
+
+def _alive(pid: int) -> bool:
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+  except FileNotFoundError:
+    return False
+
+
+def test_sigkill_leaves_no_worker_process_behind(tiny_dataset, tmp_path):
+  workdir = str(tmp_path / "run")
+  proc = _start_and_wait(_command(tiny_dataset, workdir, 500, **{"data.worker_count": 2}), workdir, losses=2)
+  tree = _descendants(proc.pid)
+  assert len(tree) >= 2, tree  # the Grain workers (and multiprocessing's resource tracker)
+  proc.kill()
+  proc.communicate(timeout=60)
+  deadline = time.time() + 10
+  while time.time() < deadline and any(_alive(p) for p in tree):
+    time.sleep(0.2)
+  assert not [p for p in tree if _alive(p)], "processes outlived the trainer"
 
 
 def _free_port():
@@ -84,12 +113,14 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_train_on_disjoint_data(dataset, tmp_path):
+def test_two_processes_train_on_disjoint_data(tiny_dataset, tmp_path):
+  """... in lock-step, each global batch padded to the bucket its longest row needs (one
+  all-gathered length), not to the config's largest bucket."""
   workdir, port = str(tmp_path / "run"), _free_port()
   procs = [subprocess.Popen(
-      ["timeout", "240"] + _command(dataset, workdir, 3, "--config.log_record_ids=True",
+      ["timeout", "240"] + _command(tiny_dataset, workdir, 3, "--config.log_record_ids=True",
                                     f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                                    f"--process_id={i}"),
+                                    f"--process_id={i}", **{"data.buckets": (24, 32, 48, 256)}),
       env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
   outs = [p.communicate(timeout=300)[0].decode() for p in procs]
   for p, out in zip(procs, outs):
@@ -101,4 +132,7 @@ def test_two_processes_train_on_disjoint_data(dataset, tmp_path):
       ids.append({line.split("\t")[1].strip() for line in f})
   assert len(ids[0]) == len(ids[1]) == 3 * 4  # 3 steps x 4 rows per process
   assert not ids[0] & ids[1]
-  assert sorted(_losses(workdir)) == [1, 2, 3]
+  assert sorted(logged_losses(workdir)) == [1, 2, 3]
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    lengths = [json.loads(line)["text_len"] for line in f if "loss" in line]
+  assert lengths and all(t in (24, 32, 48) for t in lengths), lengths  # never the 256 bucket

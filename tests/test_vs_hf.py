@@ -68,3 +68,25 @@ def test_self_mode_equals_transformers_llava(tmp_path, family):
   # the same weights run in composite mode (EE-MLLM-F) compute something else
   composite = np.asarray(eem.EEMLLM(cfg.replace(attention="composite")).apply({"params": params}, **batch))
   assert np.max(np.abs(composite[:, n_before:] - want[:, n_before:])) > 1e-4
+
+
+def test_a_checkpoint_without_a_projector_loads_the_rest(tmp_path):
+  """Stage 1 starts from pretrained towers and a fresh projector: missing tensors are either an
+  error naming them, or (missing="skip") left to `params.overlay`, which reports them."""
+  import json  # pylint: disable=g-import-not-at-top
+
+  from ee_mllm_jax.convert import config_from_hf, params_from_hf, read_safetensors
+  from ee_mllm_jax.params import overlay
+  from models import init_params
+
+  tiny_hf_llava("clip-llama").save_pretrained(tmp_path)
+  with open(tmp_path / "config.json") as f:
+    cfg = config_from_hf(json.load(f))
+  tensors = {k: v for k, v in read_safetensors(str(tmp_path)).items() if "multi_modal_projector" not in k}
+  with pytest.raises(KeyError, match="multi_modal_projector.linear_1.weight"):
+    params_from_hf(tensors, cfg)
+  params, report = overlay(init_params(cfg), params_from_hf(tensors, cfg, missing="skip"))
+  assert {p.split("/")[0] for p in report.initialised} == {"projector"}
+  assert {p.split("/")[0] for p in report.loaded} == {"vision", "llm"} and not report.unused
+  _, full = load_hf_llava(str(tmp_path))
+  np.testing.assert_array_equal(params["llm"]["embed_tokens"]["embedding"], full["llm"]["embed_tokens"]["embedding"])

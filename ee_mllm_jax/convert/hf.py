@@ -124,8 +124,14 @@ def name_map(cfg: ModelConfig) -> dict[str, tuple[str, Callable]]:
   return out
 
 
-def params_from_hf(tensors: Tensors, cfg: ModelConfig, dtype=np.float32) -> dict:
-  """HF LLaVA tensors (any key prefix variant) -> our nested params dict (numpy)."""
+def params_from_hf(tensors: Tensors, cfg: ModelConfig, dtype=np.float32, *, missing: str = "raise") -> dict:
+  """HF LLaVA tensors (any key prefix variant) -> our nested params dict (numpy).
+
+  `missing="raise"`: a parameter without its tensor is an error naming both. `missing="skip"`:
+  such parameters are left out, and the result is the part the checkpoint covers (to be
+  completed by `params.overlay`, e.g. a fresh projector over pretrained towers)."""
+  if missing not in ("raise", "skip"):
+    raise ValueError(f"missing must be 'raise' or 'skip', got {missing!r}")
   tensors = canonical_names(tensors)
   depth = {"vision": cfg.vision.depth, "llm": cfg.llm.depth}
   params: dict = {}
@@ -135,9 +141,11 @@ def params_from_hf(tensors: Tensors, cfg: ModelConfig, dtype=np.float32) -> dict
       names = [name.format(i=i) for i in range(depth[path.split("/")[0]])]
     else:
       names = [name]
-    missing = [n for n in names if n not in tensors]
-    if missing:
-      raise KeyError(f"checkpoint has no tensor {missing[0]!r} (needed for {path})")
+    absent = [n for n in names if n not in tensors]
+    if absent and missing == "raise":
+      raise KeyError(f"checkpoint has no tensor {absent[0]!r} (needed for {path})")
+    if absent:
+      continue
     values = [hook(np.asarray(tensors[n], np.float32)) for n in names]
     value = np.stack(values) if "{i}" in name else values[0]
     used.update(names)

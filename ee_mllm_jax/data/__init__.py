@@ -19,9 +19,9 @@ from ee_mllm_jax.data.pipeline import (
     make_prompt_iterator,
     make_train_iterator,
 )
-from ee_mllm_jax.data.text import IGNORE_INDEX, ChatTemplate, load_tokenizer
+from ee_mllm_jax.data.text import ChatTemplate, load_tokenizer
 
-_SYNTHETIC = ("SyntheticDataset", "ensure_dataset", "generate")
+_SYNTHETIC = ("SyntheticDataset", "answer_prior", "ensure_dataset", "generate")
 
 
 def __getattr__(name):

@@ -4,15 +4,10 @@
       -> map(encode: tokenize, lay out, decode images) -> batch(collate: pad to a bucket)
       -> to_iter_dataset -> mp_prefetch(workers) -> DataIterator
 
-Batch layout (B per-process batch, I = max_images, P = tokens_per_image, T = a bucket):
-
-    pixel_values     (B, I, H, W, 3) float32   normalised; absent images are zeros
-    image_valid      (B, I) bool
-    input_ids        (B, T) int32              text tokens only, left-aligned, pad id after
-    text_positions   (B, T) int32              position in the interleaved sequence (pad: 0)
-    text_valid       (B, T) bool
-    visual_positions (B, I*P) int32            image i at [i*P:(i+1)*P], consecutive (absent: 0)
-    labels           (B, T) int32              next learned text token, else -100 (shifted)
+Batches follow the contract of `ee_mllm_jax.batch` (B = the per-process batch, I =
+`max_images`, P = `tokens_per_image`, T = the smallest bucket that fits the batch's longest
+row): text left-aligned with the pad id after it, image i's tokens at [i*P:(i+1)*P] at
+consecutive positions, labels already shifted (IGNORE_INDEX where nothing is learned).
 
 Design choices:
 
@@ -35,17 +30,21 @@ Design choices:
 from __future__ import annotations
 
 import bisect
+import collections
 import dataclasses
 import json
 import logging
 import math
 import os
-from typing import Any, Iterator, Literal
+import threading
+import time
+from typing import Any, Literal
 
 from absl import flags
 import grain
 import numpy as np
 
+from ee_mllm_jax import batch as batch_lib
 from ee_mllm_jax.config import CLIP_MEAN, CLIP_STD
 from ee_mllm_jax.data import images as image_lib
 from ee_mllm_jax.data import text as text_lib
@@ -63,6 +62,8 @@ BAD_RECORD_REASONS = (
     "empty_image",  # 0-byte file
     "not_an_image",
     "corrupt_image",  # truncated, bad data, unconvertible
+    "outside_image_root",  # the path (symlinks resolved) leaves the image directory
+    "null_record",  # a JSON null where a record should be
 )
 
 
@@ -103,6 +104,9 @@ class DataConfig:
   train_file: str = ""  # LLaVA JSON list or JSONL
   val_file: str = ""
   image_dir: str | None = None  # image paths are relative to it (default: the records file's dir)
+  # Image paths must stay inside image_dir once resolved (`..`, absolute paths and symlinks
+  # that point out are bad records); True allows them, for images kept elsewhere.
+  allow_images_outside_root: bool = False
   tokenizer_file: str = ""  # HF tokenizer.json
   template: Literal["plain", "vicuna_v1", "chatml"] = "vicuna_v1"
   system_prompt: str | None = None  # None: the template's default
@@ -150,39 +154,75 @@ class DataConfig:
 # ----------------------------------------------------------------------------- records
 
 
-def load_records(path: str, on_bad_record: str = "raise") -> tuple[list[dict], BadRecordStats]:
-  """A LLaVA JSON list or a JSONL file -> records (each with a string "id")."""
+Records = tuple[list[dict], BadRecordStats]
+
+
+def load_records(path: str, on_bad_record: str = "raise") -> Records:
+  """A LLaVA JSON list or a JSONL file -> records (each with a string "id").
+
+  A JSONL line that is not a UTF-8 JSON object, and a `null` in a JSON list, is a bad record
+  (named by its line / index; skipped and counted with on_bad_record="skip"). Duplicate ids
+  are warned about, with their count."""
   stats = BadRecordStats()
   path = str(path)
+
+  def bad(record_id: str, reason: str, message: str) -> None:
+    error = BadRecordError(record_id, reason, message, path)
+    if on_bad_record == "raise":
+      raise error
+    log.warning("Skipping %s", error)
+    stats.add(reason)
+
   if path.endswith(".jsonl"):
     records = []
-    with open(path, encoding="utf-8") as f:
-      for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+      for line_no, raw in enumerate(f, 1):
+        try:
+          line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+          bad(f"line {line_no}", "malformed_json", f"not UTF-8 ({e.reason} at byte {e.start} of the line)")
+          continue
         if not line.strip():
           continue
         try:
           record = json.loads(line)
-          if not isinstance(record, dict):
-            raise ValueError(f"expected a JSON object, got {type(record).__name__}")
         except ValueError as e:
-          error = BadRecordError(f"line {line_no}", "malformed_json", str(e), path)
-          if on_bad_record == "raise":
-            raise error from None
-          log.warning("Skipping %s", error)
-          stats.add("malformed_json")
+          bad(f"line {line_no}", "malformed_json", str(e))
+          continue
+        if record is None:
+          bad(f"line {line_no}", "null_record", "the record is null")
+          continue
+        if not isinstance(record, dict):
+          bad(f"line {line_no}", "malformed_json", f"expected a JSON object, got {type(record).__name__}")
           continue
         records.append(record)
   else:
-    with open(path, encoding="utf-8") as f:
-      try:
-        records = json.load(f)
-      except ValueError as e:  # one broken JSON document: nothing to skip to
-        raise ValueError(f"{path} is not valid JSON ({e}); JSONL input can skip bad lines") from None
+    with open(path, "rb") as f:
+      raw = f.read()
+    try:
+      text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      line = raw.count(b"\n", 0, e.start) + 1
+      raise ValueError(f"{path} is not UTF-8: {e.reason} at byte {e.start} (line {line})") from None
+    try:
+      records = json.loads(text)
+    except ValueError as e:  # one broken JSON document: nothing to skip to
+      raise ValueError(f"{path} is not valid JSON ({e}); JSONL input can skip bad lines") from None
     if not isinstance(records, list):
       raise ValueError(f"{path}: expected a JSON list of records")
+    nulls = [i for i, r in enumerate(records) if r is None]
+    for i in nulls:  # None marks padding rows in the pipeline: a null record must not become one
+      bad(f"index {i}", "null_record", "the record is null")
+    if nulls:
+      records = [r for r in records if r is not None]
   for i, record in enumerate(records):
     if isinstance(record, dict):
       record["id"] = str(record.get("id", i))
+  ids = collections.Counter(r["id"] for r in records if isinstance(r, dict))
+  duplicated = {k: n for k, n in ids.items() if n > 1}
+  if duplicated:
+    log.warning("%s: %d record ids occur more than once (%d records in all), e.g. %s", path, len(duplicated),
+                sum(duplicated.values()), ", ".join(repr(k) for k in list(duplicated)[:3]))
   return records, stats
 
 
@@ -205,8 +245,9 @@ class EncodeRecord:
 
   def __init__(self, cfg: DataConfig, source: str, *, prompt: bool):
     self.cfg, self.source, self.prompt = cfg, source, prompt
-    self.image_dir = cfg.image_dir or os.path.dirname(os.path.abspath(source))
+    self.image_dir = os.path.realpath(cfg.image_dir or os.path.dirname(os.path.abspath(source)))
     self.tokenizer = text_lib.load_tokenizer(cfg.tokenizer_file)
+    self.plain_tokenizer = text_lib.as_text(self.tokenizer)  # for special-token strings inside messages
     self.template = text_lib.ChatTemplate(cfg.template, cfg.system_prompt)
 
   def __call__(self, record):
@@ -242,7 +283,7 @@ class EncodeRecord:
     pixels = np.zeros((len(paths), cfg.image_size, cfg.image_size, 3), np.float32)
     for i, path in enumerate(paths):
       pixels[i] = image_lib.load_pixels(
-          os.path.join(self.image_dir, path), size=cfg.image_size, mean=cfg.image_mean,
+          self._image_path(path), size=cfg.image_size, mean=cfg.image_mean,
           std=cfg.image_std, mode=cfg.image_preprocess, background=cfg.alpha_background)
     # The record's own fields (id, question_type, options, ...) travel with the row.
     meta = {**{k: v for k, v in record.items() if k != "conversations"}, "image": paths}
@@ -252,11 +293,24 @@ class EncodeRecord:
       meta.setdefault("question_type", None)
     return Example(layout, pixels, meta)
 
+  def _image_path(self, path: str) -> str:
+    """The file `path` names, relative to the image directory; a path that leaves it (after
+    resolving `..` and symlinks) is refused unless the config allows it."""
+    full = os.path.join(self.image_dir, path)  # an absolute `path` replaces the directory
+    if self.cfg.allow_images_outside_root:
+      return full
+    resolved = os.path.realpath(full)
+    if os.path.commonpath([resolved, self.image_dir]) != self.image_dir:
+      raise image_lib.ImageError("outside_image_root", f"image {path!r} resolves to {resolved}, outside the image "
+                                 f"directory {self.image_dir} (allow_images_outside_root=True allows it)")
+    return resolved
+
   def _layout(self, turns: text_lib.Turns) -> text_lib.TextLayout:
     """Never cuts inside a turn (or an image): too long is a bad record, or with
     `truncate_turns` whole trailing rounds go, keeping at least the first."""
     encode = lambda turns: text_lib.encode(self.tokenizer, self.template, turns,
-                                           tokens_per_image=self.cfg.tokens_per_image, prompt=self.prompt)
+                                           tokens_per_image=self.cfg.tokens_per_image, prompt=self.prompt,
+                                           plain_tokenizer=self.plain_tokenizer)
     layout, limit = encode(turns), self.cfg.buckets[-1]
     while len(layout.input_ids) > limit:
       rounds = sum(role == text_lib.HUMAN for role, _ in turns.turns)
@@ -276,19 +330,12 @@ class Collate:
     self.cfg, self.batch_size, self.pad_id, self.with_meta = cfg, batch_size, pad_id, with_meta
 
   def __call__(self, examples) -> dict[str, Any]:
-    cfg, B, I, P, S = self.cfg, self.batch_size, self.cfg.max_images, self.cfg.tokens_per_image, self.cfg.image_size
+    cfg, B, P = self.cfg, self.batch_size, self.cfg.tokens_per_image
     good = [e for e in examples if isinstance(e, Example)]
     longest = max((len(e.layout.input_ids) for e in good), default=0)
     T = cfg.buckets[bisect.bisect_left(cfg.buckets, longest)]
-    batch = {
-        "pixel_values": np.zeros((B, I, S, S, 3), np.float32),
-        "image_valid": np.zeros((B, I), bool),
-        "input_ids": np.full((B, T), self.pad_id, np.int32),
-        "text_positions": np.zeros((B, T), np.int32),
-        "text_valid": np.zeros((B, T), bool),
-        "visual_positions": np.zeros((B, I * P), np.int32),
-        "labels": np.full((B, T), text_lib.IGNORE_INDEX, np.int32),
-    }
+    batch = batch_lib.empty(B, T, max_images=cfg.max_images, tokens_per_image=P, image_size=cfg.image_size,
+                            pad_id=self.pad_id)
     skipped, meta = [], [None] * B
     for row, example in enumerate(examples):
       if isinstance(example, Skipped):
@@ -313,6 +360,22 @@ class Collate:
 
 
 # ----------------------------------------------------------------------------- iterator
+
+
+def _exit_with_parent(worker_index: int, worker_count: int, poll_s: float = 0.5):
+  """Grain worker init: a worker whose parent dies (even by SIGKILL, which runs no cleanup)
+  exits within `poll_s` instead of living on as an orphan holding its memory. Once the workers
+  are gone, multiprocessing's resource tracker sees its pipe close and exits too."""
+  del worker_index, worker_count
+  parent = os.getppid()
+
+  def watch():
+    while True:
+      time.sleep(poll_s)
+      if os.getppid() != parent:  # re-parented: the trainer is gone
+        os._exit(1)
+
+  threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 class DataIterator(grain.DatasetIterator):
@@ -349,7 +412,8 @@ class DataIterator(grain.DatasetIterator):
         if not flags.FLAGS.is_parsed():  # Grain reads its absl flags; entry points without
           flags.FLAGS.mark_as_parsed()  # absl.app.run (pytest, scripts) get their defaults
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size))
+            num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size),
+            worker_init_fn=_exit_with_parent)
       self._iterator = iter(ds)
     return self._iterator
 
@@ -392,14 +456,16 @@ class DataIterator(grain.DatasetIterator):
 
 def make_iterator(cfg: DataConfig, path: str, *, prompt: bool = False, shuffle: bool = False,
                   num_epochs: int | None = 1, shard: grain.sharding.ShardOptions | None = None,
-                  with_meta: bool = False) -> DataIterator:
-  """The general builder; the three below fix the arguments for their use."""
+                  with_meta: bool = False, records: "Records | None" = None) -> DataIterator:
+  """The general builder; the three below fix the arguments for their use. `records`: the
+  already parsed `load_records(path)` (so a caller that also counts them reads the file once)."""
   shard = shard or grain.sharding.ShardByJaxProcess()  # made here: after jax.distributed.initialize
   if cfg.global_batch_size % shard.shard_count:
     raise ValueError(f"global_batch_size {cfg.global_batch_size} is not divisible by "
                      f"{shard.shard_count} processes")
   batch_size = cfg.global_batch_size // shard.shard_count
-  records, stats = load_records(path, cfg.on_bad_record)
+  records, stats = records if records is not None else load_records(path, cfg.on_bad_record)
+  stats = BadRecordStats(dict(stats.counts))  # the iterator's own counts start from the file's
   if not records:
     raise ValueError(f"{path}: no records")
   encode = EncodeRecord(cfg, str(path), prompt=prompt)
@@ -424,10 +490,11 @@ def make_iterator(cfg: DataConfig, path: str, *, prompt: bool = False, shuffle: 
   return DataIterator(ds, cfg, stats, with_meta=with_meta)
 
 
-def make_train_iterator(cfg: DataConfig, *, shard=None, with_meta: bool = False) -> DataIterator:
+def make_train_iterator(cfg: DataConfig, *, shard=None, with_meta: bool = False,
+                        records: "Records | None" = None) -> DataIterator:
   """Shuffled training batches from `cfg.train_file`, `cfg.num_epochs` epochs (None: forever)."""
   return make_iterator(cfg, cfg.train_file, shuffle=cfg.shuffle, num_epochs=cfg.num_epochs,
-                       shard=shard, with_meta=with_meta)
+                       shard=shard, with_meta=with_meta, records=records)
 
 
 def make_eval_iterator(cfg: DataConfig, *, path: str | None = None, shard=None,
@@ -438,12 +505,5 @@ def make_eval_iterator(cfg: DataConfig, *, path: str | None = None, shard=None,
 
 def make_prompt_iterator(cfg: DataConfig, *, path: str | None = None, shard=None) -> DataIterator:
   """One ordered pass yielding `(batch, meta)`: each row's text stops after the
-  assistant-turn opener of human turn `cfg.prompt_turn`; labels are all -100."""
+  assistant-turn opener of human turn `cfg.prompt_turn`; labels are all IGNORE_INDEX."""
   return make_iterator(cfg, path or cfg.val_file, prompt=True, shard=shard, with_meta=True)
-
-
-def iterate_records(cfg: DataConfig, path: str) -> Iterator[Example | Skipped]:
-  """Encodes records one by one in this process (debugging, validating a dataset)."""
-  encode = EncodeRecord(cfg, str(path), prompt=False)
-  for record in load_records(path, cfg.on_bad_record)[0]:
-    yield encode(record)

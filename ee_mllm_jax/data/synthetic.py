@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import collections
 import csv
 import dataclasses
 import inspect
@@ -416,6 +417,22 @@ def _manifest(arguments) -> dict:
   params = {k: v for k, v in arguments.items() if k != "out_dir"}
   params["mix"] = {k: float(v) for k, v in sorted(mix.items()) if v > 0}
   return {"format_version": FORMAT_VERSION, **params}
+
+
+def answer_prior(train_records: list[dict], val_records: list[dict]) -> float | None:
+  """Val accuracy of always giving, per question type, the most frequent train answer: what a
+  model that ignores the image can reach (None when the records carry no question types)."""
+  counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+  for record in train_records:
+    turns = record.get("conversations") or []
+    answers = [t["value"].strip() for t in turns if isinstance(t, dict) and t.get("from") in ("gpt", "assistant")]
+    for kind, answer in zip(record.get("question_types", []), answers):
+      counts[kind][answer] += 1
+  scored = [r for r in val_records if isinstance(r, dict) and "answer" in r and "question_type" in r]
+  if not scored or not counts:
+    return None
+  best = {kind: c.most_common(1)[0][0] for kind, c in counts.items()}
+  return sum(best.get(r["question_type"]) == r["answer"] for r in scored) / len(scored)
 
 
 def ensure_dataset(out_dir: str, **kwargs) -> SyntheticDataset:

@@ -20,8 +20,9 @@ from typing import Sequence
 import numpy as np
 import tokenizers
 
+from ee_mllm_jax.batch import IGNORE_INDEX
+
 IMAGE_PLACEHOLDER = "<image>"
-IGNORE_INDEX = -100
 HUMAN, ASSISTANT = "human", "gpt"
 _ROLES = {"human": HUMAN, "user": HUMAN, "gpt": ASSISTANT, "assistant": ASSISTANT}
 
@@ -83,37 +84,43 @@ class ChatTemplate:
     """The token that ends an assistant turn: generation stops on it."""
     return {"plain": "\n", "vicuna_v1": "</s>", "chatml": "<|im_end|>"}[self.name]
 
-  def render(self, turns: Sequence[tuple[str, str]], *, prompt: bool) -> list[tuple[str, bool]]:
-    """Turns -> [(text, learned)] whose concatenation is the prompt string.
+  def render(self, turns: Sequence[tuple[str, str]], *, prompt: bool) -> list[tuple[str, bool, bool]]:
+    """Turns -> [(text, learned, content)] whose concatenation is the prompt string.
 
+    `content` marks text that comes from the data (system prompt, messages), as opposed to
+    the template's own markup: special tokens are recognised only in the markup.
     With `prompt`, the string ends with the assistant-turn opener (turns must end with
     a human turn): what a model is given before it generates the answer.
     """
     if self.name == "plain":
       images = "".join(IMAGE_PLACEHOLDER * text.count(IMAGE_PLACEHOLDER)
                        for role, text in turns if role == HUMAN)
-      parts = [(images + "\n", False)]
-      parts += [(text + "\n", True) for role, text in turns if role == ASSISTANT]
+      parts = [(images + "\n", False, False)]
+      for role, text in turns:
+        if role == ASSISTANT:
+          parts += [(text, True, True), ("\n", True, False)]
       return parts
     if self.name == "vicuna_v1":
-      parts = [((self.system if self.system is not None else VICUNA_SYSTEM) + " ", False)]
+      parts = [(self.system if self.system is not None else VICUNA_SYSTEM, False, True), (" ", False, False)]
       for role, text in turns:
         if role == HUMAN:
-          parts.append((f"USER: {text} ", False))
+          parts += [("USER: ", False, False), (text, False, True), (" ", False, False)]
         else:
-          parts += [("ASSISTANT: ", False), (text + "</s>", True)]
+          parts += [("ASSISTANT: ", False, False), (text, True, True), ("</s>", True, False)]
       if prompt:
-        parts.append(("ASSISTANT:", False))
+        parts.append(("ASSISTANT:", False, False))
       return parts
     system = self.system if self.system is not None else CHATML_SYSTEM
-    parts = [(f"<|im_start|>system\n{system}<|im_end|>\n", False)] if system else []
+    parts = ([("<|im_start|>system\n", False, False), (system, False, True), ("<|im_end|>\n", False, False)]
+             if system else [])
     for role, text in turns:
       if role == HUMAN:
-        parts.append((f"<|im_start|>user\n{text}<|im_end|>\n", False))
+        parts += [("<|im_start|>user\n", False, False), (text, False, True), ("<|im_end|>\n", False, False)]
       else:
-        parts += [("<|im_start|>assistant\n", False), (text + "<|im_end|>", True), ("\n", False)]
+        parts += [("<|im_start|>assistant\n", False, False), (text, True, True), ("<|im_end|>", True, False),
+                  ("\n", False, False)]
     if prompt:
-      parts.append(("<|im_start|>assistant\n", False))
+      parts.append(("<|im_start|>assistant\n", False, False))
     return parts
 
 
@@ -190,18 +197,66 @@ class TextLayout:
   length: int  # L
 
 
+def _special_tokens(tokenizer: tokenizers.Tokenizer) -> tuple[str, ...]:
+  return tuple(t.content for t in tokenizer.get_added_tokens_decoder().values()
+               if t.special and t.content != IMAGE_PLACEHOLDER)
+
+
+def as_text(tokenizer: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+  """A copy of `tokenizer` that encodes special-token strings as ordinary text."""
+  plain = tokenizers.Tokenizer.from_str(tokenizer.to_str())
+  plain.encode_special_tokens = True
+  return plain
+
+
+def _forged_spans(text: str, content: list[tuple[int, int]], specials: Sequence[str]) -> list[tuple[int, int]]:
+  """Character spans of special-token strings that lie inside data content (not markup)."""
+  spans = []
+  for a, b in content:
+    for special in specials:
+      at = text.find(special, a, b)
+      while at != -1 and at + len(special) <= b:
+        spans.append((at, at + len(special)))
+        at = text.find(special, at + len(special), b)
+  return sorted(spans)
+
+
 def encode(tokenizer: tokenizers.Tokenizer, template: ChatTemplate, turns: Turns, *,
-           tokens_per_image: int, prompt: bool = False) -> TextLayout:
-  """Renders, tokenises and lays out one conversation (see the module docstring)."""
+           tokens_per_image: int, prompt: bool = False, plain_tokenizer: tokenizers.Tokenizer | None = None,
+           ) -> TextLayout:
+  """Renders, tokenises and lays out one conversation (see the module docstring).
+
+  Special tokens typed inside a message (`<|im_end|>`, `</s>`, ...) are encoded as the plain
+  text they are, so data cannot forge turns: only the template's markup yields control
+  tokens. `plain_tokenizer`: `as_text(tokenizer)`, made once by callers that encode many."""
   if turns.system is not None and template.name != "plain":
     template = dataclasses.replace(template, system=turns.system)
   parts = template.render(turns.turns, prompt=prompt)
-  text = "".join(t for t, _ in parts)
-  learned, start = [], 0
-  for part, is_learned in parts:
+  text = "".join(t for t, _, _ in parts)
+  learned, content, start = [], [], 0
+  for part, is_learned, is_content in parts:
     if is_learned:
       learned.append((start, start + len(part)))
+    if is_content:
+      content.append((start, start + len(part)))
     start += len(part)
+  forged = _forged_spans(text, content, _special_tokens(tokenizer))
+
+  def tokenize(a: int, b: int):
+    """(id, start, end) of text[a:b], special-token strings inside content encoded as text."""
+    cuts = [(s, e) for s, e in forged if a <= s and e <= b]
+    out, at = [], a
+    for s, e in cuts + [(b, b)]:
+      for tok_text, tok in ((text[at:s], tokenizer), (text[s:e], None)):
+        if not tok_text:
+          continue
+        base = at if tok is not None else s
+        if tok is None:
+          tok = plain_tokenizer if plain_tokenizer is not None else as_text(tokenizer)
+        enc = tok.encode(tok_text, add_special_tokens=False)
+        out += [(i, base + x, base + y) for i, (x, y) in zip(enc.ids, enc.offsets)]
+      at = e
+    return out
 
   ids, targets, positions, image_starts = [], [], [], []
   bos = template.bos
@@ -215,9 +270,7 @@ def encode(tokenizer: tokenizers.Tokenizer, template: ChatTemplate, turns: Turns
   pieces = text.split(IMAGE_PLACEHOLDER)
   for k, piece in enumerate(pieces):
     if piece:
-      enc = tokenizer.encode(piece, add_special_tokens=False)
-      for tok, (s, e) in zip(enc.ids, enc.offsets):
-        s, e = s + offset, e + offset
+      for tok, s, e in tokenize(offset, offset + len(piece)):
         targets.append(any((s < b and e > a) if e > s else a <= s < b for a, b in learned))
         ids.append(tok)
         positions.append(pos)

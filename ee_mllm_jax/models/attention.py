@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ee_mllm_jax.config import LLMConfig
+from ee_mllm_jax.config import AttentionMode, LLMConfig
 from ee_mllm_jax.models.layers import Linear, rope
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -47,7 +47,7 @@ class Attention(nn.Module):
   """One layer's attention (HF names: q_proj, k_proj, v_proj, o_proj)."""
 
   cfg: LLMConfig
-  mode: str  # "self" | "composite"
+  mode: AttentionMode  # validated once, by ModelConfig
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -72,16 +72,15 @@ class Attention(nn.Module):
   def align(self, v_vis):
     """Aligner: the output of a visual query attending only to itself, o_proj(v), (B,V,K,H) -> (B,V,D).
 
-    Query head n reads kv head n // G, so o_proj's G heads per kv head are summed first:
-    the aligner costs K*H*D per token instead of N*H*D.
+    Query head n reads kv head n // G, so it is o_proj applied to the values repeated over the
+    G query heads of each kv head; `repeated_input` sums o_proj's G heads instead, and the
+    aligner costs K*H*D per token, not N*H*D.
     """
-    c = self.cfg
-    g = c.num_heads // c.num_kv_heads
-    wo = self.o_proj.kernel.astype(self.dtype).reshape(c.num_kv_heads, g, c.head_dim, c.width).sum(1)
-    return jnp.einsum("bvkh,khd->bvd", v_vis, wo)
+    return self.o_proj.repeated_input(v_vis, self.cfg.num_heads // self.cfg.num_kv_heads)
 
   def __call__(self, h_v, h_t, pos_v, pos_t, valid_v, valid_t):
-    """Normed streams (B,V,D), (B,T,D) -> attention outputs for both, and this layer's (k, v) (B,S,K,H)."""
+    """Forward phase. Normed streams (B,V,D), (B,T,D) -> attention outputs for both, and this
+    layer's (k, v) over [visual; text], each (B, V+T, K, H)."""
     n_vis = h_v.shape[1]
     pos = jnp.concatenate([pos_v, pos_t], axis=1)
     valid = jnp.concatenate([valid_v, valid_t], axis=1)
@@ -94,9 +93,8 @@ class Attention(nn.Module):
     return self.align(v[:, :n_vis]), out_t, (k, v)
 
   def extend(self, h_t, pos_t, cache_k, cache_v, cache_pos, cache_valid):
-    """Text queries against a KV cache that already holds their own keys (decode/prefill-extend).
-
-    The same in every mode: text tokens attend to every earlier key, visual or text.
-    """
+    """Extend phase. Text queries against a KV cache that already holds their own keys
+    (decode steps, a prompt after a cached prefix); the same in every mode: text tokens attend
+    to every earlier key, visual or text."""
     q = self.queries(h_t, pos_t)
     return self.o_proj(attend(q, cache_k, cache_v, attention_mask(pos_t, cache_pos, cache_valid)))

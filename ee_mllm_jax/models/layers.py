@@ -42,9 +42,25 @@ class Linear(nn.Module):
                              self.features, self.param_dtype)
 
   def __call__(self, x):
+    return self._project(x, self.kernel.astype(self.dtype))
+
+  def repeated_input(self, x, repeats: int):
+    """Equals `self(jnp.repeat(x, repeats, axis=-len(in_shape)))`: the first input axis of x
+    holds in_shape[0] / repeats entries, each feeding `repeats` consecutive kernel rows. The
+    kernel rows are summed instead of repeating x, which costs `repeats` times less (e.g. GQA:
+    o_proj applied to values, each kv head read by G query heads). A wrapped projection (LoRA,
+    quantisation) overrides this together with __call__."""
+    n0 = self.in_shape[0]
+    if n0 % repeats:
+      raise ValueError(f"input axis of {n0} does not split into groups of {repeats}")
+    kernel = self.kernel.astype(self.dtype)
+    kernel = kernel.reshape((n0 // repeats, repeats) + kernel.shape[1:]).sum(1)
+    return self._project(x, kernel)
+
+  def _project(self, x, kernel):
     n_in, n_out = len(self.in_shape), len(self.features)
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    y = jax.lax.dot_general(x.astype(self.dtype), self.kernel.astype(self.dtype), (contract, ((), ())))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel, (contract, ((), ())))
     if self.use_bias:
       y = y + self.bias.astype(self.dtype).reshape((1,) * (y.ndim - n_out) + self.features)
     return y
@@ -104,10 +120,8 @@ def quick_gelu(x):
 
 
 ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "quick_gelu": quick_gelu,
-    "silu": jax.nn.silu,
 }
 
 

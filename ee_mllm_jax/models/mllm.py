@@ -1,17 +1,17 @@
 """EEMLLM: vision tower -> projector -> two-stream decoder, in self or composite mode.
 
-Batch (DESIGN §3): pixel_values (B, I, H, W, 3), image_valid (B, I), input_ids (B, T),
-text_positions (B, T), text_valid (B, T), visual_positions (B, I*P); `labels` may ride
-along in a training batch and is ignored here (the loss lives in the trainer).
-Parameter groups at the top of the tree: `vision/`, `projector/`, `llm/`.
+Inputs follow the batch contract of `ee_mllm_jax.batch` (checked at trace time, so a wrong
+shape or dtype is named before anything runs); `labels` may ride along in a training batch
+and is ignored here (the loss lives in the trainer). Parameter groups at the top of the tree:
+`vision/`, `projector/`, `llm/`.
 """
 
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
+from ee_mllm_jax import batch as batch_lib
 from ee_mllm_jax.config import ModelConfig
 from ee_mllm_jax.models.llm import LLM
 from ee_mllm_jax.models.projector import Projector
@@ -34,13 +34,17 @@ class EEMLLM(nn.Module):
     feats = self.vision(pixel_values.reshape((b * i,) + pixel_values.shape[2:]))
     return self.projector(feats).reshape(b, i * feats.shape[1], -1)
 
-  def visual_valid(self, image_valid):
-    return jnp.repeat(image_valid, self.cfg.tokens_per_image, axis=1)
+  def _checked(self, pixel_values, image_valid, input_ids, text_positions, text_valid, visual_positions):
+    """Validates the inputs against the batch contract; -> (x_v, visual validity)."""
+    batch_lib.validate(dict(pixel_values=pixel_values, image_valid=image_valid, input_ids=input_ids,
+                            text_positions=text_positions, text_valid=text_valid,
+                            visual_positions=visual_positions), self.cfg)
+    return self.embed_image(pixel_values), batch_lib.visual_valid(image_valid, visual_positions.shape[1])
 
   def forward(self, pixel_values, image_valid, input_ids, text_positions, text_valid, visual_positions):
     """Text-stream logits (B, T, vocab) float32 and the per-layer keys/values over [visual; text]."""
-    x_v = self.embed_image(pixel_values)
-    return self.llm(x_v, input_ids, visual_positions, text_positions, self.visual_valid(image_valid), text_valid)
+    x_v, valid_v = self._checked(pixel_values, image_valid, input_ids, text_positions, text_valid, visual_positions)
+    return self.llm(x_v, input_ids, visual_positions, text_positions, valid_v, text_valid)
 
   def __call__(self, pixel_values, image_valid, input_ids, text_positions, text_valid, visual_positions,
                labels=None):
@@ -52,10 +56,9 @@ class EEMLLM(nn.Module):
               cache_size=None):
     """`forward` that keeps what generation needs: next-token logits (B, vocab) at each row's last
     valid text token and the KV cache grown to `cache_size` slots (see `LLM.prefill`)."""
-    x_v = self.embed_image(pixel_values)
-    return self.llm.prefill(x_v, input_ids, visual_positions, text_positions, self.visual_valid(image_valid),
-                            text_valid, cache_size)
+    x_v, valid_v = self._checked(pixel_values, image_valid, input_ids, text_positions, text_valid, visual_positions)
+    return self.llm.prefill(x_v, input_ids, visual_positions, text_positions, valid_v, text_valid, cache_size)
 
-  def extend(self, input_ids, text_positions, text_valid, cache):
+  def extend(self, input_ids, text_positions, text_valid, cache: batch_lib.Cache):
     """Text tokens against a KV cache (see `LLM.extend`); -> logits (B, T, vocab), new cache."""
     return self.llm.extend(input_ids, text_positions, text_valid, cache)

@@ -1,8 +1,8 @@
 """Training: state and optimizer (`state`), loss and step (`step`), Orbax checkpoints
 (`checkpoint`), and the flat `train(config)` loop (`loop`)."""
 
-from ee_mllm_jax.train.state import OptimConfig, make_optimizer, merge_params, split_params, trainable_mask
+from ee_mllm_jax.train.state import OptimConfig, make_optimizer, merge_params, split_params
 from ee_mllm_jax.train.step import eval_metrics, make_eval_step, make_train_step, masked_cross_entropy
 
 __all__ = ["OptimConfig", "eval_metrics", "make_eval_step", "make_optimizer", "make_train_step",
-           "masked_cross_entropy", "merge_params", "split_params", "trainable_mask"]
+           "masked_cross_entropy", "merge_params", "split_params"]

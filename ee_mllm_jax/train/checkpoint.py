@@ -1,8 +1,18 @@
-"""Orbax checkpoints: train state and Grain iterator together, asynchronous, last K kept.
+"""Orbax checkpoints: train state, Grain iterator and the run's config together, asynchronous,
+last K kept; and loading a model from a checkpoint directory alone.
 
-A checkpoint directory holds `<step>/state` (the train-state pytree: step, params,
-opt_state, rng) and `<step>/data` (each process's iterator state). Restoring takes an
-abstract target with shardings, so a checkpoint written on one mesh loads onto another.
+A checkpoint directory holds, per step:
+
+    <step>/state    the train-state pytree (step, params, opt_state, rng)
+    <step>/data     each process's iterator state
+    <step>/config   JSON: {"model": ModelConfig.to_dict(), "data": {tokenizer_file, template,
+                    system_prompt, ...}, "tokenizer": the tokenizer.json text, "experiment": the
+                    whole ml_collections config}
+    <step>/integrity JSON: sum |x| of every state leaf, checked on restore
+
+so `load_model(path)` rebuilds the model (and `load_tokenizer(path)` its tokenizer) with nothing
+but the directory. Restoring takes an abstract target with shardings, so a checkpoint written
+on one mesh loads onto another.
 """
 
 from __future__ import annotations
@@ -12,15 +22,48 @@ from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+
+from ee_mllm_jax import params as params_lib
+from ee_mllm_jax.config import ModelConfig
+
+# Fields that change neither the parameters nor what they mean: free to differ on resume.
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_unroll")
+# The interaction mode: the same parameters run another way (EE-MLLM-F fine-tuning): warned.
+MODE_FIELDS = ("attention", "visual_ffn")
+
+
+class ConfigMismatchError(ValueError):
+  """A checkpoint written by a different model than the one asked to load it."""
+
+
+def check_model_config(saved: ModelConfig, run: ModelConfig, source: str):
+  """Raises ConfigMismatchError listing every architecture field in which the checkpoint's
+  model differs from the run's; logs a warning for a changed attention mode."""
+  diff = saved.diff(run)
+  arch = {k: v for k, v in diff.items() if k not in RUNTIME_FIELDS + MODE_FIELDS}
+  if arch:
+    fields = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in arch.items())
+    raise ConfigMismatchError(f"{source} holds a different model ({fields})")
+  mode = {k: v for k, v in diff.items() if k in MODE_FIELDS}
+  if mode:
+    logging.warning("%s was trained with %s; running it with %s", source,
+                    ", ".join(f"{k}={a!r}" for k, (a, _) in mode.items()),
+                    ", ".join(f"{k}={b!r}" for k, (_, b) in mode.items()))
 
 
 class Checkpointer:
-  """A thin wrapper over `ocp.CheckpointManager` with the trainer's two items."""
+  """A thin wrapper over `ocp.CheckpointManager` with the trainer's three items."""
 
-  def __init__(self, directory: str, *, keep: int = 3, every_steps: int = 1000, async_save: bool = True):
+  def __init__(self, directory: str, *, keep: int = 3, every_steps: int = 1000, async_save: bool = True,
+               run_config: dict[str, Any] | None = None):
+    """`run_config`: the JSON-able "config" item written with every step (see the module doc)."""
     self.directory = os.path.abspath(directory)
     self.every_steps = max(every_steps, 1)
+    self.run_config = run_config
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True))
@@ -37,14 +80,75 @@ class Checkpointer:
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    if self.run_config is not None:
+      items["config"] = ocp.args.JsonSave(self.run_config)
+    items["integrity"] = ocp.args.JsonSave({"abs_sums": fingerprint(state)})
     return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-  def restore(self, step: int, abstract_state: dict[str, Any], data_iterator=None) -> dict[str, Any]:
-    """The state at `step` placed as `abstract_state` says; restores `data_iterator` in place."""
+  def run_config_at(self, step: int) -> dict[str, Any] | None:
+    """The "config" item of `step`, or None for a checkpoint written without one."""
+    return read_run_config(os.path.join(self.directory, str(step)))
+
+  def restore(self, step: int, abstract_state: dict[str, Any], data_iterator=None,
+              model_config: ModelConfig | None = None) -> dict[str, Any]:
+    """The state at `step` placed as `abstract_state` says; restores `data_iterator` in place.
+    With `model_config`, a checkpoint written by another model is refused naming the fields."""
+    if model_config is not None:
+      saved = self.run_config_at(step)
+      if saved is not None:
+        check_model_config(ModelConfig.from_dict(saved["model"]), model_config,
+                           f"checkpoint {self.directory}/{step}")
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+    state = self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+    check_fingerprint(state, os.path.join(self.directory, str(step)))
+    return state
+
+  def due(self, step: int) -> bool:
+    """Whether `save(step, ...)` (without force) would write a checkpoint."""
+    return step % self.every_steps == 0 and step != self.manager.latest_step()
+
+  def restore_latest(self, abstract_state: dict[str, Any], data_iterator=None,
+                     model_config: ModelConfig | None = None) -> tuple[int | None, dict[str, Any] | None]:
+    """(step, state) of the newest checkpoint that restores and holds finite parameters, or
+    (None, None) when there is none. A damaged one (truncated files, missing metadata or items,
+    non-finite values) is reported in one line and moved to `damaged/<step>` beside the others
+    (kept for inspection, out of the rotation), and the next older one is tried; a checkpoint
+    of another model (`ConfigMismatchError`) is not a damaged one and stops the search."""
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    failures = []
+    for step in steps:
+      try:
+        state = self.restore(step, abstract_state, data_iterator, model_config=model_config)
+        if not all_finite({"params": state["params"], "opt_state": state.get("opt_state")}):
+          raise ValueError("it holds non-finite values")
+        if failures:
+          logging.warning("Resuming from %s/%d, the newest checkpoint that restores", self.directory, step)
+        return step, state
+      except ConfigMismatchError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+        failures.append(f"{step} ({reason})")
+        logging.warning("Checkpoint %s/%d cannot be restored (%s); moving it to %s/damaged/ and trying the "
+                        "previous one", self.directory, step, reason, self.directory)
+        self._set_aside(step)
+    if failures:
+      raise RuntimeError(f"no checkpoint in {self.directory} restores: " + "; ".join(failures))
+    return None, None
+
+  def _set_aside(self, step: int):
+    if jax.process_index() == 0:
+      damaged = os.path.join(self.directory, "damaged")
+      os.makedirs(damaged, exist_ok=True)
+      target = os.path.join(damaged, str(step))
+      suffix = 0
+      while os.path.exists(target):
+        suffix += 1
+        target = os.path.join(damaged, f"{step}.{suffix}")
+      os.rename(os.path.join(self.directory, str(step)), target)
+    self.manager.reload()
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -53,39 +157,122 @@ class Checkpointer:
     self.manager.close()
 
 
-def load_params(path: str, abstract_params: dict[str, Any]) -> dict[str, Any]:
-  """Parameters from an Orbax checkpoint, placed as `abstract_params` (ShapeDtypeStructs
-  with shardings) says. `path` is one of:
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
-  * a directory written by `Checkpointer` (its latest step's `state/params` is read),
+
+@jax.jit
+def _abs_sums(tree) -> jax.Array:
+  return jnp.stack([jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)])
+
+
+def fingerprint(state) -> dict[str, float]:
+  """{leaf path: sum of |x|} of a state: written next to each checkpoint and compared on
+  restore, so bytes damaged on disk are found even where they still decode to numbers."""
+  paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(state)]
+  return dict(zip(paths, (float(v) for v in jax.device_get(_abs_sums(state)))))
+
+
+def check_fingerprint(state, step_dir: str, rtol: float = 1e-3):
+  """Raises ValueError when `state` differs from the fingerprint saved with it (a checkpoint
+  written before fingerprints were saved has none and passes). The tolerance allows for
+  another summation order on another mesh."""
+  if not os.path.isdir(os.path.join(step_dir, "integrity")):
+    return
+  saved = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(step_dir, "integrity"))["abs_sums"]
+  now = fingerprint(state)
+  for path, want in saved.items():
+    got = now.get(path)
+    if got is None or not np.isclose(got, want, rtol=rtol, atol=1e-6):
+      raise ValueError(f"{path} does not match what was saved (sum |x| {got} vs {want}): the files are damaged")
+
+
+def all_finite(tree) -> bool:
+  """Whether every float leaf of `tree` is finite (one jitted reduction)."""
+  return bool(_all_finite(tree))
+
+
+def resolve_step_dir(path: str) -> str:
+  """A run's workdir, its `checkpoints/` directory, or one step of it -> that step's directory
+  (the latest step where a directory of steps is given)."""
+  path = os.path.abspath(path)
+  if os.path.basename(path) == "state" and os.path.isdir(os.path.join(os.path.dirname(path), "state")):
+    return os.path.dirname(path)
+  if os.path.isdir(os.path.join(path, "checkpoints")) and not os.path.isdir(os.path.join(path, "state")):
+    path = os.path.join(path, "checkpoints")
+  if os.path.isdir(os.path.join(path, "state")) or os.path.exists(os.path.join(path, "_METADATA")):
+    return path
+  steps = ocp.utils.checkpoint_steps(path) if os.path.isdir(path) else []
+  if not steps:
+    raise FileNotFoundError(f"{path} is neither a checkpoint nor a directory of checkpoints")
+  return os.path.join(path, str(max(steps)))
+
+
+def read_run_config(path: str) -> dict[str, Any] | None:
+  """The "config" item (model config, data settings, tokenizer, experiment) of a checkpoint;
+  None when it has none (written before checkpoints carried their config)."""
+  step_dir = resolve_step_dir(path)
+  if not os.path.isdir(os.path.join(step_dir, "config")):
+    return None
+  return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(step_dir, "config"))
+
+
+def load_params(path: str, abstract_params: dict[str, Any]) -> dict[str, Any]:
+  """The parameters an Orbax checkpoint has for the model of `abstract_params`
+  (ShapeDtypeStructs with shardings), placed as it says; a subset where the checkpoint covers
+  only part of the model (combine with `params.overlay`). `path` is one of:
+
+  * a run's workdir, or a directory written by `Checkpointer` (its latest step is read),
   * one step of it (`.../<step>`), or its `state` item,
   * any Orbax pytree checkpoint whose top level is the parameter tree, or has `params`.
 
   Only parameters are read (partial restore), so optimizer state from another training
-  stage, with other trainable groups, does not get in the way.
+  stage, with other trainable groups, does not get in the way. A parameter whose shape
+  differs from the model's is an error naming it.
   """
-  path = os.path.abspath(path)
-  if os.path.isdir(path) and not os.path.exists(os.path.join(path, "_METADATA")):
-    steps = ocp.utils.checkpoint_steps(path) if not os.path.isdir(os.path.join(path, "state")) else []
-    if steps:
-      path = os.path.join(path, str(max(steps)))
-    if os.path.isdir(os.path.join(path, "state")):
-      path = os.path.join(path, "state")
+  path = resolve_step_dir(path)
+  if os.path.isdir(os.path.join(path, "state")):
+    path = os.path.join(path, "state")
   checkpointer = ocp.PyTreeCheckpointer()
   saved = checkpointer.metadata(path).item_metadata.tree
   wrapped = "params" in saved and "params" not in abstract_params
-  item = {"params": abstract_params} if wrapped else abstract_params
+  saved_params = saved["params"] if wrapped else saved
+  params_lib.InitReport.of(abstract_params, saved_params)  # raises on a shape mismatch
+  have = params_lib.flatten(saved_params)
+  subset = params_lib.unflatten({k: v for k, v in params_lib.flatten(abstract_params).items() if k in have})
+  item = {"params": subset} if wrapped else subset
   restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
       item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
   return restored["params"] if wrapped else restored
 
 
-def save_params(path: str, params: dict[str, Any]):
-  """Writes a parameter tree as a standalone Orbax checkpoint (what `load_params` reads)."""
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.abspath(path), params)
-  checkpointer.wait_until_finished()
+def load_model(path: str, **overrides) -> tuple[ModelConfig, dict[str, Any]]:
+  """(ModelConfig, params) from a checkpoint directory alone: its recorded config rebuilds the
+  model, `overrides` change fields (e.g. attention="composite" for EE-MLLM-F). Parameters are
+  placed on the default device, in the config's `param_dtype`."""
+  run_config = read_run_config(path)
+  if run_config is None:
+    raise ValueError(f"{resolve_step_dir(path)} records no model config (written before checkpoints "
+                     "carried one); build the ModelConfig yourself and call load_params")
+  cfg = ModelConfig.from_dict(run_config["model"])
+  cfg = cfg.replace(**overrides) if overrides else cfg
+  abstract = params_lib.abstract_params(cfg)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+  params = load_params(path, abstract)
+  missing = params_lib.InitReport.of(abstract, params).initialised
+  if missing:
+    raise ValueError(f"{resolve_step_dir(path)} lacks parameters of its own model: {list(missing[:5])}")
+  return cfg, params
 
 
-def abstract_with_shardings(tree, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+def load_tokenizer(path: str):
+  """The tokenizer a run used, from its checkpoint (a `tokenizers.Tokenizer`)."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+
+  run_config = read_run_config(path) or {}
+  if not run_config.get("tokenizer"):
+    raise ValueError(f"{resolve_step_dir(path)} records no tokenizer")
+  return tokenizers.Tokenizer.from_str(run_config["tokenizer"])

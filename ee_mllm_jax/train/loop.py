@@ -13,130 +13,48 @@ checkpoint and return; a restarted run resumes from the latest checkpoint in
 
 from __future__ import annotations
 
-import collections
 import json
-import math
 import os
+import re
 import signal
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from ee_mllm_jax import batch as batch_lib
 from ee_mllm_jax import data as data_lib
+from ee_mllm_jax import experiment
+from ee_mllm_jax import flops
+from ee_mllm_jax import params as params_lib
 from ee_mllm_jax import sharding
 from ee_mllm_jax.config import ModelConfig
 from ee_mllm_jax.models import EEMLLM
 from ee_mllm_jax.train import checkpoint as ckpt_lib
-from ee_mllm_jax.train.state import OptimConfig, create_sharded_state, make_init_fn, make_optimizer, split_params
+from ee_mllm_jax.train import evaluators as evaluators_lib
+from ee_mllm_jax.train.state import create_sharded_state, make_init_fn, make_optimizer, split_params
 from ee_mllm_jax.train.step import make_eval_step, make_train_step
 
-MODEL_OVERRIDES = ("attention", "visual_ffn", "projector", "dtype", "param_dtype", "remat", "scan_unroll")
 # Dense bf16 peak per device, for MFU; matched against `device.device_kind`.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
               "L40S": 362e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
               "TPU v5p": 459e12, "TPU v6": 918e12}
 
 
-def model_config(config) -> ModelConfig:
-  """The preset, with top-level overrides and optional `llm` / `vision` field overrides."""
-  m = config.model
-  cfg = ModelConfig.preset(m.preset, **{k: m[k] for k in MODEL_OVERRIDES if k in m})
-  for part in ("llm", "vision"):
-    changes = {k: v for k, v in dict(m.get(part) or {}).items() if v is not None}
-    if changes:
-      cfg = cfg.replace(**{part: getattr(cfg, part).replace(**changes)})
-  return cfg
-
-
-def data_config(config, model_cfg: ModelConfig) -> data_lib.DataConfig:
-  """DataConfig from `config.data`; a synthetic dataset is generated on first use."""
-  fields = dict(config.data)
-  if config.get("synthetic") and config.synthetic.get("dir"):
-    synth = dict(config.synthetic)
-    root = synth.pop("dir")
-    if "mix" in synth and synth["mix"] is not None:
-      synth["mix"] = dict(synth["mix"])
-    if jax.process_index() == 0 or not os.path.exists(os.path.join(root, "manifest.json")):
-      ds = data_lib.ensure_dataset(root, **synth)  # atomic rename: concurrent processes are safe
-    else:
-      ds = data_lib.SyntheticDataset(root)
-    fields.update(train_file=ds.train_file, val_file=ds.val_file, tokenizer_file=ds.tokenizer_file)
-  if "buckets" in fields:
-    fields["buckets"] = tuple(fields["buckets"])
-  return data_lib.DataConfig.for_model(model_cfg, **fields)
-
-
-def optim_config(config, total_steps: int) -> OptimConfig:
-  o = dict(config.optim)
-  ratio = o.pop("warmup_ratio", 0.0)
-  o.setdefault("warmup_steps", int(math.ceil(ratio * total_steps)))
-  return OptimConfig(total_steps=total_steps, **o)
-
-
-def total_steps(config, data_cfg) -> int:
-  if config.steps > 0:
-    return int(config.steps)
-  with open(data_cfg.train_file) as f:  # LLaVA JSON list or JSONL
-    n = len(json.load(f)) if not data_cfg.train_file.endswith(".jsonl") else sum(1 for l in f if l.strip())
-  return int(math.ceil(config.num_epochs * n / data_cfg.global_batch_size / config.accum_steps))
-
-
-def example_batch(model_cfg: ModelConfig, max_images: int) -> dict[str, np.ndarray]:
-  """One tiny row of the batch layout: all `init` needs (parameter shapes don't depend on B, T)."""
-  s, p = model_cfg.vision.image_size, model_cfg.tokens_per_image
-  return dict(pixel_values=np.zeros((1, max_images, s, s, 3), np.float32),
-              image_valid=np.ones((1, max_images), bool), input_ids=np.zeros((1, 8), np.int32),
-              text_positions=np.arange(8, dtype=np.int32)[None] + max_images * p,
-              text_valid=np.ones((1, 8), bool),
-              visual_positions=np.arange(max_images * p, dtype=np.int32)[None])
-
-
-def pad_text(batch: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
-  """Pads the text stream to `length` (multi-process runs: every process the same shape)."""
-  t = batch["input_ids"].shape[1]
-  if t == length:
-    return batch
-  fill = {"input_ids": 0, "text_positions": 0, "text_valid": False, "labels": -100}
-  return {k: np.pad(v, ((0, 0), (0, length - t)), constant_values=fill[k]) if k in fill else v
-          for k, v in batch.items()}
-
-
-def answer_prior(train_file: str, val_file: str) -> float | None:
-  """Val accuracy of always giving, per question type, the most frequent train answer."""
-  train, _ = data_lib.load_records(train_file)
-  val, _ = data_lib.load_records(val_file)
-  counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-  for record in train:
-    answers = [t["value"].strip() for t in record.get("conversations", []) if t.get("from") in ("gpt", "assistant")]
-    for kind, answer in zip(record.get("question_types", []), answers):
-      counts[kind][answer] += 1
-  scored = [r for r in val if "answer" in r and "question_type" in r]
-  if not scored or not counts:
-    return None
-  best = {kind: c.most_common(1)[0][0] for kind, c in counts.items()}
-  return sum(best.get(r["question_type"]) == r["answer"] for r in scored) / len(scored)
-
-
 def peak_flops(config) -> float | None:
   if config.get("peak_flops_per_device", 0) > 0:
     return config.peak_flops_per_device * jax.device_count()
   kind = jax.devices()[0].device_kind
-  for name, flops in PEAK_FLOPS.items():
+  for name, peak in PEAK_FLOPS.items():
     if name.lower() in kind.lower():
-      return flops * jax.device_count()
+      return peak * jax.device_count()
   return None
 
 
-def step_flops(model_cfg: ModelConfig, batch: int, num_images: int, text_len: int) -> float | None:
+def step_flops(model_cfg: ModelConfig, batch: int, num_images: int, text_len: int) -> float:
   """Training FLOPs of one step: 3x the analytic forward (`ee_mllm_jax.flops`)."""
-  try:
-    from ee_mllm_jax import flops  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return None
   return 3 * flops.forward_flops(model_cfg, batch=batch, num_images=num_images, text_len=text_len)["total"]
 
 
@@ -170,8 +88,20 @@ class _Stop:
     """Did any process get a signal? (All processes must stop at the same step.)"""
     if jax.process_count() == 1:
       return self.requested
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
+    return bool(np.any(_allgather(np.asarray(self.requested))))
+
+
+def _allgather(x: np.ndarray) -> np.ndarray:
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return multihost_utils.process_allgather(x)
+
+
+def global_text_length(batch: dict[str, np.ndarray]) -> int:
+  """The text length every process pads its batch to: the largest of the processes' buckets
+  (one all-gathered scalar), so processes stay in lock-step without all padding to the
+  largest bucket of the config."""
+  t = batch["input_ids"].shape[1]
+  return int(np.max(_allgather(np.asarray(t, np.int32)))) if jax.process_count() > 1 else t
 
 
 def _plot(path: str, history: list[dict], evals: list[dict]):
@@ -214,45 +144,53 @@ def train(config) -> dict[str, Any]:
   if not is_main:
     logging.set_verbosity(logging.WARNING)
 
-  # ------------------------------------------------------------------ data
-  model_cfg = model_config(config)
-  data_cfg = data_config(config, model_cfg)
-  n_steps = total_steps(config, data_cfg)
-  multiprocess = jax.process_count() > 1
+  # ------------------------------------------------------------------ config, data
+  on_nonfinite = config.get("on_nonfinite", "stop")
+  if on_nonfinite not in ("stop", "skip"):
+    raise experiment.ConfigError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
+  exp = experiment.resolve(config)  # train records read once, here
+  model_cfg, data_cfg, n_steps = exp.model, exp.data, exp.total_steps
   log_ids = config.get("log_record_ids", False)
-  train_iter = data_lib.make_train_iterator(data_cfg, with_meta=log_ids)
-  eval_cfg = data_cfg.replace(global_batch_size=config.eval_batch_size, shuffle=False, worker_count=0)
-  prior = answer_prior(data_cfg.train_file, data_cfg.val_file) if data_cfg.val_file else None
+  train_iter = data_lib.make_train_iterator(data_cfg, with_meta=log_ids, records=exp.train_records)
 
   # ------------------------------------------------------------------ model, optimizer
   model = EEMLLM(model_cfg)
-  optim_cfg = optim_config(config, n_steps)
+  optim_cfg = experiment.optim_config(config, n_steps)
   optimizer, schedule = make_optimizer(optim_cfg)
 
   # ------------------------------------------------------------------ mesh, sharded state
   mesh = sharding.make_mesh(dict(config.mesh))
   jax.set_mesh(mesh)
+  data_parallel = sharding.data_parallel_size(mesh)
+  if data_cfg.global_batch_size % data_parallel:
+    logging.warning("global_batch_size %d does not divide over the %d data-parallel devices: every batch is "
+                    "replicated instead of split (slower, same result)", data_cfg.global_batch_size, data_parallel)
   init, state_shardings, abstract_state = create_sharded_state(
-      make_init_fn(model, optimizer, optim_cfg.trainable, example_batch(model_cfg, data_cfg.max_images),
-                   seed=config.seed), mesh)
+      make_init_fn(model, optimizer, optim_cfg.trainable, seed=config.seed), mesh)
   n_params = sum(x.size for x in jax.tree.leaves(abstract_state["params"]))
   n_train = sum(x.size for x in jax.tree.leaves(split_params(abstract_state["params"], optim_cfg.trainable)[0]))
 
   # ------------------------------------------------------------------ resume / load
   checkpointer = ckpt_lib.Checkpointer(ckpt_dir, keep=config.checkpoint.keep,
                                        every_steps=config.checkpoint.every_steps,
-                                       async_save=config.checkpoint.async_save)
-  start = checkpointer.latest_step()
+                                       async_save=config.checkpoint.async_save, run_config=exp.run_config())
+  start, state = checkpointer.restore_latest(abstract_state, train_iter, model_config=model_cfg)
   if start is not None:
     logging.info("Resuming from %s/%d", ckpt_dir, start)
-    state = checkpointer.restore(start, abstract_state, train_iter)
   else:
-    state = init()
+    partial = None
     if config.init_from.path:
-      state["params"] = load_pretrained(config.init_from, model_cfg, abstract_state["params"])
+      partial = load_pretrained(config.init_from, model_cfg, abstract_state["params"])
+      report = params_lib.InitReport.of(abstract_state["params"], partial)
+      logging.info("init_from %s: %s", config.init_from.path, report)
+      frozen_fresh = [p for p in report.initialised if not re.match(optim_cfg.trainable, p)]
+      if frozen_fresh:
+        logging.warning("%d parameters are freshly initialised but frozen (not matched by trainable=%r): %s",
+                        len(frozen_fresh), optim_cfg.trainable, frozen_fresh[:5])
+    state = init(partial)
   start = int(jax.device_get(state["step"]))
 
-  # ------------------------------------------------------------------ compiled steps
+  # ------------------------------------------------------------------ compiled steps, evaluators
   batch_sh = sharding.batch_sharding(mesh, (data_cfg.global_batch_size,))
   train_step = jax.jit(make_train_step(model, optimizer, schedule, optim_cfg.trainable, config.accum_steps),
                        in_shardings=(state_shardings, batch_sh), out_shardings=(state_shardings, None),
@@ -260,24 +198,21 @@ def train(config) -> dict[str, Any]:
   eval_step = jax.jit(make_eval_step(model), in_shardings=(state_shardings["params"], None))
 
   def host_batch(batch):
-    return pad_text(batch, data_cfg.buckets[-1]) if multiprocess else batch
+    batch = batch_lib.pad_text(batch, global_text_length(batch))
+    batch_lib.validate(batch, model_cfg, keys=batch_lib.TRAIN_KEYS)
+    return batch
 
-  def validate(params, blank: bool = False) -> dict[str, float]:
-    it = data_lib.make_eval_iterator(eval_cfg)
-    totals = collections.Counter()
-    for i, batch in enumerate(it):
-      if 0 <= config.eval_max_batches <= i:
-        break
-      batch = host_batch(batch)
-      if blank:  # the normalised mean colour: a constant image with nothing in it
-        batch["pixel_values"] = np.zeros_like(batch["pixel_values"])
-      totals.update({k: float(v) for k, v in jax.device_get(eval_step(params, sharding.shard_batch(batch, mesh))).items()})
-    it.close()
-    return {"loss": totals["loss_sum"] / max(totals["tokens"], 1.0),
-            "accuracy": totals["correct"] / max(totals["rows"], 1.0)}
+  evaluators: list[evaluators_lib.Evaluator] = []
+  if data_cfg.val_file and config.eval_every >= 0:
+    eval_cfg = data_cfg.replace(global_batch_size=config.eval_batch_size, shuffle=False, worker_count=0)
+    evaluators.append(evaluators_lib.Validation(
+        eval_cfg, eval_step, mesh, prepare=host_batch, max_batches=config.eval_max_batches,
+        blank_images=config.get("eval_blank_images", True), references=exp.reference_accuracies))
 
   # ------------------------------------------------------------------ loop
   metrics_path = os.path.join(workdir, "metrics.jsonl")
+  if is_main:
+    truncate_metrics(metrics_path, start)  # a resumed run rewrites the steps after its checkpoint
   metrics_file = open(metrics_path, "a") if is_main else None
   ids_file = open(os.path.join(workdir, f"record_ids.process{jax.process_index()}.txt"), "a") if log_ids else None
 
@@ -291,6 +226,7 @@ def train(config) -> dict[str, Any]:
              dynamic_ncols=True, desc="train")
   peak = peak_flops(config)
   history, evals, pending = [], [], []
+  skipped_updates = {"non-finite loss or gradient": 0, "no labelled token": 0}
   interval = dict(t0=None, flops=0.0, tokens=0.0, steps=0)
   logging.info("Model %s (%s): %.1fM parameters, %.1fM trained; mesh %s; %d steps from %d; %d processes",
                config.model.preset, model_cfg.attention, n_params / 1e6, n_train / 1e6, dict(mesh.shape),
@@ -300,7 +236,7 @@ def train(config) -> dict[str, Any]:
     """Fetches pending step metrics (this syncs) and logs them."""
     if not pending:
       return
-    fetched = jax.device_get([m for _, m in pending])  # waits for the steps to finish
+    fetched = jax.device_get([m for _, m, _ in pending])  # waits for the steps to finish
     now = time.perf_counter()
     rate = {}
     if interval["t0"] is not None and interval["steps"]:
@@ -311,10 +247,23 @@ def train(config) -> dict[str, Any]:
         rate["flops_per_s"] = interval["flops"] / dt
         if peak:
           rate["mfu"] = rate["flops_per_s"] / peak
-    for (step, _), m in zip(pending, fetched):
-      record = {"step": step, **{k: float(v) for k, v in m.items()}, **rate}
+    for (step, _, text_len), m in zip(pending, fetched):
+      record = {"step": step, **{k: float(v) for k, v in m.items()}, "text_len": text_len, **rate}
       history.append(record)
       write(record)
+      if not m["params_finite"]:
+        raise NonFiniteError(f"step {step}: the trained parameters hold non-finite values; stopping "
+                             f"(nothing after step {start} that is non-finite was saved)")
+      if not m["finite"]:
+        skipped_updates["non-finite loss or gradient"] += 1
+        message = (f"step {step}: non-finite loss {float(m['loss'])} or gradient norm {float(m['grad_norm'])}; "
+                   "its update was not applied")
+        if on_nonfinite != "skip":
+          raise NonFiniteError(message + " (on_nonfinite='skip' skips such steps instead of stopping)")
+        logging.warning("%s (skipped: %d so far)", message, skipped_updates["non-finite loss or gradient"])
+      elif not m["applied"]:
+        skipped_updates["no labelled token"] += 1
+        logging.warning("step %d: no labelled token in the batch (every row skipped?); no update applied", step)
     last = history[-1]
     bar.set_postfix_str(
         f"loss={last['loss']:.3f} lr={last['learning_rate']:.2e} gnorm={last['grad_norm']:.2f}"
@@ -324,25 +273,21 @@ def train(config) -> dict[str, Any]:
     pending.clear()
     interval.update(t0=time.perf_counter(), flops=0.0, tokens=0.0, steps=0)
 
-  def run_eval(step):
+  def run_eval(step) -> tuple[dict[str, Any], list[str]]:
+    """Every evaluator on the current parameters -> merged metrics and one phrase each."""
     flush_logs()
-    result = {"step": step}
-    if data_cfg.val_file:
-      v = validate(state["params"])
-      result.update(val_loss=v["loss"], val_accuracy=v["accuracy"])
-      if config.get("eval_blank_images", True):
-        result["val_accuracy_blank_images"] = validate(state["params"], blank=True)["accuracy"]
-      result["answer_prior_accuracy"] = prior
+    result, phrases = {"step": step}, []
+    for evaluator in evaluators:
+      metrics = evaluator.run(state["params"], step)
+      result.update(metrics)
+      phrases.append(evaluator.describe(metrics))
+      if is_main:
+        bar.write(f"step {step}: {phrases[-1]}")
+    if evaluators:
       evals.append(result)
       write(result)
-      if is_main:
-        bar.write(f"step {step}: val loss {result['val_loss']:.4f}, answer accuracy "
-                  f"{100 * result['val_accuracy']:.1f}%"
-                  + (f" (blank images {100 * result['val_accuracy_blank_images']:.1f}%)"
-                     if "val_accuracy_blank_images" in result else "")
-                  + (f", answer prior {100 * prior:.1f}%" if prior is not None else ""))
     interval.update(t0=time.perf_counter(), flops=0.0, tokens=0.0, steps=0)
-    return result
+    return result, phrases
 
   step = start
   stopped_early = False
@@ -358,7 +303,7 @@ def train(config) -> dict[str, Any]:
         global_batch = sharding.shard_batch(batch, mesh)
         state, metrics = train_step(state, global_batch)
         step += 1
-        pending.append((step, metrics))
+        pending.append((step, metrics, batch["input_ids"].shape[1]))
         if interval["t0"] is None:  # the first step compiles: time from its end
           jax.block_until_ready(metrics)
           interval["t0"] = time.perf_counter()
@@ -367,11 +312,13 @@ def train(config) -> dict[str, Any]:
           interval["steps"] += 1
           interval["tokens"] += n_tok * jax.process_count()
           interval["flops"] += step_flops(model_cfg, batch["input_ids"].shape[0] * jax.process_count(),
-                                          data_cfg.max_images, batch["input_ids"].shape[1]) or 0.0
+                                          data_cfg.max_images, batch["input_ids"].shape[1])
         if step % config.log_every == 0 or step == n_steps:
           flush_logs()
         bar.update(1)
-        checkpointer.save(step, state, train_iter)
+        if checkpointer.due(step):
+          flush_logs()  # a checkpoint is written only after its steps were checked finite
+          checkpointer.save(step, state, train_iter)
         if config.eval_every > 0 and step % config.eval_every == 0 and step < n_steps:
           run_eval(step)
         if stop.anywhere():
@@ -382,7 +329,11 @@ def train(config) -> dict[str, Any]:
       raise
 
   # ------------------------------------------------------------------ final
-  flush_logs()
+  try:
+    flush_logs()
+  except NonFiniteError:
+    checkpointer.close()
+    raise
   bar.close()
   checkpointer.save(step, state, train_iter, force=True)
   checkpointer.wait()
@@ -390,7 +341,7 @@ def train(config) -> dict[str, Any]:
   train_iter.close()
   if ids_file:
     ids_file.close()
-  final = {} if stopped_early or config.eval_every < 0 else run_eval(step)
+  final, phrases = ({}, []) if stopped_early else run_eval(step)
   plot_path = os.path.join(workdir, "loss.png")
   if is_main and history:
     _plot(plot_path, history, evals)
@@ -404,21 +355,57 @@ def train(config) -> dict[str, Any]:
              f"checkpoint {summary['checkpoint']}", f"metrics {metrics_path}"]
     if summary["plot"]:
       parts.append(f"loss curve {plot_path}")
-    if "val_accuracy" in final:
-      parts.append(f"val accuracy {100 * final['val_accuracy']:.1f}%"
-                   + (f" vs answer prior {100 * prior:.1f}%" if prior is not None else "")
-                   + (f" and blank images {100 * final['val_accuracy_blank_images']:.1f}%"
-                      if "val_accuracy_blank_images" in final else ""))
+    parts += phrases
+    skips = {**{f"records skipped: {k}": v for k, v in train_iter.stats.counts.items() if v},
+             **{f"updates skipped: {k}": v for k, v in skipped_updates.items() if v}}
+    summary["skipped"] = skips
+    if skips:
+      parts.append("; ".join(f"{k} {v}" for k, v in skips.items()))
     print(" | ".join(parts), flush=True)
   return summary
 
 
-def load_pretrained(init_from, model_cfg: ModelConfig, abstract_params):
-  """Parameters to start from: an Orbax checkpoint, or HF LLaVA safetensors via `convert.hf`."""
+class NonFiniteError(RuntimeError):
+  """Training produced a non-finite loss, gradient or parameter; the run stops (non-zero exit)
+  without saving it, so the checkpoints on disk stay finite."""
+
+
+# What a user can cause and fix: train.py reports these in one line and exits with status 1.
+USER_ERRORS = (experiment.ConfigError, ckpt_lib.ConfigMismatchError, NonFiniteError, FileNotFoundError,
+               data_lib.BadRecordError, batch_lib.BatchError)
+
+
+def truncate_metrics(path: str, step: int | None):
+  """Drops the records after `step` (those of steps a resumed run is about to redo)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= (step or 0)]
+  if len(keep) != len(lines):
+    with open(path + ".tmp", "w") as f:
+      f.writelines(keep)
+    os.replace(path + ".tmp", path)
+    logging.info("%s: dropped %d records after step %d", path, len(lines) - len(keep), step or 0)
+
+
+def load_pretrained(init_from, model_cfg: ModelConfig, abstract_params) -> dict[str, Any]:
+  """The parameters a pretrained source has for this model, placed on their shardings (a
+  subset where it covers part of the model: the rest is initialised, see `params.overlay`).
+  Sources: an Orbax checkpoint (its recorded model config must match), or HF LLaVA
+  safetensors via `convert.hf`."""
+  if not os.path.exists(init_from.path):
+    raise FileNotFoundError(f"init_from.path {init_from.path!r} does not exist")
   if init_from.kind == "orbax":
+    saved = ckpt_lib.read_run_config(init_from.path)
+    if saved is not None:
+      ckpt_lib.check_model_config(ModelConfig.from_dict(saved["model"]), model_cfg, f"init_from {init_from.path}")
     return ckpt_lib.load_params(init_from.path, abstract_params)
   if init_from.kind == "hf":  # a saved HF LLaVA directory (or .safetensors file)
     from ee_mllm_jax.convert import hf  # pylint: disable=g-import-not-at-top
-    params = hf.params_from_hf(hf.read_safetensors(init_from.path), model_cfg)
-    return jax.tree.map(lambda x, a: jax.device_put(jnp.asarray(x, a.dtype), a.sharding), params, abstract_params)
+    have = params_lib.flatten(hf.params_from_hf(hf.read_safetensors(init_from.path), model_cfg, missing="skip"))
+    want = params_lib.flatten(abstract_params)
+    params_lib.InitReport.of(abstract_params, params_lib.unflatten(have))  # shape check, naming the parameter
+    return params_lib.unflatten({k: jax.device_put(np.asarray(v, want[k].dtype), want[k].sharding)
+                                 for k, v in have.items() if k in want})
   raise ValueError(f"init_from.kind must be 'orbax' or 'hf', got {init_from.kind!r}")

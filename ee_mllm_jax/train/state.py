@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from ee_mllm_jax import batch as batch_lib
+from ee_mllm_jax import params as params_lib
 from ee_mllm_jax import sharding
 
 Params = dict[str, Any]
@@ -66,12 +68,6 @@ def _path(key: tuple[str, ...]) -> str:
   return "/".join(key)
 
 
-def trainable_mask(params: Params, pattern: str) -> dict[str, bool]:
-  """{"group/.../leaf": trainable?} for every parameter."""
-  regex = re.compile(pattern)
-  return {_path(k): bool(regex.match(_path(k))) for k in traverse_util.flatten_dict(params)}
-
-
 def split_params(params: Params, pattern: str) -> tuple[Params, Params]:
   """(trainable, frozen) sub-trees of `params`; works on boxed and abstract trees too."""
   regex = re.compile(pattern)
@@ -87,13 +83,13 @@ def merge_params(train: Params, frozen: Params) -> Params:
 
 
 def make_init_fn(model: nn.Module, optimizer: optax.GradientTransformation, pattern: str,
-                 example_batch: dict[str, Any], seed: int = 0) -> Callable[[], dict[str, Any]]:
+                 seed: int = 0) -> Callable[[], dict[str, Any]]:
   """() -> boxed train state. Boxes (nn.LogicallyPartitioned) carry the logical axis names
   to the optimizer moments too, so `sharding.tree_shardings` can place the whole state."""
 
   def init():
     key = jax.random.PRNGKey(seed)
-    params = model.init(jax.random.fold_in(key, 0), **example_batch)["params"]
+    params = model.init(jax.random.fold_in(key, 0), **batch_lib.example(model.cfg))["params"]
     train, _ = split_params(params, pattern)
     if not train:
       raise ValueError(f"the trainable pattern {pattern!r} matches no parameter")
@@ -106,9 +102,22 @@ def make_init_fn(model: nn.Module, optimizer: optax.GradientTransformation, patt
 def create_sharded_state(init_boxed: Callable[[], dict[str, Any]], mesh: jax.sharding.Mesh):
   """eval_shape(init) -> shardings -> jit(init, out_shardings): the state is born sharded.
 
-  Returns (init, shardings, abstract): `init()` builds the state directly on the mesh,
-  `abstract` (ShapeDtypeStructs with shardings) is the restore target for checkpoints.
+  Returns (init, shardings, abstract): `init(partial_params=None)` builds the state directly
+  on the mesh, with the parameters that `partial_params` has taken from it (the rest freshly
+  initialised, see `params.overlay`: inside the jit the replaced fresh parameters are never
+  computed); `abstract` (ShapeDtypeStructs with shardings) is the restore target for
+  checkpoints. The optimizer state starts empty (AdamW's moments do not depend on values).
   """
   shardings = sharding.tree_shardings(jax.eval_shape(init_boxed), mesh)
-  init = jax.jit(lambda: nn.meta.unbox(init_boxed()), out_shardings=shardings)
-  return init, shardings, jax.eval_shape(init)
+
+  def build(partial):
+    state = nn.meta.unbox(init_boxed())
+    state["params"], _ = params_lib.overlay(state["params"], partial)
+    return state
+
+  build = jax.jit(build, out_shardings=shardings, donate_argnums=0)
+
+  def init(partial_params: Params | None = None) -> dict[str, Any]:
+    return build(partial_params or {})
+
+  return init, shardings, jax.eval_shape(build, {})  # of the jit itself: keeps the shardings

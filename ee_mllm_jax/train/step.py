@@ -3,10 +3,11 @@
 Letters: B global batch, A accumulation steps, T text tokens, V vocabulary.
 
 The loss is the mean cross entropy over every labelled token of the whole global batch
-(`labels != -100`; labels are already shifted, labels[b, t] is the target of logits[b, t]).
+(`labels != IGNORE_INDEX`; labels are already shifted, labels[b, t] is the target of logits[b, t]).
 With accumulation the A micro-batches' summed losses and gradients are added up and divided
 once by the batch's token count, so an accumulated step computes the same update as one
-big step. A batch without any labelled token gives a zero gradient, not a NaN.
+big step. A batch without any labelled token, or with a non-finite loss or gradient, is not
+applied (metrics `applied`, `finite`); `params_finite` checks the trained parameters.
 """
 
 from __future__ import annotations
@@ -18,22 +19,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ee_mllm_jax.batch import IGNORE_INDEX, model_inputs
 from ee_mllm_jax.sharding import LOGICAL_AXIS_RULES
 from ee_mllm_jax.train.state import merge_params, split_params
-
-IGNORE = -100
-MODEL_KEYS = ("pixel_values", "image_valid", "input_ids", "text_positions", "text_valid", "visual_positions")
 
 
 def masked_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(B, T, V) float logits, (B, T) labels -> (summed CE over labelled tokens, their count)."""
-  mask = labels != IGNORE
+  mask = labels != IGNORE_INDEX
   ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), jnp.where(mask, labels, 0))
   return jnp.sum(ce * mask), jnp.sum(mask).astype(jnp.float32)
-
-
-def _model_inputs(batch):
-  return {k: batch[k] for k in MODEL_KEYS}
 
 
 def _microbatches(batch: dict[str, jax.Array], accum: int) -> dict[str, jax.Array]:
@@ -54,7 +49,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
   def summed_loss(train_params, frozen_params, batch, rng):
     params = merge_params(train_params, frozen_params)
     with nn.logical_axis_rules(rules):
-      logits = model.apply({"params": params}, **_model_inputs(batch), rngs={"dropout": rng})
+      logits = model.apply({"params": params}, **model_inputs(batch), rngs={"dropout": rng})
     return masked_cross_entropy(logits, batch["labels"])
 
   grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
@@ -77,11 +72,20 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
     grads = jax.tree.map(lambda g: g / denom, grads)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], train_params)
-    train_params = optax.apply_updates(train_params, updates)
+    new_params = optax.apply_updates(train_params, updates)
+    # An update is applied only when it can be trusted: a non-finite loss or gradient, or a
+    # batch without a labelled token (AdamW would still move the weights), leaves the
+    # parameters and optimizer state as they were, so the state never turns non-finite.
+    finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
+    apply = finite & (tokens > 0)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
+    train_params, opt_state = keep(new_params, train_params), keep(opt_state, state["opt_state"])
     new_state = dict(state, step=state["step"] + 1, params=merge_params(train_params, frozen_params),
                      opt_state=opt_state)
+    params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(train_params)]))
     metrics = {"loss": loss_sum / denom, "tokens": tokens, "grad_norm": grad_norm,
-               "learning_rate": schedule(state["step"])}
+               "learning_rate": schedule(state["step"]), "finite": finite, "applied": apply,
+               "params_finite": params_finite}
     return new_state, metrics
 
   return step
@@ -92,7 +96,7 @@ def eval_metrics(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
   labels is correct when the argmax at every labelled position is the label (for a
   one-word answer: the answer's tokens and the end-of-turn token)."""
   loss_sum, tokens = masked_cross_entropy(logits, labels)
-  mask = labels != IGNORE
+  mask = labels != IGNORE_INDEX
   hit = (jnp.argmax(logits, axis=-1) == labels) | ~mask
   answered = jnp.any(mask, axis=-1)
   return {"loss_sum": loss_sum, "tokens": tokens, "correct": jnp.sum(jnp.all(hit, axis=-1) & answered),
@@ -104,7 +108,7 @@ def make_eval_step(model: nn.Module, rules=LOGICAL_AXIS_RULES) -> Callable:
 
   def step(params, batch):
     with nn.logical_axis_rules(rules):
-      logits = model.apply({"params": params}, **_model_inputs(batch))
+      logits = model.apply({"params": params}, **model_inputs(batch))
     return eval_metrics(logits, batch["labels"])
 
   return step

@@ -1,0 +1,279 @@
+"""The batch and cache contracts: one home for the keys, the ignore index, builders and checks.
+
+A batch is a plain dict of arrays (so `model.apply({"params": p}, **batch)`, Grain, `jax.tree`
+and `jax.device_put` all take it as is). Letters: B rows, I image slots per row, P tokens per
+image, H/W image size, T text tokens, S cache slots, L layers, K kv heads, Hd head dim.
+
+    pixel_values     (B, I, H, W, 3) float   normalised; absent images are zeros
+    image_valid      (B, I) bool
+    input_ids        (B, T) int              text tokens only, left-aligned, pad id after
+    text_positions   (B, T) int              position in the interleaved sequence (pad: 0)
+    text_valid       (B, T) bool
+    visual_positions (B, I*P) int            image i at [i*P:(i+1)*P] (absent: 0)
+    labels           (B, T) int              training: target of logits[b, t], else IGNORE_INDEX
+
+Each token carries its position in the interleaved sequence; RoPE and the attention mask only
+compare positions, so the memory order of the two streams never matters.
+
+The cache (`Cache`) holds every layer's keys/values by slot, with each slot's position and
+validity, and the next write slot; generation fills it with [visual; prompt] and appends text.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IGNORE_INDEX = -100  # labels: no loss at this token
+
+# key -> (dimension names, dtype kind: "f" float, "i" integer, "b" bool, default dtype)
+FIELDS: dict[str, tuple[tuple[str, ...], str, Any]] = {
+    "pixel_values": (("B", "I", "H", "W", "C"), "f", np.float32),
+    "image_valid": (("B", "I"), "b", np.bool_),
+    "input_ids": (("B", "T"), "i", np.int32),
+    "text_positions": (("B", "T"), "i", np.int32),
+    "text_valid": (("B", "T"), "b", np.bool_),
+    "visual_positions": (("B", "IP"), "i", np.int32),
+    "labels": (("B", "T"), "i", np.int32),
+}
+MODEL_KEYS = ("pixel_values", "image_valid", "input_ids", "text_positions", "text_valid", "visual_positions")
+TEXT_KEYS = ("input_ids", "text_positions", "text_valid")
+TRAIN_KEYS = MODEL_KEYS + ("labels",)
+
+Batch = dict[str, Any]  # the layout above; numpy on the host, jax.Array on devices
+
+
+class BatchError(ValueError):
+  """A batch that breaks the contract; the message names the key."""
+
+
+def model_inputs(batch: Mapping[str, Any]) -> Batch:
+  """The keys `EEMLLM.__call__` / `prefill` take (drops labels and anything else)."""
+  return {k: batch[k] for k in MODEL_KEYS}
+
+
+def text_inputs(batch: Mapping[str, Any]) -> Batch:
+  """The keys of a text-only continuation (`EEMLLM.extend`, `generate(..., cache=)`)."""
+  return {k: batch[k] for k in TEXT_KEYS}
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def empty(batch_size: int, text_len: int, *, max_images: int, tokens_per_image: int, image_size: int,
+          pad_id: int = 0) -> Batch:
+  """All-padding host batch: every mask False, labels IGNORE_INDEX (a collator fills rows)."""
+  b, t, i, p, s = batch_size, text_len, max_images, tokens_per_image, image_size
+  return dict(pixel_values=np.zeros((b, i, s, s, 3), np.float32), image_valid=np.zeros((b, i), bool),
+              input_ids=np.full((b, t), pad_id, np.int32), text_positions=np.zeros((b, t), np.int32),
+              text_valid=np.zeros((b, t), bool), visual_positions=np.zeros((b, i * p), np.int32),
+              labels=np.full((b, t), IGNORE_INDEX, np.int32))
+
+
+def from_plans(cfg, plans: Sequence[Sequence[int | str]], *, max_images: int | None = None,
+               pad_columns: int = 0, seed: int = 0) -> Batch:
+  """A host batch from per-row interleaving plans, with random pixels and token ids.
+
+  A plan is a list of segments: an int n = n text tokens, "img" = the row's next image; the
+  segments take consecutive positions from 0. Rows are padded to the longest text stream
+  (+ `pad_columns` all-padding columns) and to `max_images` slots (default: the most any row
+  has, at least 1). Labels are IGNORE_INDEX. `cfg` is a ModelConfig.
+  """
+  rng = np.random.default_rng(seed)
+  p = cfg.tokens_per_image
+  n_text = [sum(seg for seg in plan if seg != "img") for plan in plans]
+  n_img = [sum(seg == "img" for seg in plan) for plan in plans]
+  max_images = max(n_img + [1]) if max_images is None else max_images
+  if max(n_img) > max_images:
+    raise ValueError(f"a plan has {max(n_img)} images, more than max_images={max_images}")
+  batch = empty(len(plans), max(n_text) + pad_columns, max_images=max_images, tokens_per_image=p,
+                image_size=cfg.vision.image_size)
+  batch["pixel_values"] = rng.standard_normal(batch["pixel_values"].shape).astype(np.float32)
+  batch["input_ids"] = rng.integers(0, cfg.llm.vocab_size, batch["input_ids"].shape).astype(np.int32)
+  for row, plan in enumerate(plans):
+    pos = img = txt = 0
+    for seg in plan:
+      if seg == "img":
+        batch["image_valid"][row, img] = True
+        batch["visual_positions"][row, img * p:(img + 1) * p] = np.arange(pos, pos + p)
+        pos, img = pos + p, img + 1
+      else:
+        batch["text_positions"][row, txt:txt + seg] = np.arange(pos, pos + seg)
+        batch["text_valid"][row, txt:txt + seg] = True
+        pos, txt = pos + seg, txt + seg
+  return batch
+
+
+def example(cfg, *, batch_size: int = 1, text_len: int = 8, max_images: int = 1) -> Batch:
+  """A small valid batch: images first, then text. All `init` needs (parameter shapes do not
+  depend on B, T or the number of image slots)."""
+  return from_plans(cfg, [["img"] * max_images + [text_len]] * batch_size, max_images=max_images)
+
+
+def abstract(cfg, *, batch_size: int, text_len: int, max_images: int = 1, labels: bool = False,
+             pixel_dtype=np.float32) -> dict[str, jax.ShapeDtypeStruct]:
+  """ShapeDtypeStructs of a batch: for `jax.eval_shape` and ahead-of-time `.lower()`."""
+  sizes = dict(B=batch_size, I=max_images, H=cfg.vision.image_size, W=cfg.vision.image_size, C=3, T=text_len,
+               IP=max_images * cfg.tokens_per_image)
+  keys = TRAIN_KEYS if labels else MODEL_KEYS
+  return {k: jax.ShapeDtypeStruct(tuple(sizes[d] for d in FIELDS[k][0]),
+                                  pixel_dtype if k == "pixel_values" else FIELDS[k][2]) for k in keys}
+
+
+def pad_text(batch: Batch, length: int) -> Batch:
+  """The text stream padded to `length` columns (pads are invalid, labels ignored)."""
+  t = batch["input_ids"].shape[1]
+  if t > length:
+    raise ValueError(f"cannot pad a text stream of {t} tokens to {length}")
+  if t == length:
+    return batch
+  fill = {"input_ids": 0, "text_positions": 0, "text_valid": False, "labels": IGNORE_INDEX}
+  return {k: np.pad(v, ((0, 0), (0, length - t)), constant_values=fill[k]) if k in fill else v
+          for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def validate(batch: Mapping[str, Any], cfg=None, *, keys: Sequence[str] = MODEL_KEYS) -> dict[str, int]:
+  """Checks that `batch` has `keys` with the contract's ranks, dtype kinds and agreeing sizes
+  (and, given a ModelConfig, its image size and tokens per image). Works on numpy arrays,
+  jax arrays, tracers and ShapeDtypeStructs: only shapes and dtypes are read. Returns the sizes
+  {"B", "I", "T", ...}; raises BatchError naming the key."""
+  sizes: dict[str, int] = {}
+  seen: dict[str, str] = {}
+  if cfg is not None:
+    sizes.update(H=cfg.vision.image_size, W=cfg.vision.image_size, C=3)
+    seen.update(H="the model's image_size", W="the model's image_size", C="RGB")
+  for key in keys:
+    if key not in batch:
+      raise BatchError(f"batch has no {key!r} (keys: {sorted(batch)}); expected {'/'.join(keys)}")
+    dims, kind, _ = FIELDS[key]
+    x = batch[key]
+    shape, dtype = tuple(np.shape(x)) if not hasattr(x, "shape") else tuple(x.shape), np.dtype(x.dtype)
+    if len(shape) != len(dims):
+      raise BatchError(f"batch[{key!r}] has shape {shape}; expected rank {len(dims)} ({', '.join(dims)})")
+    ok = {"f": np.issubdtype(dtype, np.floating) or dtype == jnp.bfloat16,
+          "i": np.issubdtype(dtype, np.integer), "b": dtype == np.bool_}[kind]
+    if not ok:
+      want = {"f": "a float", "i": "an integer", "b": "a bool"}[kind]
+      raise BatchError(f"batch[{key!r}] has dtype {dtype}; expected {want} dtype")
+    for dim, n in zip(dims, shape):
+      if dim in sizes and sizes[dim] != n:
+        raise BatchError(f"batch[{key!r}] has shape {shape}: its {dim} = {n} disagrees with {sizes[dim]} "
+                         f"from {seen[dim]}")
+      sizes.setdefault(dim, n)
+      seen.setdefault(dim, f"batch[{key!r}]")
+  if "IP" in sizes and "I" in sizes:
+    p = cfg.tokens_per_image if cfg is not None else None
+    if p is not None and sizes["IP"] != sizes["I"] * p:
+      raise BatchError(f"batch['visual_positions'] has {sizes['IP']} columns; expected image slots "
+                       f"{sizes['I']} x {p} tokens per image = {sizes['I'] * p}")
+    if p is None and sizes["I"] and sizes["IP"] % sizes["I"]:
+      raise BatchError(f"batch['visual_positions'] has {sizes['IP']} columns, not a multiple of the "
+                       f"{sizes['I']} image slots")
+  return sizes
+
+
+def _concrete(*xs) -> bool:
+  return not any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def check_prompts_end_with_text(batch: Mapping[str, Any], cache: "Cache | None" = None):
+  """Generation continues from each row's last token, and only text tokens have logits: a row
+  whose last valid token is an image (or, after a cached prefix, that has no text) would take
+  its next token from the text *before* the image, an answer blind to it. Raises ValueError
+  naming the rows. Rows with nothing valid (padding) are allowed. Skipped under tracing."""
+  valid_t, pos_t = batch["text_valid"], batch["text_positions"]
+  if not _concrete(valid_t, pos_t):
+    return
+  valid_t, pos_t = np.asarray(valid_t), np.asarray(pos_t)
+  last_text = np.max(np.where(valid_t, pos_t, -1), axis=1)
+  if cache is None:
+    valid_v = visual_valid(np.asarray(batch["image_valid"]), np.asarray(batch["visual_positions"]).shape[1])
+    last_image = np.max(np.where(valid_v, np.asarray(batch["visual_positions"]), -1), axis=1, initial=-1)
+  else:
+    if not _concrete(cache.valid, cache.pos):
+      return
+    last_image = np.max(np.where(np.asarray(cache.valid), np.asarray(cache.pos), -1), axis=1, initial=-1)
+  bad = np.flatnonzero(last_image > last_text)
+  if bad.size:
+    where = "after the cached prefix" if cache is not None else "after its last image"
+    raise ValueError(f"rows {bad.tolist()} have no text {where}: a prompt must end with a text token "
+                     "(e.g. the template's 'ASSISTANT:'), since only text tokens produce logits")
+
+
+# ----------------------------------------------------------------------------- index helpers
+
+
+def visual_valid(image_valid, visual_len: int):
+  """(B, I) image validity -> (B, I*P) validity of each visual token (numpy or jax)."""
+  i = image_valid.shape[1]
+  if i == 0 or visual_len % i:
+    raise BatchError(f"{visual_len} visual tokens do not split over {i} image slots")
+  xp = jnp if isinstance(image_valid, jax.Array) else np
+  return xp.repeat(image_valid, visual_len // i, axis=1)
+
+
+def last_valid_index(pos_t: jax.Array, valid_t: jax.Array) -> jax.Array:
+  """(B, T) text positions/validity -> (B,) column of each row's last (highest-position) valid token."""
+  return jnp.argmax(jnp.where(valid_t, pos_t, jnp.iinfo(jnp.int32).min), axis=1)
+
+
+def next_positions(pos_t: jax.Array, valid_t: jax.Array) -> jax.Array:
+  """(B,) position of each row's first new token: one past its last valid text token."""
+  return jnp.max(jnp.where(valid_t, pos_t, -1), axis=1).astype(jnp.int32) + 1
+
+
+# ----------------------------------------------------------------------------- the cache
+
+
+@flax.struct.dataclass
+class Cache:
+  """Per-layer keys/values by slot, for generation. A pytree: jit, `jax.tree` and
+  `jax.device_put` take it as is.
+
+  k, v   (L, B, S, K, Hd)  every layer's keys (RoPE-rotated) and values
+  pos    (B, S) int32      each slot's position in the interleaved sequence
+  valid  (B, S) bool       filled and not padding
+  index  () int32          next write slot (shared by all rows; pads are invalid)
+  """
+
+  k: jax.Array
+  v: jax.Array
+  pos: jax.Array
+  valid: jax.Array
+  index: jax.Array
+
+  @property
+  def size(self) -> int:
+    """Number of slots S."""
+    return self.pos.shape[1]
+
+  def pad(self, size: int) -> "Cache":
+    """Grown to `size` slots; the new slots are empty (invalid) until `extend` writes them."""
+    extra = size - self.size
+    if extra < 0:
+      raise ValueError(f"cannot shrink a cache of {self.size} slots to {size}")
+    if extra == 0:
+      return self
+    grow = lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
+    return self.replace(k=grow(self.k, 2), v=grow(self.v, 2), pos=grow(self.pos, 1), valid=grow(self.valid, 1))
+
+  def repeat(self, repeats: int) -> "Cache":
+    """Each row repeated `repeats` times (row b -> rows b*repeats ... b*repeats+repeats-1),
+    e.g. one image prefix shared by several prompts."""
+    return self.replace(k=jnp.repeat(self.k, repeats, axis=1), v=jnp.repeat(self.v, repeats, axis=1),
+                        pos=jnp.repeat(self.pos, repeats, axis=0), valid=jnp.repeat(self.valid, repeats, axis=0))
+
+  def with_text(self, pos_t: jax.Array, valid_t: jax.Array) -> "Cache":
+    """Positions/validity of T new text tokens written at slots [index, index + T) (their
+    keys/values are written layer by layer by the decoder); `index` moves past them."""
+    at = (0, self.index)
+    return self.replace(pos=jax.lax.dynamic_update_slice(self.pos, pos_t.astype(self.pos.dtype), at),
+                        valid=jax.lax.dynamic_update_slice(self.valid, valid_t, at),
+                        index=self.index + pos_t.shape[1])

@@ -1,0 +1,137 @@
+"""An experiment config (ml_collections, `configs/*.py`) -> the package's typed configs.
+
+Shared by train.py and eval.py, so both read a config the same way:
+
+    exp = experiment.resolve(config)       # generates a synthetic dataset on first use
+    exp.model, exp.data, exp.total_steps, exp.train_records, exp.reference_accuracies
+    exp.run_config()                       # the JSON item each checkpoint carries
+
+The train records are parsed once here; the train iterator reuses them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+import jax
+
+from ee_mllm_jax import data as data_lib
+from ee_mllm_jax.config import ModelConfig
+from ee_mllm_jax.train.state import OptimConfig
+
+# Top-level ModelConfig fields an experiment may override (besides llm.* / vision.*).
+MODEL_OVERRIDES = ("attention", "visual_ffn", "projector", "dtype", "param_dtype", "remat", "scan_unroll")
+# What the data pipeline needs to turn text into the model's input, recorded in checkpoints.
+DATA_FIELDS_RECORDED = ("tokenizer_file", "template", "system_prompt", "max_images", "image_preprocess",
+                        "alpha_background", "buckets")
+
+
+def model_config(config) -> ModelConfig:
+  """The preset, with top-level overrides and optional `llm` / `vision` field overrides."""
+  m = config.model
+  cfg = ModelConfig.preset(m.preset, **{k: m[k] for k in MODEL_OVERRIDES if k in m})
+  for part in ("llm", "vision"):
+    changes = {k: v for k, v in dict(m.get(part) or {}).items() if v is not None}
+    if changes:
+      cfg = cfg.replace(**{part: getattr(cfg, part).replace(**changes)})
+  return cfg
+
+
+def synthetic_dataset(config):
+  """The synthetic dataset `config.synthetic` describes, generated on first use (atomic, so
+  concurrent processes are safe); None when the config names real data."""
+  if not (config.get("synthetic") and config.synthetic.get("dir")):
+    return None
+  synth = dict(config.synthetic)
+  root = synth.pop("dir")
+  if synth.get("mix") is not None:
+    synth["mix"] = dict(synth["mix"])
+  if jax.process_index() == 0 or not os.path.exists(os.path.join(root, "manifest.json")):
+    return data_lib.ensure_dataset(root, **synth)
+  return data_lib.SyntheticDataset(root)
+
+
+def data_config(config, model_cfg: ModelConfig, synthetic=None) -> data_lib.DataConfig:
+  """DataConfig from `config.data`, pointed at `synthetic`'s files when given."""
+  fields = dict(config.data)
+  if synthetic is not None:
+    fields.update(train_file=synthetic.train_file, val_file=synthetic.val_file,
+                  tokenizer_file=synthetic.tokenizer_file)
+  if "buckets" in fields:
+    fields["buckets"] = tuple(fields["buckets"])
+  return data_lib.DataConfig.for_model(model_cfg, **fields)
+
+
+def optim_config(config, total_steps: int) -> OptimConfig:
+  o = dict(config.optim)
+  ratio = o.pop("warmup_ratio", 0.0)
+  o.setdefault("warmup_steps", int(math.ceil(ratio * total_steps)))
+  return OptimConfig(total_steps=total_steps, **o)
+
+
+class ConfigError(ValueError):
+  """A setting that cannot work; the message names the field."""
+
+
+def total_steps(config, data_cfg: data_lib.DataConfig, num_records: int) -> int:
+  """`config.steps` when > 0, else `num_epochs` over `num_records` in optimizer steps."""
+  if config.steps > 0:
+    return int(config.steps)
+  if config.num_epochs <= 0:
+    raise ConfigError(f"steps = {config.steps} asks for num_epochs over the data, but num_epochs = "
+                      f"{config.num_epochs}; set steps > 0 or num_epochs > 0")
+  return int(math.ceil(config.num_epochs * num_records / data_cfg.global_batch_size / config.accum_steps))
+
+
+def check_vocabulary(model: ModelConfig, data: data_lib.DataConfig):
+  """A tokenizer with ids the model has no embedding for would read past the table (NaN)."""
+  if not data.tokenizer_file:
+    return
+  if not os.path.exists(data.tokenizer_file):
+    raise ConfigError(f"data.tokenizer_file {data.tokenizer_file!r} does not exist")
+  size = data_lib.load_tokenizer(data.tokenizer_file).get_vocab_size(with_added_tokens=True)
+  if size > model.llm.vocab_size:
+    raise ConfigError(f"the tokenizer {data.tokenizer_file} has {size} tokens but the model's vocabulary "
+                      f"(model.llm.vocab_size) has {model.llm.vocab_size}; make the model's at least {size}")
+
+
+@dataclasses.dataclass
+class Experiment:
+  config: Any  # the ml_collections.ConfigDict
+  model: ModelConfig
+  data: data_lib.DataConfig
+  train_records: data_lib.pipeline.Records
+  total_steps: int
+  # Accuracies a trained model must beat, by name (e.g. the synthetic set's answer prior).
+  reference_accuracies: dict[str, float]
+
+  def run_config(self) -> dict[str, Any]:
+    """The "config" item saved with every checkpoint (see `train.checkpoint`)."""
+    tokenizer = None
+    if self.data.tokenizer_file and os.path.exists(self.data.tokenizer_file):
+      with open(self.data.tokenizer_file, encoding="utf-8") as f:
+        tokenizer = f.read()
+    return {"model": self.model.to_dict(),
+            "data": json.loads(json.dumps({k: getattr(self.data, k) for k in DATA_FIELDS_RECORDED})),
+            "tokenizer": tokenizer,
+            "experiment": json.loads(self.config.to_json_best_effort())}
+
+
+def resolve(config) -> Experiment:
+  """Everything a run derives from its config, with the train records read once."""
+  model = model_config(config)
+  synthetic = synthetic_dataset(config)
+  data = data_config(config, model, synthetic)
+  check_vocabulary(model, data)
+  records = data_lib.load_records(data.train_file, data.on_bad_record)
+  references = {}
+  if synthetic is not None and data.val_file:
+    prior = data_lib.answer_prior(records[0], data_lib.load_records(data.val_file)[0])
+    if prior is not None:
+      references["answer prior"] = prior
+  return Experiment(config=config, model=model, data=data, train_records=records,
+                    total_steps=total_steps(config, data, len(records[0])), reference_accuracies=references)
