@@ -47,6 +47,7 @@ def main():
     env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + licm_flag).strip())
     sys.exit(subprocess.call([sys.executable] + sys.argv, env=env))
 
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/ imports configs.*
   import jax  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
@@ -57,8 +58,8 @@ def main():
   from ee_mllm_jax.train.state import create_sharded_state, make_init_fn, make_optimizer, split_params  # pylint: disable=g-import-not-at-top
   from ee_mllm_jax.train.step import make_train_step  # pylint: disable=g-import-not-at-top
 
-  config_flags.DEFINE_config_file("config", args.config)
-  flags.FLAGS([sys.argv[0]])
+  config_flags.DEFINE_config_file("config")
+  flags.FLAGS([sys.argv[0], f"--config={args.config}"])
   config = flags.FLAGS.config
   base = experiment.model_config(config)
   optim = experiment.optim_config(config, total_steps=1000)
