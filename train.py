@@ -10,6 +10,7 @@ SLURM, Open MPI); every process runs the same command.
 import importlib.util
 import logging
 import os
+import re
 import sys
 
 from absl import app, flags
@@ -55,9 +56,12 @@ def run():
     if FLAGS.is_parsed():
       raise
     # ml_collections rejects an unknown `--config.<field>` while the flags are parsed
-    key = str(e).strip("\"'")
+    key = re.search(r"'([^'\\]+)", str(e))
+    key = key.group(1) if key else str(e)
+    suggestion = re.search(r'Did you mean \\?"([^"\\]+)', str(e))
     args = [a for a in sys.argv[1:] if a.startswith("--config.") and key in a.split("=")[0].split(".")]
-    sys.exit(f"error: {args[0] if args else key}: the config has no field {key!r}")
+    sys.exit(f"error: {args[0] if args else key}: the config has no field {key!r}"
+             + (f" (did you mean {suggestion.group(1)!r}?)" if suggestion else ""))
 
 
 if __name__ == "__main__":

@@ -136,3 +136,13 @@ def test_two_processes_train_on_disjoint_data(tiny_dataset, tmp_path):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     lengths = [json.loads(line)["text_len"] for line in f if "loss" in line]
   assert lengths and all(t in (24, 32, 48) for t in lengths), lengths  # never the 256 bucket
+
+
+def test_an_unknown_config_field_is_one_line_naming_it(tiny_dataset, tmp_path):
+  for field, message in (("--config.foo=1", "the config has no field 'foo'"),
+                         ("--config.optim.learning_rat=0.1",
+                          "the config has no field 'learning_rat' (did you mean 'learning_rate'?)")):
+    proc = subprocess.run(_command(tiny_dataset, str(tmp_path / "run"), 1, field), env=_env(1),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {field}: {message}"
