@@ -31,7 +31,8 @@ from ee_mllm_jax import params as params_lib
 from ee_mllm_jax.config import ModelConfig
 
 # Fields that change neither the parameters nor what they mean: free to differ on resume.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_unroll")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_unroll", "vision.attention_impl", "vision.attention_block",
+                  "llm.attention_impl", "llm.attention_block")
 # The interaction mode: the same parameters run another way (EE-MLLM-F fine-tuning): warned.
 MODE_FIELDS = ("attention", "visual_ffn")
 
@@ -148,6 +149,9 @@ class Checkpointer:
         suffix += 1
         target = os.path.join(damaged, f"{step}.{suffix}")
       os.rename(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:  # every process sees the step gone before it reloads
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
     self.manager.reload()
 
   def wait(self):
