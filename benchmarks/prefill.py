@@ -6,9 +6,11 @@ KV cache; the vision tower + projector cost the same in both modes and are timed
 
   python benchmarks/prefill.py                       # width-scaled LLaVA-7B shape, CPU, ~2 min
   python benchmarks/prefill.py --preset llava-1.5-7b --dtype bfloat16   # on a GPU
+  python benchmarks/prefill.py --attention-impl xla chunked --visual 576 2880 4608 --skip-vision
 
-Prints one row per (mode, V): analytic GFLOPs, median ms, achieved GFLOP/s; then, per V, the
-self/composite time ratio beside the analytic FLOP ratio.
+Prints one row per (attention implementation, mode, V): analytic GFLOPs, median ms, achieved
+GFLOP/s; then, per implementation and V, the self/composite time ratio beside the analytic FLOP
+ratio. The tower runs the first implementation given.
 """
 
 from __future__ import annotations
@@ -36,13 +38,17 @@ def parse_args():
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--dtype", default="float32")
   p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--attention-impl", nargs="+", default=["xla"], choices=eem.config.ATTENTION_IMPLS,
+                 help="attention implementations to compare (config attention_impl)")
+  p.add_argument("--attention-block", type=int, default=512, help="keys per block of 'chunked'")
   p.add_argument("--skip-vision", action="store_true", help="do not time the vision tower + projector")
   return p.parse_args()
 
 
 def model_config(args) -> eem.ModelConfig:
   cfg = eem.ModelConfig.preset(args.preset) if args.preset else scaled_llava(args.width, args.layers)
-  return cfg.replace(attention="self", visual_ffn=True, dtype=args.dtype, param_dtype=args.dtype)
+  cfg = cfg.replace(attention="self", visual_ffn=True, dtype=args.dtype, param_dtype=args.dtype)
+  return cfg.with_attention_impl(args.attention_impl[0], args.attention_block)
 
 
 def llm_prefill(model):
@@ -54,7 +60,9 @@ def llm_prefill(model):
 def main():
   args = parse_args()
   cfg = model_config(args)
-  modes = {"self": cfg, "composite": cfg.replace(attention="composite", visual_ffn=False)}
+  modes = {(impl, mode): mcfg.with_attention_impl(impl)
+           for impl in args.attention_impl
+           for mode, mcfg in {"self": cfg, "composite": cfg.replace(attention="composite", visual_ffn=False)}.items()}
   c, b, t = cfg.llm, args.batch, args.text
   dtype = jnp.dtype(args.dtype)
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; LLM width {c.width}, depth {c.depth}, "
@@ -64,7 +72,7 @@ def main():
   rng = np.random.default_rng(0)
   params = None
   rows = {}
-  print(f"{'mode':>9} {'V':>6} {'T':>4} {'GFLOPs':>10} {'ms':>10} {'GFLOP/s':>9}")
+  print(f"{'attention':>9} {'mode':>9} {'V':>6} {'T':>4} {'GFLOPs':>10} {'ms':>10} {'GFLOP/s':>9}")
   for v in args.visual:
     n_img = -(-v // cfg.tokens_per_image)
     pos_v = np.broadcast_to(np.arange(v, dtype=np.int32), (b, v))
@@ -75,24 +83,25 @@ def main():
     if params is None:  # one random parameter set for every mode and V
       init = jax.jit(lambda key: eem.EEMLLM(cfg).init(key, **batch_lib.example(cfg)))
       params = nn.meta.unbox(init(jax.random.key(0))["params"])
-    for mode, mcfg in modes.items():
+    for (impl, mode), mcfg in modes.items():
       ms = median_ms(llm_prefill(eem.EEMLLM(mcfg)), params, x_v, ids, pos_v, pos_t, ones_v, ones_t, repeats=args.repeats)
       gflop = flops.llm_flops(mcfg, visual_len=v, text_len=t, batch=b)["total"] / 1e9
-      rows[mode, v] = (gflop, ms)
-      print(f"{mode:>9} {v:>6} {t:>4} {gflop:>10.1f} {ms:>10.1f} {gflop / ms * 1e3:>9.1f}")
+      rows[impl, mode, v] = (gflop, ms)
+      print(f"{impl:>9} {mode:>9} {v:>6} {t:>4} {gflop:>10.1f} {ms:>10.1f} {gflop / ms * 1e3:>9.1f}")
     if not args.skip_vision:
       tower = jax.jit(lambda p, px: eem.EEMLLM(cfg).apply({"params": p}, px, method="embed_image"))
       px = jnp.asarray(rng.standard_normal((b, n_img) + (cfg.vision.image_size,) * 2 + (3,)), dtype)
       ms = median_ms(tower, params, px, repeats=max(1, args.repeats // 2))
       gflop = (flops.vision_flops(cfg.vision, images=b * n_img) + flops.projector_flops(cfg, images=b * n_img)) / 1e9
-      print(f"{'tower':>9} {v:>6} {'':>4} {gflop:>10.1f} {ms:>10.1f} {gflop / ms * 1e3:>9.1f}   "
+      print(f"{args.attention_impl[0]:>9} {'tower':>9} {v:>6} {'':>4} {gflop:>10.1f} {ms:>10.1f} {gflop / ms * 1e3:>9.1f}   "
             f"({n_img} image(s) through vision tower + projector, same in both modes)")
 
   print("\nself / composite:")
-  print(f"{'V':>6} {'time ratio':>11} {'FLOP ratio':>11} {'time/FLOP':>10}")
-  for v in args.visual:
-    (fs, ts), (fc, tc) = rows["self", v], rows["composite", v]
-    print(f"{v:>6} {ts / tc:>11.2f} {fs / fc:>11.2f} {(ts / tc) / (fs / fc):>10.2f}")
+  print(f"{'attention':>9} {'V':>6} {'time ratio':>11} {'FLOP ratio':>11} {'time/FLOP':>10}")
+  for impl in args.attention_impl:
+    for v in args.visual:
+      (fs, ts), (fc, tc) = rows[impl, "self", v], rows[impl, "composite", v]
+      print(f"{impl:>9} {v:>6} {ts / tc:>11.2f} {fs / fc:>11.2f} {(ts / tc) / (fs / fc):>10.2f}")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,11 @@ SIGLIP_STD = (0.5, 0.5, 0.5)
 
 AttentionMode = Literal["self", "composite"]
 ATTENTION_MODES: tuple[str, ...] = typing.get_args(AttentionMode)
+# How attention is computed (`ee_mllm_jax.models.attention.attend`); the same function in every
+# case: "xla" dense einsum (the reference), "chunked" online softmax over key blocks (memory
+# linear in the keys, any backend), "cudnn" fused GPU kernel, "auto" the best that runs here.
+AttentionImpl = Literal["xla", "chunked", "cudnn", "auto"]
+ATTENTION_IMPLS: tuple[str, ...] = typing.get_args(AttentionImpl)
 PROJECTORS = ("linear", "mlp2x_gelu")
 REMAT_POLICIES = ("none", "full", "dots")
 
@@ -70,6 +75,14 @@ def _flat(d: dict, prefix: str = "") -> dict:
   return out
 
 
+def _check_attention(cfg):
+  name = type(cfg).__name__
+  if cfg.attention_impl not in ATTENTION_IMPLS:
+    raise ValueError(f"{name}.attention_impl must be one of {ATTENTION_IMPLS}, got {cfg.attention_impl!r}")
+  if not (isinstance(cfg.attention_block, int) and cfg.attention_block > 0):
+    raise ValueError(f"{name}.attention_block must be a positive int, got {cfg.attention_block!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionConfig(_Replaceable):
   """A ViT tower with HF's CLIP or SigLIP math.
@@ -92,8 +105,11 @@ class VisionConfig(_Replaceable):
   feature_layer: int = -2
   image_mean: tuple[float, float, float] = CLIP_MEAN
   image_std: tuple[float, float, float] = CLIP_STD
+  attention_impl: AttentionImpl = "xla"
+  attention_block: int = 512  # keys per block of the "chunked" implementation
 
   def __post_init__(self):
+    _check_attention(self)
     if self.kind not in ("clip", "siglip"):
       raise ValueError(f"VisionConfig.kind must be 'clip' or 'siglip', got {self.kind!r}")
     if self.width % self.num_heads:
@@ -140,8 +156,11 @@ class LLMConfig(_Replaceable):
   rms_norm_eps: float = 1e-5
   qkv_bias: bool = False
   tie_embeddings: bool = False
+  attention_impl: AttentionImpl = "xla"
+  attention_block: int = 512  # keys per block of the "chunked" implementation
 
   def __post_init__(self):
+    _check_attention(self)
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
     if self.head_dim % 2:
@@ -170,6 +189,11 @@ class ModelConfig(_Replaceable):
       raise ValueError(f"projector must be one of {PROJECTORS}, got {self.projector!r}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+
+  def with_attention_impl(self, impl: str, block: int | None = None) -> "ModelConfig":
+    """The same model with `attention_impl` (and `attention_block`) set in the tower and the LLM."""
+    kw = dict(attention_impl=impl, **({} if block is None else dict(attention_block=block)))
+    return self.replace(vision=self.vision.replace(**kw), llm=self.llm.replace(**kw))
 
   @property
   def tokens_per_image(self) -> int:

@@ -50,12 +50,18 @@ class Linear(nn.Module):
     kernel rows are summed instead of repeating x, which costs `repeats` times less (e.g. GQA:
     o_proj applied to values, each kv head read by G query heads). A wrapped projection (LoRA,
     quantisation) overrides this together with __call__."""
+    if repeats == 1:  # nothing to fold: no reshaped/summed copy of the kernel
+      return self(x)
     n0 = self.in_shape[0]
     if n0 % repeats:
       raise ValueError(f"input axis of {n0} does not split into groups of {repeats}")
-    kernel = self.kernel.astype(self.dtype)
-    kernel = kernel.reshape((n0 // repeats, repeats) + kernel.shape[1:]).sum(1)
-    return self._project(x, kernel)
+
+    def folded(x, kernel):
+      kernel = kernel.astype(self.dtype)
+      return self._project(x, kernel.reshape((n0 // repeats, repeats) + kernel.shape[1:]).sum(1))
+
+    # Recomputed in the backward pass, so the folded kernel is not one more saved residual per layer.
+    return jax.checkpoint(folded)(x, self.kernel)
 
   def _project(self, x, kernel):
     n_in, n_out = len(self.in_shape), len(self.features)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from ee_mllm_jax.config import VisionConfig
+from ee_mllm_jax.models.attention import attend
 from ee_mllm_jax.models.layers import ACTIVATIONS, LayerNorm, Linear, logical, scan_layers
 
 
@@ -31,9 +32,8 @@ class VisionLayer(nn.Module):
                                use_bias=True, name=name, **kw)
     h = LayerNorm(c.layer_norm_eps, name="layer_norm1", **kw)(x)
     q, k, v = (proj(n)(h) for n in ("q_proj", "k_proj", "v_proj"))
-    scores = jnp.einsum("bqnh,bknh->bnqk", q * c.head_dim ** -0.5, k, preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    o = jnp.einsum("bnqk,bknh->bqnh", probs, v)
+    # Every patch attends to every patch: no positions, no mask.
+    o = attend(q, k, v, impl=c.attention_impl, block=c.attention_block)
     x = x + Linear((c.num_heads, c.head_dim), (c.width,), ("heads", "head_dim", "embed"), use_bias=True,
                    name="out_proj", **kw)(o)
     h = LayerNorm(c.layer_norm_eps, name="layer_norm2", **kw)(x)

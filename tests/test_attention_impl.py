@@ -1,0 +1,189 @@
+"""Attention implementations behind `attention_impl`: every one that runs on CPU ("xla",
+"chunked") equals the naive float64 reference in every mode, in values and gradients, and
+"chunked" never holds a score block wider than its key block."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ee_mllm_jax as eem
+from batches import MIXED_PLANS, make_batch
+from jaxpr_shapes import shapes_in_jaxpr
+from models import embed_image, forward, init_params
+from reference import naive_llm_logits
+from ee_mllm_jax.batch import model_inputs, visual_valid
+from ee_mllm_jax.models import attention as attention_lib
+from ee_mllm_jax.models.layers import Linear
+
+# Small enough that every sequence spans several key blocks and S is not a multiple of it
+# (tiny: 17 patch tokens in the tower; V = 32 visual + T text keys in the LLM).
+BLOCK = 8
+MODES = {"self": ("self", True), "composite": ("composite", False), "ee-mllm-f": ("composite", True)}
+
+
+def config(impl, mode="composite"):
+  attention, visual_ffn = MODES[mode]
+  return eem.ModelConfig.preset("tiny", attention=attention, visual_ffn=visual_ffn).with_attention_impl(impl, BLOCK)
+
+
+def scaled_norm_params(cfg):
+  """Random (non-unit) norm scales, so that a misplaced norm cannot pass (as in test_model)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: x * (1 + 0.3 * jax.random.normal(jax.random.key(len(str(path))), x.shape))
+      if "scale" in str(path) else x, init_params(cfg))
+
+
+def naive_logits(cfg, params, batch):
+  x_v = embed_image(cfg.with_attention_impl("xla"), params, batch["pixel_values"])
+  valid_v = visual_valid(batch["image_valid"], batch["visual_positions"].shape[1])
+  return naive_llm_logits(params["llm"], cfg, x_v, batch["input_ids"], batch["visual_positions"],
+                          batch["text_positions"], valid_v, batch["text_valid"])
+
+
+def relative_error(got, want, valid):
+  got, want = np.asarray(got, np.float64)[valid], np.asarray(want, np.float64)[valid]
+  return np.max(np.abs(got - want)) / np.max(np.abs(want))
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+def test_model_equals_naive_reference(impl, mode):
+  """Padded rows, two images, a system prompt before an image (MIXED_PLANS); the tower runs
+  the same implementation (its output is checked through the logits, the reference's visual
+  tokens come from the "xla" tower)."""
+  cfg = config(impl, mode)
+  batch = make_batch(cfg, MIXED_PLANS)
+  params = scaled_norm_params(cfg)
+  got = forward(cfg, params, batch)
+  assert relative_error(got, naive_logits(cfg, params, batch), batch["text_valid"]) < 1e-5
+  assert np.all(np.isfinite(np.asarray(got)))  # padded rows too
+
+
+def masked_loss(cfg, batch):
+  model = eem.EEMLLM(cfg)
+  inputs = model_inputs(batch)
+  labels = np.where(batch["text_valid"], batch["input_ids"], -100).astype(np.int32)
+
+  def loss(params):
+    lp = jax.nn.log_softmax(model.apply({"params": params}, **inputs))
+    nll = -jnp.take_along_axis(lp, np.maximum(labels, 0)[..., None], -1)[..., 0]
+    return jnp.sum(nll * (labels >= 0)) / np.sum(labels >= 0)
+  return loss
+
+
+@pytest.mark.parametrize("mode", ["self", "composite"])
+def test_chunked_gradients_equal_xla(mode):
+  """Every query kind (visual, text, padding), the tower, and in composite mode the aligner."""
+  batch = make_batch(config("xla", mode), MIXED_PLANS)
+  params = scaled_norm_params(config("xla", mode))
+  grads = {impl: jax.jit(jax.grad(masked_loss(config(impl, mode), batch)))(params) for impl in ("xla", "chunked")}
+  flat_x = jax.tree_util.tree_flatten_with_path(grads["xla"])[0]
+  flat_c = jax.tree.leaves(grads["chunked"])
+  for (path, gx), gc in zip(flat_x, flat_c):
+    gx, gc = np.asarray(gx), np.asarray(gc)
+    assert np.all(np.isfinite(gc)), jax.tree_util.keystr(path)
+    scale = max(np.max(np.abs(gx)), 1e-6)  # k_proj biases get ~0 gradient (softmax shift)
+    assert np.max(np.abs(gc - gx)) / scale < 1e-4, jax.tree_util.keystr(path)
+
+
+def test_chunked_generation_equals_xla(mode="self"):
+  batch = make_batch(config("xla", mode), MIXED_PLANS)
+  params = init_params(config("xla", mode))
+  out = {impl: eem.generate(params, config(impl, mode), batch, max_new_tokens=6) for impl in ("xla", "chunked")}
+  np.testing.assert_array_equal(np.asarray(out["chunked"].tokens), np.asarray(out["xla"].tokens))
+  np.testing.assert_allclose(np.asarray(out["chunked"].logprobs), np.asarray(out["xla"].logprobs), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["self", "composite"])
+def test_chunked_holds_no_score_block_wider_than_a_block(mode):
+  """Score-like arrays end in (queries, keys). "xla" has (Q, S) ones over all keys, in the LLM
+  and in the tower; "chunked" only (block, block) ones."""
+  batch = model_inputs(make_batch(config("xla", mode), [[3, "img", 5, "img", 4]] * 2))  # V 32, T 13
+  params = init_params(config("xla", mode))
+  s, t, p = 32 + 13, 13, config("xla").vision.num_patches + 1  # LLM keys, text queries, tower tokens
+
+  def score_shapes(impl):
+    cfg = config(impl, mode)
+    jaxpr = jax.make_jaxpr(lambda prm: eem.EEMLLM(cfg).apply({"params": prm}, **batch))(params)
+    return {shape[-2:] for shape in shapes_in_jaxpr(jaxpr.jaxpr) if len(shape) == 5
+            and shape[-2] in (s, t, p, BLOCK) and shape[-1] in (s, p, BLOCK)}
+
+  assert score_shapes("xla") >= {(s if mode == "self" else t, s), (p, p)}
+  assert score_shapes("chunked") == {(BLOCK, BLOCK)}
+
+
+def test_decode_step_scores_one_row_per_head():
+  """A decode step (one query against a 64-slot cache): "xla" makes one (1, S) score row per
+  head and nothing larger; "chunked" no per-head score array over the cache at all."""
+  cfg = config("xla", "self")
+  params = init_params(cfg)
+  batch = make_batch(cfg, MIXED_PLANS)
+  _, cache = jax.eval_shape(lambda prm: eem.EEMLLM(cfg).apply({"params": prm}, **model_inputs(batch), cache_size=64,
+                                                              method="prefill"), params)
+  ids = np.zeros((4, 1), np.int32)
+  pos = np.full((4, 1), 60, np.int32)
+  valid = np.ones((4, 1), bool)
+  c = cfg.llm
+  g = c.num_heads // c.num_kv_heads
+
+  def shapes(impl):
+    model = eem.EEMLLM(config(impl, "self"))
+    jaxpr = jax.make_jaxpr(lambda prm, cch: model.apply({"params": prm}, ids, pos, valid, cch, method="extend"))(
+        params, cache)
+    return {sh for sh in shapes_in_jaxpr(jaxpr.jaxpr) if len(sh) >= 2 and sh[-1] == 64 and sh[-2] == 1}
+
+  row = (4, c.num_kv_heads, g, 1, 64)  # (B, K, G, 1, S) float32 scores
+  assert row in shapes("xla")
+  assert {sh for sh in shapes("xla") if len(sh) == 5} <= {row, (4, 1, 1, 1, 64)}  # and the mask
+  assert not {sh for sh in shapes("chunked") if len(sh) == 5}
+
+
+def test_auto_picks_a_cpu_implementation():
+  assert jax.default_backend() == "cpu"
+  q = jax.ShapeDtypeStruct((1, 8, 4, 16), jnp.bfloat16)
+  short, long = (jax.ShapeDtypeStruct((1, n, 2, 16), jnp.bfloat16) for n in (64, 4096))
+  assert attention_lib.choose_impl(q, short, short) == "xla"
+  assert attention_lib.choose_impl(q, long, long) == "chunked"
+  cfg = config("auto", "self")
+  batch = make_batch(cfg, MIXED_PLANS)
+  params = init_params(cfg)
+  np.testing.assert_array_equal(np.asarray(forward(cfg, params, batch)),
+                                np.asarray(forward(config("xla", "self"), params, batch)))
+
+
+def test_fully_masked_rows_are_finite_with_finite_gradients():
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.standard_normal((1, 3, 4, 16)), jnp.float32)
+  k, v = (jnp.asarray(rng.standard_normal((1, 20, 2, 16)), jnp.float32) for _ in range(2))
+  q_pos = jnp.asarray([[-1, 5, 30]])  # the first query sees no key
+  k_pos, k_valid = jnp.arange(20)[None], jnp.ones((1, 20), bool)
+  f = lambda q, k, v: jnp.sum(attention_lib.attend(q, k, v, q_pos, k_pos, k_valid, impl="chunked", block=BLOCK))
+  out = attention_lib.attend(q, k, v, q_pos, k_pos, k_valid, impl="chunked", block=BLOCK)
+  np.testing.assert_array_equal(np.asarray(out[0, 0]), 0.0)
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.grad(f, argnums=(0, 1, 2))(q, k, v))
+
+
+def test_config_round_trip_and_validation():
+  cfg = config("chunked")
+  assert eem.ModelConfig.from_dict(cfg.to_dict()) == cfg
+  assert (cfg.llm.attention_impl, cfg.vision.attention_block) == ("chunked", BLOCK)
+  with pytest.raises(ValueError, match="attention_impl"):
+    cfg.llm.replace(attention_impl="flash")
+  with pytest.raises(ValueError, match="attention_block"):
+    cfg.vision.replace(attention_block=0)
+
+
+def test_aligner_without_grouping_projects_directly():
+  """G = 1 (multi-head attention): `repeated_input` is the projection itself, with no reshaped
+  or summed copy of the kernel; G > 1 folds it, under a checkpoint."""
+  x = jnp.ones((2, 3, 4, 8))
+  for repeats, folds in [(1, False), (2, True)]:
+    lin = Linear((4 * repeats, 8), (16,), ("heads", "head_dim", "embed"))
+    params = lin.init(jax.random.key(0), jnp.ones((2, 3, 4 * repeats, 8)))
+    jaxpr = jax.make_jaxpr(lambda p: lin.apply(p, x, repeats, method="repeated_input"))(params)
+    assert ("reduce_sum" in str(jaxpr)) == folds
+    # the fold is recomputed in the backward pass rather than saved as a residual
+    assert ({e.primitive.name for e in jaxpr.jaxpr.eqns} == {"remat2"}) == folds
+    want = lin.apply(params, jnp.repeat(x, repeats, axis=2))
+    np.testing.assert_allclose(lin.apply(params, x, repeats, method="repeated_input"), want, rtol=1e-6)
