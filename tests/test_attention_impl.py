@@ -127,16 +127,22 @@ def test_decode_step_scores_one_row_per_head():
   c = cfg.llm
   g = c.num_heads // c.num_kv_heads
 
-  def shapes(impl):
+  def all_shapes(impl):
     model = eem.EEMLLM(config(impl, "self"))
     jaxpr = jax.make_jaxpr(lambda prm, cch: model.apply({"params": prm}, ids, pos, valid, cch, method="extend"))(
         params, cache)
-    return {sh for sh in shapes_in_jaxpr(jaxpr.jaxpr) if len(sh) >= 2 and sh[-1] == 64 and sh[-2] == 1}
+    return shapes_in_jaxpr(jaxpr.jaxpr)
+
+  def shapes(impl):
+    return {sh for sh in all_shapes(impl) if len(sh) >= 2 and sh[-1] == 64 and sh[-2] == 1}
 
   row = (4, c.num_kv_heads, g, 1, 64)  # (B, K, G, 1, S) float32 scores
   assert row in shapes("xla")
   assert {sh for sh in shapes("xla") if len(sh) == 5} <= {row, (4, 1, 1, 1, 64)}  # and the mask
   assert not {sh for sh in shapes("chunked") if len(sh) == 5}
+  # nor a copy of one layer's keys/values out of the stacked cache (which "xla" takes)
+  layer_kv = (4, 64, c.num_kv_heads, c.head_dim)
+  assert layer_kv in all_shapes("xla") and layer_kv not in all_shapes("chunked")
 
 
 def test_auto_picks_a_cpu_implementation():

@@ -44,7 +44,7 @@ def attention_mask(q_pos: jax.Array | None, k_pos: jax.Array | None, k_valid: ja
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array | None = None,
            k_pos: jax.Array | None = None, k_valid: jax.Array | None = None, *, impl: AttentionImpl = "xla",
-           block: int = 512) -> jax.Array:
+           block: int = 512, layer: jax.Array | None = None) -> jax.Array:
   """Softmax attention with GQA, masked by position: query i sees key j when
   `k_valid[j] and k_pos[j] <= q_pos[i]` (see `attention_mask` for the None cases).
 
@@ -55,13 +55,17 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array | None = N
 
   impl: "xla" (dense einsum, the reference), "chunked" (online softmax over key blocks of
   `block`, any backend), "cudnn" (fused GPU kernel), "auto" (the best that runs here).
+  layer: k and v are a stacked cache (L,B,S,K,H) and this layer's are used; "chunked" reads
+  its blocks in place, so a decode step copies nothing proportional to the cache.
   """
   if impl == "auto":
     impl = choose_impl(q, k, v)
+  if impl == "chunked":
+    return _attend_chunked(q, k, v, q_pos, k_pos, k_valid, block, layer)
+  if layer is not None:  # the dense implementations take this layer's keys/values as arrays
+    k, v = (jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False) for x in (k, v))
   if impl == "xla":
     return _attend_xla(q, k, v, attention_mask(q_pos, k_pos, k_valid))
-  if impl == "chunked":
-    return _attend_chunked(q, k, v, q_pos, k_pos, k_valid, block)
   if impl == "cudnn":
     return _attend_cudnn(q, k, v, attention_mask(q_pos, k_pos, k_valid))
   raise ValueError(f"unknown attention implementation {impl!r}; known: {ATTENTION_IMPLS}")
@@ -113,12 +117,12 @@ def _log_choice(impl: str, why: str):
 def choose_impl(q, k, v) -> str:
   """What "auto" runs: cuDNN where it works, else "chunked" for long key sequences, else "xla"."""
   del v
-  if _cudnn_works(jnp.dtype(q.dtype).name, q.shape[2], k.shape[2], q.shape[3]):
+  if _cudnn_works(jnp.dtype(q.dtype).name, q.shape[2], k.shape[-2], q.shape[3]):
     impl, why = "cudnn", "GPU backend with cuDNN attention"
-  elif k.shape[1] > AUTO_CHUNKED_MIN_KEYS:
-    impl, why = "chunked", f"{jax.default_backend()} backend, {k.shape[1]} keys > {AUTO_CHUNKED_MIN_KEYS}"
+  elif k.shape[-3] > AUTO_CHUNKED_MIN_KEYS:
+    impl, why = "chunked", f"{jax.default_backend()} backend, {k.shape[-3]} keys > {AUTO_CHUNKED_MIN_KEYS}"
   else:
-    impl, why = "xla", f"{jax.default_backend()} backend, {k.shape[1]} keys <= {AUTO_CHUNKED_MIN_KEYS}"
+    impl, why = "xla", f"{jax.default_backend()} backend, {k.shape[-3]} keys <= {AUTO_CHUNKED_MIN_KEYS}"
   _log_choice(impl, why)
   return impl
 
@@ -174,17 +178,26 @@ def _scores(qb, kb):
   return jnp.einsum("bqkgh,bskh->bkgqs", qb, kb, preferred_element_type=jnp.float32) * qb.shape[-1] ** -0.5
 
 
+def _keys(k, layer, start, size):
+  """Keys/values [start, start + size) of k (B,S,K,H), or of layer `layer` of a stacked cache
+  (L,B,S,K,H), read in place: one dynamic slice, no copy of the layer."""
+  if layer is None:
+    return jax.lax.dynamic_slice_in_dim(k, start, size, axis=1)
+  return jax.lax.dynamic_slice(k, (layer, 0, start, 0, 0), (1, k.shape[1], size) + k.shape[3:])[0]
+
+
 def _blocks(q, k, blk):
-  nq, s = q.shape[1], k.shape[1]
+  nq, s = q.shape[1], k.shape[-3]
   qblk, kblk = min(blk, nq), min(blk, s)
   return qblk, -(-nq // qblk), kblk, -(-s // kblk)
 
 
-def _chunked_fwd_impl(q, k, v, q_pos, k_pos, k_valid, blk):
+def _chunked_fwd_impl(q, k, v, q_pos, k_pos, k_valid, blk, layer=None):
   """-> output (B,Q,K,G,H) in v's dtype and the log-sum-exp (B,K,G,Q) float32 (+inf on fully
-  masked rows, so that exp(score - lse) is 0 there in the backward pass)."""
+  masked rows, so that exp(score - lse) is 0 there in the backward pass). With `layer`, k and v
+  are a stacked cache (L,B,S,K,H) and this layer's blocks are read from it in place."""
   b, nq, kv, g, h = q.shape
-  s = k.shape[1]
+  s = k.shape[-3]
   qblk, nqb, kblk, nkb = _blocks(q, k, blk)
 
   def q_block(_, qi):
@@ -196,12 +209,12 @@ def _chunked_fwd_impl(q, k, v, q_pos, k_pos, k_valid, blk):
 
       def update(carry):
         m, l, acc = carry
-        scores = jnp.where(mask, _scores(qb, jax.lax.dynamic_slice_in_dim(k, ks, kblk, axis=1)), _MASKED)
+        scores = jnp.where(mask, _scores(qb, _keys(k, layer, ks, kblk)), _MASKED)
         # m only keeps exp() in range; the result does not depend on it.
         m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
         p = jnp.where(mask, jnp.exp(scores - m_new[..., None]), 0.0)
         corr = jnp.exp(m - m_new)
-        vb = jax.lax.dynamic_slice_in_dim(v, ks, kblk, axis=1)
+        vb = _keys(v, layer, ks, kblk)
         pv = jnp.einsum("bkgqs,bskh->bqkgh", p.astype(v.dtype), vb, preferred_element_type=jnp.float32)
         return m_new, l * corr + jnp.sum(p, axis=-1), acc * jnp.moveaxis(corr, 3, 1)[..., None] + pv
 
@@ -275,11 +288,15 @@ def _chunked_bwd(blk, res, d_out):
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
-def _attend_chunked(q, k, v, q_pos, k_pos, k_valid, block):
+def _attend_chunked(q, k, v, q_pos, k_pos, k_valid, block, layer=None):
   b, nq, n, h = q.shape
-  kv = k.shape[2]
-  blk = min(block, k.shape[1])
-  out = _chunked(q.reshape(b, nq, kv, n // kv, h), k, v, q_pos, k_pos, k_valid, blk)
+  kv = k.shape[-2]
+  blk = min(block, k.shape[-3])
+  q = q.reshape(b, nq, kv, n // kv, h)
+  if layer is None:
+    out = _chunked(q, k, v, q_pos, k_pos, k_valid, blk)
+  else:  # reading a stacked cache (extend / decode): forward only, nothing to differentiate
+    out = _chunked_fwd_impl(q, k, v, q_pos, k_pos, k_valid, blk, layer)[0]
   return out.reshape(b, nq, n, h)
 
 
@@ -309,8 +326,9 @@ class Attention(nn.Module):
   def queries(self, h, pos):
     return rope(self.q_proj(h), pos, self.cfg.rope_theta)
 
-  def attend(self, q, k, v, q_pos, k_pos, k_valid):
-    return attend(q, k, v, q_pos, k_pos, k_valid, impl=self.cfg.attention_impl, block=self.cfg.attention_block)
+  def attend(self, q, k, v, q_pos, k_pos, k_valid, layer=None):
+    return attend(q, k, v, q_pos, k_pos, k_valid, impl=self.cfg.attention_impl, block=self.cfg.attention_block,
+                  layer=layer)
 
   def align(self, v_vis):
     """Aligner: the output of a visual query attending only to itself, o_proj(v), (B,V,K,H) -> (B,V,D).
@@ -335,9 +353,10 @@ class Attention(nn.Module):
     out_t = self.o_proj(self.attend(self.queries(h_t, pos_t), k, v, pos_t, pos, valid))
     return self.align(v[:, :n_vis]), out_t, (k, v)
 
-  def extend(self, h_t, pos_t, cache_k, cache_v, cache_pos, cache_valid):
+  def extend(self, h_t, pos_t, cache_k, cache_v, cache_pos, cache_valid, layer):
     """Extend phase. Text queries against a KV cache that already holds their own keys
     (decode steps, a prompt after a cached prefix); the same in every mode: text tokens attend
-    to every earlier key, visual or text."""
+    to every earlier key, visual or text. cache_k/v are the stacked (L,B,S,K,H) cache, of which
+    layer `layer` is read."""
     q = self.queries(h_t, pos_t)
-    return self.o_proj(self.attend(q, cache_k, cache_v, pos_t, cache_pos, cache_valid))
+    return self.o_proj(self.attend(q, cache_k, cache_v, pos_t, cache_pos, cache_valid, layer))

@@ -103,8 +103,7 @@ class DecoderLayer(nn.Module):
     at = (layer, 0, ctx.index, 0, 0)
     k_all = jax.lax.dynamic_update_slice(carry.k, k_new[None].astype(carry.k.dtype), at)
     v_all = jax.lax.dynamic_update_slice(carry.v, v_new[None].astype(carry.v.dtype), at)
-    k, v = (jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False) for a in (k_all, v_all))
-    a_t = self.self_attn.extend(h, ctx.pos_t, k, v, ctx.cache_pos, ctx.cache_valid)
+    a_t = self.self_attn.extend(h, ctx.pos_t, k_all, v_all, ctx.cache_pos, ctx.cache_valid, layer)
     return ExtendCarry(x_t=self._text_rest(carry.x_t, a_t), k=k_all, v=v_all)
 
   def _text_rest(self, x_t, a_t):
