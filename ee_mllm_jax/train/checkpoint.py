@@ -76,7 +76,7 @@ class Checkpointer:
     """Starts an (asynchronous) save when `step` is a multiple of `every_steps` (or `force`);
     returns whether it did. Device arrays are copied to host before this returns, so the
     caller may donate `state` to the next step right away."""
-    if (not force and step % self.every_steps) or step == self.manager.latest_step():
+    if not (self.due(step) or (force and step != self.manager.latest_step())):
       return False
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
@@ -183,9 +183,10 @@ def check_fingerprint(state, step_dir: str, rtol: float = 1e-3):
   """Raises ValueError when `state` differs from the fingerprint saved with it (a checkpoint
   written before fingerprints were saved has none and passes). The tolerance allows for
   another summation order on another mesh."""
-  if not os.path.isdir(os.path.join(step_dir, "integrity")):
+  saved = _read_json_item(step_dir, "integrity")
+  if saved is None:
     return
-  saved = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(step_dir, "integrity"))["abs_sums"]
+  saved = saved["abs_sums"]
   now = fingerprint(state)
   for path, want in saved.items():
     got = now.get(path)
@@ -217,10 +218,14 @@ def resolve_step_dir(path: str) -> str:
 def read_run_config(path: str) -> dict[str, Any] | None:
   """The "config" item (model config, data settings, tokenizer, experiment) of a checkpoint;
   None when it has none (written before checkpoints carried their config)."""
-  step_dir = resolve_step_dir(path)
-  if not os.path.isdir(os.path.join(step_dir, "config")):
+  return _read_json_item(resolve_step_dir(path), "config")
+
+
+def _read_json_item(step_dir: str, name: str) -> dict[str, Any] | None:
+  """A JSON item of one checkpoint step, or None when the step has none."""
+  if not os.path.isdir(os.path.join(step_dir, name)):
     return None
-  return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(step_dir, "config"))
+  return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(step_dir, name))
 
 
 def load_params(path: str, abstract_params: dict[str, Any]) -> dict[str, Any]:
