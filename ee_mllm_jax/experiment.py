@@ -58,6 +58,10 @@ def synthetic_dataset(config):
 def data_config(config, model_cfg: ModelConfig, synthetic=None) -> data_lib.DataConfig:
   """DataConfig from `config.data`, pointed at `synthetic`'s files when given."""
   fields = dict(config.data)
+  init_from = config.get("init_from") or {}
+  if init_from.get("kind") == "hf_parts" and not fields.get("tokenizer_file"):
+    # LLaVA's stage 1 tokenizes with the LLM's own tokenizer (recorded in the checkpoints).
+    fields["tokenizer_file"] = os.path.join(init_from["llm_path"], "tokenizer.json")
   if synthetic is not None:
     fields.update(train_file=synthetic.train_file, val_file=synthetic.val_file,
                   tokenizer_file=synthetic.tokenizer_file)
