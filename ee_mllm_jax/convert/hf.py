@@ -150,7 +150,7 @@ def _component(path: str, component: str, cfg: ModelConfig, dtype, place: Place 
 
 
 def load_hf_llm(path: str, *, dtype=np.float32, place: Place | None = None, **overrides) -> tuple[LLMConfig, dict]:
-  """A LlamaForCausalLM / Qwen2ForCausalLM directory -> (LLMConfig, params under llm/).
+  """A LlamaForCausalLM / Qwen2ForCausalLM directory -> (LLMConfig, the params of llm/).
   `place(path, array)` receives full paths ("llm/...")."""
   llm = hf_config.llm_config_from_hf(read_config(path))
   llm = llm.replace(**overrides) if overrides else llm
@@ -161,7 +161,7 @@ def load_hf_vision(path: str, *, feature_layer: int = -2, dtype=np.float32, plac
                    **overrides) -> tuple[VisionConfig, dict]:
   """A CLIPVisionModel / SiglipVisionModel directory, or a two-tower CLIPModel / SiglipModel
   (its text half, logit scale and projections are reported and left out) -> (VisionConfig,
-  params under vision/). `feature_layer` is LLaVA's vision_feature_layer (-2 for LLaVA-1.5)."""
+  the params of vision/). `feature_layer` is LLaVA's vision_feature_layer (-2 for LLaVA-1.5)."""
   vision = hf_config.vision_config_from_hf(read_config(path), feature_layer).replace(**overrides)
   extras = TOWER_EXTRAS if vision.kind == "siglip" else TOWER_EXTRAS[:-1]
   return vision, _component(path, "vision", ModelConfig(vision=vision), dtype, place, names.TOWER_ALIASES, extras)

@@ -1,0 +1,248 @@
+"""Checkpoints in and out: HF LLMs and towers import to transformers' own outputs, a pair
+assembles, trains and exports to a directory transformers loads and answers the same with.
+
+Two families, each a random tiny model built with transformers and `save_pretrained`:
+CLIP (the two-tower CLIPModel, feature layer -2) + LLaMA, and SigLIP + Qwen2 (GQA, qkv bias).
+"""
+
+import functools
+import json
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_dtypes  # noqa: E402
+
+import ee_mllm_jax as eem  # noqa: E402
+from conftest import TINY_DATA, tiny_config  # noqa: E402
+from ee_mllm_jax import convert  # noqa: E402
+from ee_mllm_jax.config import LLMConfig, ModelConfig  # noqa: E402
+from ee_mllm_jax.convert import export as export_lib  # noqa: E402
+from ee_mllm_jax.convert import hf_config  # noqa: E402
+from ee_mllm_jax.models.llm import LLM  # noqa: E402
+from ee_mllm_jax.models.vision import VisionTower  # noqa: E402
+from models import forward  # noqa: E402
+
+VOCAB = TINY_DATA["vocab_size"]  # the synthetic tokenizer's, so the pair trains on it
+
+
+def _perturbed(model):
+  """LayerNorm/RMSNorm init to 1/0 and biases to 0: perturb so that a misplaced one shows."""
+  torch.manual_seed(1)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name or "embedding" in name or name.endswith("bias"):
+        p.add_(0.1 * torch.randn_like(p))
+  return model.eval()
+
+
+def hf_llm(family, **rope):
+  torch.manual_seed(0)
+  if family == "llama":
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
+                                   **rope)
+    return _perturbed(transformers.LlamaForCausalLM(cfg))
+  cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=1, rope_theta=1e6, rms_norm_eps=1e-6)
+  return _perturbed(transformers.Qwen2ForCausalLM(cfg))
+
+
+def hf_tower(family):
+  torch.manual_seed(0)
+  if family == "clip":  # the two-tower model, as openai/clip-vit-large-patch14-336 ships
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=100,
+                bos_token_id=0, eos_token_id=1)
+    return _perturbed(transformers.CLIPModel(transformers.CLIPConfig(vision_config=vision, text_config=text)))
+  cfg = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, image_size=30, patch_size=7)
+  return _perturbed(transformers.SiglipVisionModel(cfg))
+
+
+FAMILIES = {"clip-llama": ("clip", "llama", -2), "siglip-qwen2": ("siglip", "qwen2", -1)}
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+  """{name: (torch model, saved directory)} for both towers and both LLMs."""
+  root = tmp_path_factory.mktemp("hf")
+  out = {}
+  for name, build in (("clip", hf_tower), ("siglip", hf_tower), ("llama", hf_llm), ("qwen2", hf_llm)):
+    model = build(name)
+    model.save_pretrained(root / name)
+    out[name] = (model, str(root / name))
+  return out
+
+
+def rel_err(got, want):
+  return float(np.max(np.abs(np.asarray(got, np.float64) - want)) / np.max(np.abs(want)))
+
+
+
+@functools.cache
+def _llm_logits(cfg: LLMConfig):
+  """Text-only logits of the JAX LLM (no visual stream)."""
+  def run(params, ids):
+    b, t = ids.shape
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    x_v, pos_v, valid_v = jnp.zeros((b, 0, cfg.width)), jnp.zeros((b, 0), jnp.int32), jnp.zeros((b, 0), bool)
+    return LLM(cfg, "self", True).apply({"params": params}, x_v, ids, pos_v, pos, valid_v, jnp.ones((b, t), bool))[0]
+  return jax.jit(run)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_llm_logits_equal_transformers(hf_dirs, family):
+  model, path = hf_dirs[family]
+  cfg, params = convert.load_hf_llm(path)
+  assert cfg.qkv_bias == (family == "qwen2") and cfg.num_kv_heads == (1 if family == "qwen2" else 2)
+  ids = np.random.default_rng(0).integers(0, VOCAB, (2, 12))
+  with torch.no_grad():
+    want = model(input_ids=torch.tensor(ids)).logits.numpy()
+  assert rel_err(_llm_logits(cfg)(params, jnp.asarray(ids, jnp.int32)), want) < 1e-4
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_tower_features_equal_transformers(hf_dirs, family, caplog):
+  model, path = hf_dirs[family]
+  layer = -2 if family == "clip" else -1
+  with caplog.at_level("WARNING"):
+    cfg, params = convert.load_hf_vision(path, feature_layer=layer)
+  if family == "clip":  # the text half of the two-tower CLIPModel is reported, not silently dropped
+    assert "left out" in caplog.text and "text_model" in caplog.text and "logit_scale" in caplog.text
+  pixels = np.random.default_rng(0).standard_normal((2, 3, cfg.image_size, cfg.image_size)).astype(np.float32)
+  with torch.no_grad():
+    tower = model.vision_model if family == "clip" else model
+    hidden = tower(pixel_values=torch.tensor(pixels), output_hidden_states=True).hidden_states[layer].numpy()
+  want = hidden[:, 1:] if family == "clip" else hidden  # LLaVA's "default" selection drops CLS
+  got = jax.jit(VisionTower(cfg).apply)({"params": params}, pixels.transpose(0, 2, 3, 1))
+  assert got.shape == want.shape and rel_err(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["linear", "llama3"])
+def test_rope_scaling_equals_transformers_past_the_original_context(tmp_path, kind):
+  scaling = dict(rope_type=kind, rope_theta=10000.0, factor=4.0)
+  if kind == "llama3":
+    scaling.update(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16)
+  model = hf_llm("llama", rope_parameters=scaling, max_position_embeddings=64)
+  model.save_pretrained(tmp_path)
+  cfg, params = convert.load_hf_llm(str(tmp_path))
+  assert cfg.rope_scaling is not None and cfg.rope_scaling.kind == kind
+  ids = np.random.default_rng(0).integers(0, VOCAB, (1, 48))  # positions well past 16
+  with torch.no_grad():
+    want = model(input_ids=torch.tensor(ids)).logits.numpy()
+  assert rel_err(_llm_logits(cfg)(params, jnp.asarray(ids, jnp.int32)), want) < 1e-4
+  unscaled = _llm_logits(cfg.replace(rope_scaling=None))(params, jnp.asarray(ids, jnp.int32))
+  assert rel_err(unscaled, want) > 1e-3  # guard: ignoring the scaling is caught
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "yarn", "longrope", "something_new"])
+def test_other_rope_scalings_are_refused_by_name(kind):
+  with pytest.raises(ValueError, match=f"RoPE scaling type '{kind}' is not supported"):
+    hf_config.llm_config_from_hf({"model_type": "llama", "rope_scaling": {"type": kind, "factor": 2.0}})
+
+
+LLAVA_7B = {  # the public llava-1.5-7b-hf config.json, as published (transformers 4.36)
+    "architectures": ["LlavaForConditionalGeneration"], "ignore_index": -100, "image_token_index": 32000,
+    "model_type": "llava", "pad_token_id": 32001, "projector_hidden_act": "gelu",
+    "text_config": {"_name_or_path": "lmsys/vicuna-7b-v1.5", "architectures": ["LlamaForCausalLM"],
+                    "max_position_embeddings": 4096, "model_type": "llama", "rms_norm_eps": 1e-05,
+                    "torch_dtype": "float16", "vocab_size": 32064},
+    "tie_word_embeddings": False, "torch_dtype": "float16", "transformers_version": "4.36.0.dev0",
+    "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+                      "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24,
+                      "patch_size": 14, "projection_dim": 768, "vocab_size": 32000},
+    "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": 32064}
+
+
+def test_published_partial_llava_configs_import_to_the_full_models():
+  base = ModelConfig.preset("llava-1.5-7b")
+  assert convert.config_from_hf(LLAVA_7B) == base.replace(llm=base.llm.replace(vocab_size=32064))
+  big = json.loads(json.dumps(LLAVA_7B))
+  big["text_config"].update(hidden_size=5120, intermediate_size=13824, num_attention_heads=40, num_hidden_layers=40)
+  want = base.llm.replace(vocab_size=32064, width=5120, mlp_dim=13824, num_heads=40, num_kv_heads=40, depth=40)
+  assert convert.config_from_hf(big) == base.replace(llm=want)
+
+
+@pytest.fixture(scope="module")
+def tiny_llava_dir(tmp_path_factory):
+  """A random tiny SigLIP + Qwen2 LLaVA saved by transformers (complete config.json)."""
+  from test_vs_hf import tiny_hf_llava  # pylint: disable=g-import-not-at-top
+  model = tiny_hf_llava("siglip-qwen2")
+  path = tmp_path_factory.mktemp("llava")
+  model.save_pretrained(path)
+  return model, str(path)
+
+
+def test_a_partial_config_imports_the_same_model_as_the_complete_one(tiny_llava_dir, tmp_path):
+  model, path = tiny_llava_dir
+  def diff(config):  # only what differs from transformers' class defaults, as 4.3x wrote config.json
+    default = type(config)().to_dict()
+    return {k: v for k, v in config.to_dict().items() if k == "model_type" or default.get(k) != v}
+  partial = {**diff(model.config), "text_config": diff(model.config.text_config),
+             "vision_config": diff(model.config.vision_config)}
+  assert "num_key_value_heads" in partial["text_config"] and "rms_norm_eps" not in partial["text_config"]
+  for name in os.listdir(path):
+    if name.endswith(".safetensors"):
+      os.symlink(os.path.join(path, name), tmp_path / name)
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(partial, f)
+  full_cfg, params = convert.load_hf_llava(path)
+  cfg, same = convert.load_hf_llava(str(tmp_path))
+  assert cfg == full_cfg
+  batch = eem.batch.from_plans(cfg, [[3, "img", 5]])
+  np.testing.assert_array_equal(forward(cfg, same, batch), forward(full_cfg, params, batch))
+
+
+def test_pickle_only_directory_is_refused_without_unpickling(tmp_path):
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(LLAVA_7B, f)
+  (tmp_path / "pytorch_model.bin").write_bytes(b"not even a pickle: it must never be opened")
+  with pytest.raises(convert.PickleCheckpointError, match=r"unpickling executes arbitrary code.*"
+                     r"safe_serialization=True"):
+    convert.load_hf_llava(str(tmp_path))
+
+
+def test_export_reads_the_name_map_backwards_sharded_and_in_bf16(tiny_llava_dir, tmp_path):
+  """Export -> re-import is the identity, through a sharded index, in float32 and bfloat16;
+  the mode an export records comes back (overrides win)."""
+  _, path = tiny_llava_dir
+  cfg, params = convert.load_hf_llava(path)
+  tok = _tokenizer()
+  for dtype in (np.float32, ml_dtypes.bfloat16):
+    out = str(tmp_path / np.dtype(dtype).name)
+    composite = cfg.replace(attention="composite", visual_ffn=False)
+    export_lib.export_hf(composite, params, out, tokenizer_json=tok, template="chatml", dtype=dtype,
+                         max_shard_bytes=40_000)
+    index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
+    assert len(set(index["weight_map"].values())) > 2
+    assert json.load(open(os.path.join(out, "config.json")))["ee_mllm"] == {"attention": "composite",
+                                                                             "visual_ffn": False}
+    back_cfg, back = convert.load_hf_llava(out, dtype=dtype)
+    assert back_cfg == composite
+    for k, v in eem.params.flatten(params).items():
+      got = eem.params.flatten(back)[k]
+      assert got.dtype == np.dtype(dtype), k
+      np.testing.assert_array_equal(got, np.asarray(v).astype(dtype), err_msg=k)
+  assert convert.load_hf_llava(out, attention="self", visual_ffn=True)[0].attention == "self"
+
+
+def _tokenizer() -> str:
+  """A small byte-level BPE with the synthetic set's special tokens (incl. <image>)."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+
+  from ee_mllm_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  trainer = tokenizers.trainers.BpeTrainer(vocab_size=240, special_tokens=synthetic.SPECIAL_TOKENS,
+                                           show_progress=False,
+                                           initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(["what colour is the square? user assistant system"] * 4, trainer=trainer)
+  return tok.to_str()
