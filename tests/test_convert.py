@@ -246,3 +246,78 @@ def _tokenizer() -> str:
                                            initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
   tok.train_from_iterator(["what colour is the square? user assistant system"] * 4, trainer=trainer)
   return tok.to_str()
+
+
+@pytest.fixture(scope="module")
+def trained_export(hf_dirs, tiny_dataset, tmp_path_factory):
+  """CLIP + LLaMA assembled by `init_from.kind="hf_parts"`, trained 2 steps in self mode on
+  the synthetic set, exported with `python -m ee_mllm_jax.convert.export`."""
+  from ee_mllm_jax.train import loop  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("run"))
+  config = tiny_config(tiny_dataset, workdir, 2, **{
+      "model.attention": "self", "model.visual_ffn": True, "model.vision.depth": 3, "model.vision.feature_layer": -2,
+      "init_from.kind": "hf_parts", "init_from.vision_path": hf_dirs["clip"][1],
+      "init_from.llm_path": hf_dirs["llama"][1]})
+  try:
+    loop.train(config)
+  finally:
+    jax.set_mesh(None)
+  out = str(tmp_path_factory.mktemp("export"))
+  export_lib.main(["--checkpoint", workdir, "--out", out])
+  return workdir, out
+
+
+def test_assembled_trained_export_answers_the_same_in_transformers(trained_export, hf_dirs, tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  from ee_mllm_jax.data import images as images_lib  # pylint: disable=g-import-not-at-top
+  from ee_mllm_jax.data import text as text_lib  # pylint: disable=g-import-not-at-top
+  from ee_mllm_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+
+  workdir, out = trained_export
+  cfg, params = ckpt_lib.load_model(workdir)
+  run = ckpt_lib.read_run_config(workdir)
+  hf = transformers.LlavaForConditionalGeneration.from_pretrained(out).eval()
+  processor = transformers.AutoProcessor.from_pretrained(out)
+  # started from the HF weights (close to them after 2 steps), and the trained ones were exported
+  start = hf_dirs["llama"][0].model.embed_tokens.weight.detach().numpy()
+  now = hf.model.language_model.embed_tokens.weight.detach().numpy()
+  assert 0 < np.max(np.abs(now - start)) < 0.1 * np.max(np.abs(start))
+
+  png = str(tmp_path / "image.png")
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(png)
+  question = "What colour is the circle?"
+  prompt = processor.apply_chat_template(
+      [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+      add_generation_prompt=True)
+  inputs = processor(images=Image.open(png), text=prompt, return_tensors="pt")
+
+  # the processor's prompt is the one our pipeline trains on
+  tokenizer = ckpt_lib.load_tokenizer(workdir)
+  template = text_lib.ChatTemplate(run["data"]["template"], system=run["data"]["system_prompt"])
+  turns = text_lib.parse_conversation([{"from": "human", "value": f"<image>\n{question}"}], prompt_turn=-1)
+  layout = text_lib.encode(tokenizer, template, turns, tokens_per_image=cfg.tokens_per_image, prompt=True)
+  ids = inputs["input_ids"][0].numpy()
+  is_image = ids == hf.config.image_token_index
+  np.testing.assert_array_equal(ids[~is_image], layout.input_ids)
+  assert is_image.sum() == cfg.tokens_per_image and np.argmax(is_image) == layout.image_starts[0]
+  pixels = images_lib.load_pixels(png, size=cfg.vision.image_size, mean=cfg.vision.image_mean,
+                                  std=cfg.vision.image_std, mode=run["data"]["image_preprocess"])
+  np.testing.assert_allclose(inputs["pixel_values"][0].numpy().transpose(1, 2, 0), pixels, atol=1e-5)
+
+  p, start = cfg.tokens_per_image, layout.image_starts[0]
+  batch = dict(pixel_values=pixels[None, None], image_valid=np.ones((1, 1), bool), input_ids=layout.input_ids[None],
+               text_positions=layout.positions[None], text_valid=np.ones((1, len(layout.input_ids)), bool),
+               visual_positions=np.arange(start, start + p, dtype=np.int32)[None])
+  with torch.no_grad():
+    want = hf(**inputs).logits.numpy()[0][~is_image]
+  assert rel_err(forward(cfg, params, batch)[0], want) < 1e-4
+
+  n = 8
+  with torch.no_grad():
+    hf_tokens = hf.generate(**inputs, max_new_tokens=n, do_sample=False)[0, len(ids):].numpy()
+  eos, pad = hf.generation_config.eos_token_id, hf.generation_config.pad_token_id
+  got = eem.generate(params, cfg, batch, max_new_tokens=n, stop_ids=(eos,), pad_id=pad)
+  length = int(got.lengths[0])
+  np.testing.assert_array_equal(np.asarray(got.tokens[0, :length]), hf_tokens[:length])
+  assert len(hf_tokens) == length  # transformers stops at the same end-of-turn token
