@@ -321,3 +321,46 @@ def test_assembled_trained_export_answers_the_same_in_transformers(trained_expor
   length = int(got.lengths[0])
   np.testing.assert_array_equal(np.asarray(got.tokens[0, :length]), hf_tokens[:length])
   assert len(hf_tokens) == length  # transformers stops at the same end-of-turn token
+
+
+def test_older_rope_scaling_forms_parse():
+  from ee_mllm_jax.config import RopeScaling  # pylint: disable=g-import-not-at-top
+  linear = hf_config.llm_config_from_hf({"model_type": "llama", "rope_scaling": {"type": "linear", "factor": 2.0}})
+  assert linear.rope_scaling == RopeScaling(kind="linear", factor=2.0)
+  llama3 = hf_config.llm_config_from_hf({"model_type": "llama", "rope_theta": 5e5, "max_position_embeddings": 8192,
+                                         "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                          "high_freq_factor": 4.0}})
+  assert llama3.rope_theta == 5e5 and llama3.rope_scaling.original_max_position_embeddings == 8192
+  cfg = ModelConfig.preset("tiny")  # a nested optional config survives the checkpoint's JSON round trip
+  cfg = cfg.replace(llm=cfg.llm.replace(rope_scaling=llama3.rope_scaling))
+  assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+  assert set(cfg.diff(ModelConfig.preset("tiny"))) >= {"llm.rope_scaling.kind", "llm.rope_scaling.factor"}
+
+
+def test_hf_parts_refuses_a_pair_that_is_not_the_run_model(hf_dirs):
+  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
+
+  from ee_mllm_jax import params as params_lib  # pylint: disable=g-import-not-at-top
+  from ee_mllm_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from ee_mllm_jax.train import loop  # pylint: disable=g-import-not-at-top
+  tiny = ModelConfig.preset("tiny")
+  cfg = tiny.replace(vision=tiny.vision.replace(depth=3, feature_layer=-2), llm=tiny.llm.replace(
+      vocab_size=VOCAB, depth=3))
+  init_from = config_dict.ConfigDict(dict(kind="hf_parts", path="", vision_path=hf_dirs["clip"][1],
+                                          llm_path=hf_dirs["llama"][1]))
+  with pytest.raises(ckpt_lib.ConfigMismatchError, match=r"llm.depth: checkpoint 2 vs run 3"):
+    loop.load_pretrained(init_from, cfg, params_lib.abstract_params(cfg))
+
+
+def test_export_refuses_cross_attention_and_an_image_token_without_an_id(monkeypatch):
+  import tokenizers  # pylint: disable=g-import-not-at-top
+
+  from ee_mllm_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(ckpt_lib, "read_run_config", lambda _: {"model": {"attention": "cross"}, "tokenizer": "{}"})
+  with pytest.raises(ValueError, match="attention='cross' has no HF LLaVA equivalent"):
+    export_lib.export_checkpoint("run", "out")
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<unk>": 0, "a": 1, "b": 2}, unk_token="<unk>"))
+  with_image, idx = export_lib._with_image_token(tok.to_str(), vocab_size=4)  # room for one more: added
+  assert idx == 3 and tokenizers.Tokenizer.from_str(with_image).token_to_id("<image>") == 3
+  with pytest.raises(ValueError, match="no '<image>' token and its 3 tokens fill the model's vocabulary of 3"):
+    export_lib._with_image_token(tok.to_str(), vocab_size=3)

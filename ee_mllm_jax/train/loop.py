@@ -402,7 +402,7 @@ def load_pretrained(init_from, model_cfg: ModelConfig, abstract_params) -> dict[
 
   HF tensors are read one by one and each parameter goes onto its sharding, in the run's
   param dtype, before the next is read."""
-  from ee_mllm_jax.convert import hf  # pylint: disable=g-import-not-at-top
+  from ee_mllm_jax.convert import hf, hf_config  # pylint: disable=g-import-not-at-top
 
   want = params_lib.flatten(abstract_params)
 
@@ -421,16 +421,20 @@ def load_pretrained(init_from, model_cfg: ModelConfig, abstract_params) -> dict[
     if saved is not None:
       ckpt_lib.check_model_config(ModelConfig.from_dict(saved["model"]), model_cfg, f"init_from {init_from.path}")
     return ckpt_lib.load_params(init_from.path, abstract_params)
+  dtype = want_dtype(abstract_params)
   if init_from.kind == "hf":
-    return hf.params_from_hf(hf.TensorReader(init_from.path), model_cfg, want_dtype(abstract_params), missing="skip",
-                             place=place)
-  if init_from.kind == "hf_parts":
-    dtype = want_dtype(abstract_params)
-    vision, vision_params = hf.load_hf_vision(init_from.vision_path, feature_layer=model_cfg.vision.feature_layer,
-                                              dtype=dtype, place=place)
-    llm, llm_params = hf.load_hf_llm(init_from.llm_path, dtype=dtype, place=place)
+    if os.path.isdir(init_from.path):  # its config.json must describe the run's model
+      ckpt_lib.check_model_config(hf_config.config_from_hf(hf.read_config(init_from.path)), model_cfg,
+                                  f"init_from {init_from.path}")
+    return hf.params_from_hf(hf.TensorReader(init_from.path), model_cfg, dtype, missing="skip", place=place)
+  if init_from.kind == "hf_parts":  # configs checked before any tensor is read
+    vision = hf_config.vision_config_from_hf(hf.read_config(init_from.vision_path), model_cfg.vision.feature_layer)
+    llm = hf_config.llm_config_from_hf(hf.read_config(init_from.llm_path))
     ckpt_lib.check_model_config(model_cfg.replace(vision=vision, llm=llm), model_cfg,
                                 f"init_from {init_from.vision_path} + {init_from.llm_path}")
+    _, vision_params = hf.load_hf_vision(init_from.vision_path, feature_layer=vision.feature_layer, dtype=dtype,
+                                         place=place)
+    _, llm_params = hf.load_hf_llm(init_from.llm_path, dtype=dtype, place=place)
     return {"vision": vision_params, "llm": llm_params}
   raise ValueError(f"init_from.kind must be 'orbax', 'hf' or 'hf_parts', got {init_from.kind!r}")
 
