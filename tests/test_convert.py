@@ -43,13 +43,15 @@ def _perturbed(model):
 
 
 def hf_llm(family, **rope):
+  """LLaMA at the synthetic set's vocabulary (it is trained below); Qwen2 as test_vs_hf's LLaVA
+  has it, so that the two share compiled forwards."""
   torch.manual_seed(0)
   if family == "llama":
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
                                    **rope)
     return _perturbed(transformers.LlamaForCausalLM(cfg))
-  cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+  cfg = transformers.Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=1, rope_theta=1e6, rms_norm_eps=1e-6)
   return _perturbed(transformers.Qwen2ForCausalLM(cfg))
 
@@ -65,9 +67,6 @@ def hf_tower(family):
   cfg = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                         num_attention_heads=2, image_size=30, patch_size=7)
   return _perturbed(transformers.SiglipVisionModel(cfg))
-
-
-FAMILIES = {"clip-llama": ("clip", "llama", -2), "siglip-qwen2": ("siglip", "qwen2", -1)}
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +102,7 @@ def test_llm_logits_equal_transformers(hf_dirs, family):
   model, path = hf_dirs[family]
   cfg, params = convert.load_hf_llm(path)
   assert cfg.qkv_bias == (family == "qwen2") and cfg.num_kv_heads == (1 if family == "qwen2" else 2)
-  ids = np.random.default_rng(0).integers(0, VOCAB, (2, 12))
+  ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12))
   with torch.no_grad():
     want = model(input_ids=torch.tensor(ids)).logits.numpy()
   assert rel_err(_llm_logits(cfg)(params, jnp.asarray(ids, jnp.int32)), want) < 1e-4
@@ -364,3 +363,23 @@ def test_export_refuses_cross_attention_and_an_image_token_without_an_id(monkeyp
   assert idx == 3 and tokenizers.Tokenizer.from_str(with_image).token_to_id("<image>") == 3
   with pytest.raises(ValueError, match="no '<image>' token and its 3 tokens fill the model's vocabulary of 3"):
     export_lib._with_image_token(tok.to_str(), vocab_size=3)
+
+
+def test_assembled_siglip_qwen2_exports_to_transformers_with_equal_logits(hf_dirs, tmp_path):
+  cfg, params = convert.assemble(hf_dirs["siglip"][1], hf_dirs["qwen2"][1], feature_layer=-1)
+  vision_cfg, vision = convert.load_hf_vision(hf_dirs["siglip"][1], feature_layer=-1)
+  assert cfg.vision == vision_cfg and cfg.attention == "self" and cfg.llm.qkv_bias
+  np.testing.assert_array_equal(params["vision"]["layers"]["fc1"]["kernel"], vision["layers"]["fc1"]["kernel"])
+  export_lib.export_hf(cfg, params, str(tmp_path), tokenizer_json=_tokenizer(), template="chatml")
+  hf = transformers.LlavaForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
+  image_id, p = hf.config.image_token_index, cfg.tokens_per_image
+  batch = eem.batch.from_plans(cfg, [[3, "img", 6]] * 2)
+  ids = batch["input_ids"].copy()
+  ids[ids == image_id] = 0
+  batch["input_ids"] = ids
+  seq = np.concatenate([ids[:, :3], np.full((2, p), image_id), ids[:, 3:]], 1)
+  with torch.no_grad():
+    want = hf(input_ids=torch.tensor(seq), pixel_values=torch.tensor(
+        batch["pixel_values"][:, 0].transpose(0, 3, 1, 2))).logits.numpy()
+  want = np.concatenate([want[:, :3], want[:, 3 + p:]], 1)
+  assert rel_err(forward(cfg, params, batch), want) < 1e-4

@@ -23,7 +23,7 @@ from absl import logging
 
 from ee_mllm_jax.config import LLMConfig, ModelConfig, VisionConfig
 from ee_mllm_jax.convert import hf_config, names
-from ee_mllm_jax.convert.safetensors_io import TensorReader, read_safetensors  # noqa: F401 (re-exported)
+from ee_mllm_jax.convert.safetensors_io import TensorReader
 
 Tensors = Mapping[str, np.ndarray]
 # (our flat path, host array) -> the leaf to keep (default: the numpy array itself).

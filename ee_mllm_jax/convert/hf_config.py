@@ -133,9 +133,7 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
   hf = with_defaults(hf, "llava")
   if hf["model_type"] != "llava":
     raise ValueError(f"model_type {hf['model_type']!r} is not a LLaVA (expected 'llava')")
-  vision_dict = hf["vision_config"] if "vision_config" in hf and hf["vision_config"] else HF_DEFAULTS["llava"][
-      "vision_config"]
-  text_dict = hf["text_config"] or {"model_type": "llama"}
+  vision_dict, text_dict = hf["vision_config"], hf["text_config"]  # LLaVA's defaults where absent or null
   siglip = vision_dict.get("model_type") == "siglip_vision_model"
   strategy = hf["vision_feature_select_strategy"]
   if strategy != ("full" if siglip else "default"):

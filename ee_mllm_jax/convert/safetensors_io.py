@@ -109,9 +109,6 @@ class TensorReader(Mapping[str, np.ndarray]):
       fh.seek(start + begin)
       return np.fromfile(fh, dtype=dtype, count=count).reshape(info["shape"])
 
-  def shape(self, name: str) -> tuple[int, ...]:
-    return tuple(self._where[name][2]["shape"])
-
   def __iter__(self) -> Iterator[str]:
     return iter(self._where)
 
