@@ -21,7 +21,9 @@ import ml_dtypes  # noqa: E402
 
 import ee_mllm_jax as eem  # noqa: E402
 from conftest import TINY_DATA, tiny_config  # noqa: E402
+from ee_mllm_jax import batch as batch_lib  # noqa: E402
 from ee_mllm_jax import convert  # noqa: E402
+from ee_mllm_jax import params as params_lib  # noqa: E402
 from ee_mllm_jax.config import LLMConfig, ModelConfig  # noqa: E402
 from ee_mllm_jax.convert import export as export_lib  # noqa: E402
 from ee_mllm_jax.convert import hf_config  # noqa: E402
@@ -196,7 +198,7 @@ def test_a_partial_config_imports_the_same_model_as_the_complete_one(tiny_llava_
   full_cfg, params = convert.load_hf_llava(path)
   cfg, same = convert.load_hf_llava(str(tmp_path))
   assert cfg == full_cfg
-  batch = eem.batch.from_plans(cfg, [[3, "img", 5]])
+  batch = batch_lib.from_plans(cfg, [[3, "img", 5]])
   np.testing.assert_array_equal(forward(cfg, same, batch), forward(full_cfg, params, batch))
 
 
@@ -226,8 +228,8 @@ def test_export_reads_the_name_map_backwards_sharded_and_in_bf16(tiny_llava_dir,
                                                                              "visual_ffn": False}
     back_cfg, back = convert.load_hf_llava(out, dtype=dtype)
     assert back_cfg == composite
-    for k, v in eem.params.flatten(params).items():
-      got = eem.params.flatten(back)[k]
+    for k, v in params_lib.flatten(params).items():
+      got = params_lib.flatten(back)[k]
       assert got.dtype == np.dtype(dtype), k
       np.testing.assert_array_equal(got, np.asarray(v).astype(dtype), err_msg=k)
   assert convert.load_hf_llava(out, attention="self", visual_ffn=True)[0].attention == "self"
@@ -339,7 +341,6 @@ def test_older_rope_scaling_forms_parse():
 def test_hf_parts_refuses_a_pair_that_is_not_the_run_model(hf_dirs):
   from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
 
-  from ee_mllm_jax import params as params_lib  # pylint: disable=g-import-not-at-top
   from ee_mllm_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from ee_mllm_jax.train import loop  # pylint: disable=g-import-not-at-top
   tiny = ModelConfig.preset("tiny")
@@ -373,7 +374,7 @@ def test_assembled_siglip_qwen2_exports_to_transformers_with_equal_logits(hf_dir
   export_lib.export_hf(cfg, params, str(tmp_path), tokenizer_json=_tokenizer(), template="chatml")
   hf = transformers.LlavaForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
   image_id, p = hf.config.image_token_index, cfg.tokens_per_image
-  batch = eem.batch.from_plans(cfg, [[3, "img", 6]] * 2)
+  batch = batch_lib.from_plans(cfg, [[3, "img", 6]] * 2)
   ids = batch["input_ids"].copy()
   ids[ids == image_id] = 0
   batch["input_ids"] = ids
@@ -383,3 +384,28 @@ def test_assembled_siglip_qwen2_exports_to_transformers_with_equal_logits(hf_dir
         batch["pixel_values"][:, 0].transpose(0, 3, 1, 2))).logits.numpy()
   want = np.concatenate([want[:, :3], want[:, 3 + p:]], 1)
   assert rel_err(forward(cfg, params, batch), want) < 1e-4
+
+
+@pytest.mark.parametrize("layout", ["transformers-4", "state-dict"])
+def test_other_key_layouts_of_a_llava_import_the_same(tiny_llava_dir, tmp_path, layout):
+  """4.x wrote `vision_tower.vision_model.*`; a state_dict saved by hand has `model.*` + `lm_head.*`."""
+  from ee_mllm_jax.convert import safetensors_io  # pylint: disable=g-import-not-at-top
+  _, path = tiny_llava_dir
+  renames = {"transformers-4": {"vision_tower.": "vision_tower.vision_model."},
+             "state-dict": {"vision_tower.": "model.vision_tower.", "language_model.model.": "model.language_model.",
+                            "language_model.lm_head.": "lm_head.",
+                            "multi_modal_projector.": "model.multi_modal_projector."}}[layout]
+  reader = convert.TensorReader(path)
+
+  def renamed(name):
+    prefix = next((p for p in renames if name.startswith(p)), None)
+    return renames[prefix] + name[len(prefix):] if prefix else name
+  planned = [(renamed(n), reader[n].shape, reader[n].dtype, lambda n=n: reader[n]) for n in reader]
+  assert any(p[0] != n for p, n in zip(planned, reader))
+  safetensors_io.write_file(str(tmp_path / "model.safetensors"), planned)
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(convert.hf.read_config(path), f)
+  _, want = convert.load_hf_llava(path)
+  _, got = convert.load_hf_llava(str(tmp_path))
+  for k, v in params_lib.flatten(want).items():
+    np.testing.assert_array_equal(params_lib.flatten(got)[k], v, err_msg=k)
