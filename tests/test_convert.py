@@ -409,3 +409,25 @@ def test_other_key_layouts_of_a_llava_import_the_same(tiny_llava_dir, tmp_path, 
   _, got = convert.load_hf_llava(str(tmp_path))
   for k, v in params_lib.flatten(want).items():
     np.testing.assert_array_equal(params_lib.flatten(got)[k], v, err_msg=k)
+
+
+@pytest.mark.parametrize("template,system", [("vicuna_v1", None), ("vicuna_v1", "Be brief."), ("chatml", ""),
+                                             ("chatml", None), ("plain", None)])
+def test_exported_chat_template_renders_our_prompts(template, system):
+  """Jinja as transformers runs it == `ChatTemplate.render`, for prompts and whole conversations."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+
+  from ee_mllm_jax.data import text as text_lib  # pylint: disable=g-import-not-at-top
+  ours = text_lib.ChatTemplate(template, system=system)
+  bos = template != "chatml"
+  tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizers.Tokenizer.from_str(_tokenizer()),
+                                             bos_token="<s>", chat_template=export_lib.chat_template(
+                                                 template, system, bos=bos))
+  turns = [(text_lib.HUMAN, "<image>\nWhat is it?"), (text_lib.ASSISTANT, "A square."),
+           (text_lib.HUMAN, "And its colour?"), (text_lib.ASSISTANT, "Red.")]
+  as_messages = [{"role": "user" if r == text_lib.HUMAN else "assistant", "content": t} for r, t in turns]
+  as_messages[0]["content"] = [{"type": "image"}, {"type": "text", "text": "What is it?"}]
+  for n, prompt in ((3, True), (4, False)):
+    want = ("<s>" if bos else "") + "".join(t for t, _, _ in ours.render(turns[:n], prompt=prompt))
+    got = tok.apply_chat_template(as_messages[:n], tokenize=False, add_generation_prompt=prompt)
+    assert got == want

@@ -154,9 +154,13 @@ def export_hf(cfg: ModelConfig, params: Mapping[str, Any], out_dir: str, *, toke
   tokenizer_json, image_id = _with_image_token(tokenizer_json, cfg.llm.vocab_size)
   tok = tokenizers.Tokenizer.from_str(tokenizer_json)
   end_of_turn = text_lib.ChatTemplate(template).end_of_turn
-  eos_id = tok.token_to_id(end_of_turn) if template != "plain" else None
-  if eos_id is None:  # plain: captions end with "\n", an ordinary token
+  if template == "plain":  # captions end with "\n", an ordinary token: generation stops on it
     eos_id = tok.encode(end_of_turn, add_special_tokens=False).ids[-1]
+    eos = _special(tok, "</s>", "<|endoftext|>")
+  else:
+    eos_id, eos = tok.token_to_id(end_of_turn), end_of_turn
+    if eos_id is None:
+      raise ValueError(f"the tokenizer has no {end_of_turn!r} token, which ends a {template} turn")
   bos = _special(tok, "<s>", "<|begin_of_text|>") if template != "chatml" else None
   adds_specials = bool(tok.encode("", add_special_tokens=True).ids)
   pad = _special(tok, "<pad>", "<unk>", "<|endoftext|>")
@@ -184,7 +188,7 @@ def export_hf(cfg: ModelConfig, params: Mapping[str, Any], out_dir: str, *, toke
   template_text = chat_template(template, system_prompt, bos=bool(bos) and not adds_specials)
   unk = _special(tok, "<unk>")
   write("tokenizer_config.json", dict(
-      tokenizer_class="PreTrainedTokenizerFast", bos_token=bos, eos_token=tok.id_to_token(eos_id), pad_token=pad,
+      tokenizer_class="PreTrainedTokenizerFast", bos_token=bos, eos_token=eos, pad_token=pad,
       unk_token=unk, image_token=IMAGE_TOKEN, extra_special_tokens={"image_token": IMAGE_TOKEN},
       model_max_length=hf["text_config"]["max_position_embeddings"], chat_template=template_text,
       clean_up_tokenization_spaces=False))
