@@ -101,8 +101,10 @@ def convert_tensors(tensors: Tensors, table: names.NameMap, depth: Mapping[str, 
 
 
 def _report_ignored(source: str, ignored: list[str]):
+  """One warning naming the groups of tensors left out ("text_model", "head", "vision_tower.head", ...)."""
   if ignored:
-    groups = sorted({n.split(".")[0] if not n.startswith("head.") else "head (pooling)" for n in ignored})
+    groups = sorted({".".join(n.split(".")[:2 if n.startswith("vision_tower.") else 1])
+                     for n in ignored})
     logging.warning("%s: %d tensors the model does not use were left out: %s", source, len(ignored),
                     ", ".join(groups))
 
