@@ -404,15 +404,8 @@ def load_pretrained(init_from, model_cfg: ModelConfig, abstract_params) -> dict[
   param dtype, before the next is read."""
   from ee_mllm_jax.convert import hf, hf_config  # pylint: disable=g-import-not-at-top
 
-  want = params_lib.flatten(abstract_params)
-
-  def place(path, value):
-    if path not in want:
-      raise ValueError(f"the HF checkpoint has {path}, which the model {model_cfg} has not")
-    if tuple(value.shape) != tuple(want[path].shape):
-      raise ValueError(f"{path}: source {tuple(value.shape)}, model {tuple(want[path].shape)}")
-    return jax.device_put(np.asarray(value, want[path].dtype), want[path].sharding)
-
+  if init_from.kind not in ("orbax", "hf", "hf_parts"):
+    raise ValueError(f"init_from.kind must be 'orbax', 'hf' or 'hf_parts', got {init_from.kind!r}")
   for key in ("vision_path", "llm_path") if init_from.kind == "hf_parts" else ("path",):
     if not os.path.exists(init_from[key]):
       raise FileNotFoundError(f"init_from.{key} {init_from[key]!r} does not exist")
@@ -421,22 +414,30 @@ def load_pretrained(init_from, model_cfg: ModelConfig, abstract_params) -> dict[
     if saved is not None:
       ckpt_lib.check_model_config(ModelConfig.from_dict(saved["model"]), model_cfg, f"init_from {init_from.path}")
     return ckpt_lib.load_params(init_from.path, abstract_params)
+  want = params_lib.flatten(abstract_params)
   dtype = want_dtype(abstract_params)
+
+  def place(path, value):
+    if path not in want:
+      raise ValueError(f"the HF checkpoint has {path}, which the model {model_cfg} has not")
+    if tuple(value.shape) != tuple(want[path].shape):
+      raise ValueError(f"{path}: source {tuple(value.shape)}, model {tuple(want[path].shape)}")
+    return jax.device_put(np.asarray(value, want[path].dtype), want[path].sharding)
+
   if init_from.kind == "hf":
     if os.path.isdir(init_from.path):  # its config.json must describe the run's model
       ckpt_lib.check_model_config(hf_config.config_from_hf(hf.read_config(init_from.path)), model_cfg,
                                   f"init_from {init_from.path}")
     return hf.params_from_hf(hf.TensorReader(init_from.path), model_cfg, dtype, missing="skip", place=place)
-  if init_from.kind == "hf_parts":  # configs checked before any tensor is read
-    vision = hf_config.vision_config_from_hf(hf.read_config(init_from.vision_path), model_cfg.vision.feature_layer)
-    llm = hf_config.llm_config_from_hf(hf.read_config(init_from.llm_path))
-    ckpt_lib.check_model_config(model_cfg.replace(vision=vision, llm=llm), model_cfg,
-                                f"init_from {init_from.vision_path} + {init_from.llm_path}")
-    _, vision_params = hf.load_hf_vision(init_from.vision_path, feature_layer=vision.feature_layer, dtype=dtype,
-                                         place=place)
-    _, llm_params = hf.load_hf_llm(init_from.llm_path, dtype=dtype, place=place)
-    return {"vision": vision_params, "llm": llm_params}
-  raise ValueError(f"init_from.kind must be 'orbax', 'hf' or 'hf_parts', got {init_from.kind!r}")
+  # hf_parts: the configs are checked before any tensor is read
+  vision = hf_config.vision_config_from_hf(hf.read_config(init_from.vision_path), model_cfg.vision.feature_layer)
+  llm = hf_config.llm_config_from_hf(hf.read_config(init_from.llm_path))
+  ckpt_lib.check_model_config(model_cfg.replace(vision=vision, llm=llm), model_cfg,
+                              f"init_from {init_from.vision_path} + {init_from.llm_path}")
+  _, vision_params = hf.load_hf_vision(init_from.vision_path, feature_layer=vision.feature_layer, dtype=dtype,
+                                       place=place)
+  _, llm_params = hf.load_hf_llm(init_from.llm_path, dtype=dtype, place=place)
+  return {"vision": vision_params, "llm": llm_params}
 
 
 def want_dtype(abstract_params) -> np.dtype:
