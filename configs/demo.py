@@ -47,7 +47,8 @@ def get_config():
       b1=0.9, b2=0.98, eps=1e-8, clip_norm=1.0, trainable=".*"))
 
   c.checkpoint = ml_collections.ConfigDict(dict(dir="", every_steps=200, keep=2, async_save=True))
-  c.init_from = ml_collections.ConfigDict(dict(path="", kind="orbax"))  # or kind="hf"
+  # kind "orbax" | "hf" (path) | "hf_parts" (vision_path + llm_path: HF tower + HF LLM, fresh projector)
+  c.init_from = ml_collections.ConfigDict(dict(path="", kind="orbax", vision_path="", llm_path=""))
 
   c.on_nonfinite = "stop"  # a non-finite loss or gradient: "stop" (exit 1) or "skip" the step
   c.log_every = 25

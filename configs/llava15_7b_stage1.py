@@ -8,8 +8,12 @@ or `self` (LLaVA). Defaults are LLaVA-1.5's published stage-1 hyperparameters
 (scripts/v1_5/pretrain.sh): LCS-558K captions, `plain` template, global batch 256,
 lr 1e-3, 1 epoch, warmup ratio 0.03, cosine decay, no weight decay, bf16, gradient
 checkpointing, max length 2048.
-Point `data.*` at the data and `init_from` at CLIP ViT-L/336 + Vicuna-7B-v1.5 weights
-(an Orbax parameter checkpoint, or kind="hf" for an HF LLaVA checkpoint via `convert/`).
+Starts as LLaVA-1.5's stage 1 does: the CLIP ViT-L/14-336 tower and Vicuna-7B-v1.5, each
+from its own HF directory (`init_from.kind="hf_parts"`: openai/clip-vit-large-patch14-336,
+a CLIPModel whose text half is left out, and lmsys/vicuna-7b-v1.5), a freshly initialised
+projector, and Vicuna's own tokenizer.json (data.tokenizer_file left empty). Point `data.*`
+at the data and `init_from.vision_path` / `init_from.llm_path` at the two downloads
+(safetensors; convert *.bin once with `save_pretrained(..., safe_serialization=True)`).
 """
 
 import ml_collections
@@ -36,7 +40,7 @@ def get_config(mode: str = "composite"):
       train_file="data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json",
       val_file="",
       image_dir="data/LLaVA-Pretrain/images",
-      tokenizer_file="checkpoints/vicuna-7b-v1.5/tokenizer.json",
+      tokenizer_file="",  # the LLM directory's tokenizer.json
       template="plain", system_prompt=None, global_batch_size=256,
       buckets=(64, 128, 256, 512, 1024, 2048), truncate_turns=False, max_images=1,
       image_preprocess="pad", on_bad_record="skip", worker_count=8, read_threads=4,
@@ -49,7 +53,9 @@ def get_config(mode: str = "composite"):
       learning_rate=1e-3, warmup_ratio=0.03, end_lr_ratio=0.0, weight_decay=0.0,
       b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0, trainable="projector/"))
   c.checkpoint = ml_collections.ConfigDict(dict(dir="", every_steps=500, keep=2, async_save=True))
-  c.init_from = ml_collections.ConfigDict(dict(path="checkpoints/llava15_7b_init", kind="orbax"))
+  c.init_from = ml_collections.ConfigDict(dict(
+      kind="hf_parts", path="", vision_path="checkpoints/clip-vit-large-patch14-336",
+      llm_path="checkpoints/vicuna-7b-v1.5"))
   c.log_every = 10
   c.eval_every = -1
   c.eval_batch_size = 64

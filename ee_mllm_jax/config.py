@@ -50,10 +50,16 @@ class _Replaceable:
     if unknown:
       raise ValueError(f"{cls.__name__} has no field(s) {unknown}; known: {sorted(fields)}")
     kwargs = {}
+    hints = typing.get_type_hints(cls)
     for name, value in d.items():
       default = getattr(cls, name, None)
       if isinstance(default, _Replaceable):
         value = type(default).from_dict(value)
+      elif isinstance(value, dict):  # an optional nested config (default None): its type from the annotation
+        nested = [t for t in typing.get_args(hints[name]) if isinstance(t, type) and issubclass(t, _Replaceable)]
+        if not nested:
+          raise ValueError(f"{cls.__name__}.{name} is not a nested config, got {value!r}")
+        value = nested[0].from_dict(value)
       elif isinstance(default, tuple):
         value = tuple(value)
       kwargs[name] = value
@@ -141,6 +147,31 @@ class VisionConfig(_Replaceable):
     return self.feature_layer if self.feature_layer >= 0 else self.depth + 1 + self.feature_layer
 
 
+ROPE_SCALINGS = ("linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling(_Replaceable):
+  """RoPE frequency scaling for contexts longer than pretraining (HF's `rope_scaling`).
+
+  linear: every inverse frequency divided by `factor` (position interpolation).
+  llama3: Llama 3.1's: wavelengths above original_max_position_embeddings / low_freq_factor
+          divided by `factor`, below original / high_freq_factor kept, smoothly blended between.
+  """
+
+  kind: Literal["linear", "llama3"] = "linear"
+  factor: float = 1.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+  def __post_init__(self):
+    if self.kind not in ROPE_SCALINGS:
+      raise ValueError(f"RoPE scaling {self.kind!r} is not supported (supported: {ROPE_SCALINGS})")
+    if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+      raise ValueError(f"llama3 RoPE scaling needs high_freq_factor > low_freq_factor, got {self}")
+
+
 @dataclasses.dataclass(frozen=True)
 class LLMConfig(_Replaceable):
   """A LLaMA / Qwen2 decoder: RMSNorm, rotate-half RoPE, GQA, SwiGLU."""
@@ -153,6 +184,7 @@ class LLMConfig(_Replaceable):
   head_dim: int = 128
   mlp_dim: int = 11008
   rope_theta: float = 10000.0
+  rope_scaling: RopeScaling | None = None
   rms_norm_eps: float = 1e-5
   qkv_bias: bool = False
   tie_embeddings: bool = False

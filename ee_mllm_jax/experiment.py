@@ -58,6 +58,14 @@ def synthetic_dataset(config):
 def data_config(config, model_cfg: ModelConfig, synthetic=None) -> data_lib.DataConfig:
   """DataConfig from `config.data`, pointed at `synthetic`'s files when given."""
   fields = dict(config.data)
+  init_from = config.get("init_from") or {}
+  if init_from.get("kind") == "hf_parts" and not fields.get("tokenizer_file"):
+    # LLaVA's stage 1 tokenizes with the LLM's own tokenizer (recorded in the checkpoints).
+    fields["tokenizer_file"] = os.path.join(init_from["llm_path"], "tokenizer.json")
+    if synthetic is None and not os.path.exists(fields["tokenizer_file"]):
+      raise ConfigError(f"init_from.llm_path {init_from['llm_path']!r} has no tokenizer.json, the run's tokenizer: "
+                        "write one with transformers' AutoTokenizer.from_pretrained(dir).save_pretrained(dir), "
+                        "or set data.tokenizer_file")
   if synthetic is not None:
     fields.update(train_file=synthetic.train_file, val_file=synthetic.val_file,
                   tokenizer_file=synthetic.tokenizer_file)

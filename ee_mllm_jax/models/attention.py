@@ -321,10 +321,10 @@ class Attention(nn.Module):
 
   def keys_values(self, h, pos):
     """(B, L, D) normed inputs at positions (B, L) -> rotated keys and values (B, L, K, H)."""
-    return rope(self.k_proj(h), pos, self.cfg.rope_theta), self.v_proj(h)
+    return rope(self.k_proj(h), pos, self.cfg.rope_theta, self.cfg.rope_scaling), self.v_proj(h)
 
   def queries(self, h, pos):
-    return rope(self.q_proj(h), pos, self.cfg.rope_theta)
+    return rope(self.q_proj(h), pos, self.cfg.rope_theta, self.cfg.rope_scaling)
 
   def attend(self, q, k, v, q_pos, k_pos, k_valid, layer=None):
     return attend(q, k, v, q_pos, k_pos, k_valid, impl=self.cfg.attention_impl, block=self.cfg.attention_block,

@@ -11,6 +11,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = jnp.dtype | str
 
@@ -106,13 +107,31 @@ class LayerNorm(nn.Module):
     return (y * scale + bias).astype(self.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(head_dim: int, theta: float, scaling=None) -> np.ndarray:
+  """The (H/2,) inverse frequencies, float32, with `scaling` (a config.RopeScaling or None)
+  applied as transformers' linear / llama3 RoPE does."""
+  half = head_dim // 2
+  inv_freq = (1.0 / theta ** (np.arange(half, dtype=np.float32) / half)).astype(np.float32)
+  if scaling is None:
+    return inv_freq
+  if scaling.kind == "linear":
+    return (inv_freq / scaling.factor).astype(np.float32)
+  old, lo, hi = scaling.original_max_position_embeddings, scaling.low_freq_factor, scaling.high_freq_factor
+  wavelen = 2 * np.pi / inv_freq
+  scaled = np.where(wavelen > old / lo, inv_freq / scaling.factor, inv_freq)
+  smooth = (old / wavelen - lo) / (hi - lo)
+  blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+  medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+  return np.where(medium, blended, scaled).astype(np.float32)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float, scaling=None) -> jax.Array:
   """Rotary embedding in HF's rotate-half layout (pairs are (i, i + H/2)).
 
-  x: (B, L, heads, H); positions: (B, L) integer positions in the interleaved sequence.
+  x: (B, L, heads, H); positions: (B, L) integer positions in the interleaved sequence;
+  scaling: a config.RopeScaling or None.
   """
-  half = x.shape[-1] // 2
-  inv_freq = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
+  inv_freq = jnp.asarray(rope_frequencies(x.shape[-1], theta, scaling))
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, L, H/2)
   cos = jnp.cos(angles)[:, :, None, :]
   sin = jnp.sin(angles)[:, :, None, :]

@@ -179,10 +179,10 @@ def train(config) -> dict[str, Any]:
     logging.info("Resuming from %s/%d", ckpt_dir, start)
   else:
     partial = None
-    if config.init_from.path:
+    if init_from_given(config.init_from):
       partial = load_pretrained(config.init_from, model_cfg, abstract_state["params"])
       report = params_lib.InitReport.of(abstract_state["params"], partial)
-      logging.info("init_from %s: %s", config.init_from.path, report)
+      logging.info("init_from %s: %s", dict(config.init_from), report)
       frozen_fresh = [p for p in report.initialised if not re.match(optim_cfg.trainable, p)]
       if frozen_fresh:
         logging.warning("%d parameters are freshly initialised but frozen (not matched by trainable=%r): %s",
@@ -392,20 +392,58 @@ def truncate_metrics(path: str, step: int | None):
 def load_pretrained(init_from, model_cfg: ModelConfig, abstract_params) -> dict[str, Any]:
   """The parameters a pretrained source has for this model, placed on their shardings (a
   subset where it covers part of the model: the rest is initialised, see `params.overlay`).
-  Sources: an Orbax checkpoint (its recorded model config must match), or HF LLaVA
-  safetensors via `convert.hf`."""
-  if not os.path.exists(init_from.path):
-    raise FileNotFoundError(f"init_from.path {init_from.path!r} does not exist")
+  Sources (`init_from.kind`):
+
+  * "orbax": an Orbax checkpoint (its recorded model config must match);
+  * "hf": a saved HF LLaVA directory (or .safetensors file), via `convert.hf`;
+  * "hf_parts": an HF vision tower (`vision_path`) and an HF LLM (`llm_path`), LLaVA's
+    stage-1 start: the projector is left to the fresh init. Their configs must describe the
+    run's model (a difference is a ConfigMismatchError naming the fields).
+
+  HF tensors are read one by one and each parameter goes onto its sharding, in the run's
+  param dtype, before the next is read."""
+  from ee_mllm_jax.convert import hf, hf_config  # pylint: disable=g-import-not-at-top
+
+  if init_from.kind not in ("orbax", "hf", "hf_parts"):
+    raise ValueError(f"init_from.kind must be 'orbax', 'hf' or 'hf_parts', got {init_from.kind!r}")
+  for key in ("vision_path", "llm_path") if init_from.kind == "hf_parts" else ("path",):
+    if not os.path.exists(init_from[key]):
+      raise FileNotFoundError(f"init_from.{key} {init_from[key]!r} does not exist")
   if init_from.kind == "orbax":
     saved = ckpt_lib.read_run_config(init_from.path)
     if saved is not None:
       ckpt_lib.check_model_config(ModelConfig.from_dict(saved["model"]), model_cfg, f"init_from {init_from.path}")
     return ckpt_lib.load_params(init_from.path, abstract_params)
-  if init_from.kind == "hf":  # a saved HF LLaVA directory (or .safetensors file)
-    from ee_mllm_jax.convert import hf  # pylint: disable=g-import-not-at-top
-    have = params_lib.flatten(hf.params_from_hf(hf.read_safetensors(init_from.path), model_cfg, missing="skip"))
-    want = params_lib.flatten(abstract_params)
-    params_lib.InitReport.of(abstract_params, params_lib.unflatten(have))  # shape check, naming the parameter
-    return params_lib.unflatten({k: jax.device_put(np.asarray(v, want[k].dtype), want[k].sharding)
-                                 for k, v in have.items() if k in want})
-  raise ValueError(f"init_from.kind must be 'orbax' or 'hf', got {init_from.kind!r}")
+  want = params_lib.flatten(abstract_params)
+  dtype = want_dtype(abstract_params)
+
+  def place(path, value):
+    if path not in want:
+      raise ValueError(f"the HF checkpoint has {path}, which the model {model_cfg} has not")
+    if tuple(value.shape) != tuple(want[path].shape):
+      raise ValueError(f"{path}: source {tuple(value.shape)}, model {tuple(want[path].shape)}")
+    return jax.device_put(np.asarray(value, want[path].dtype), want[path].sharding)
+
+  if init_from.kind == "hf":
+    if os.path.isdir(init_from.path):  # its config.json must describe the run's model
+      ckpt_lib.check_model_config(hf_config.config_from_hf(hf.read_config(init_from.path)), model_cfg,
+                                  f"init_from {init_from.path}")
+    return hf.params_from_hf(hf.TensorReader(init_from.path), model_cfg, dtype, missing="skip", place=place)
+  # hf_parts: the configs are checked before any tensor is read
+  vision = hf_config.vision_config_from_hf(hf.read_config(init_from.vision_path), model_cfg.vision.feature_layer)
+  llm = hf_config.llm_config_from_hf(hf.read_config(init_from.llm_path))
+  ckpt_lib.check_model_config(model_cfg.replace(vision=vision, llm=llm), model_cfg,
+                              f"init_from {init_from.vision_path} + {init_from.llm_path}")
+  _, vision_params = hf.load_hf_vision(init_from.vision_path, feature_layer=vision.feature_layer, dtype=dtype,
+                                       place=place)
+  _, llm_params = hf.load_hf_llm(init_from.llm_path, dtype=dtype, place=place)
+  return {"vision": vision_params, "llm": llm_params}
+
+
+def want_dtype(abstract_params) -> np.dtype:
+  """The dtype HF tensors are kept in: the model's parameter dtype."""
+  return np.dtype(jax.tree.leaves(abstract_params)[0].dtype)
+
+
+def init_from_given(init_from) -> bool:
+  return bool(init_from.get("path") or (init_from.get("kind") == "hf_parts" and init_from.get("llm_path")))
