@@ -22,6 +22,6 @@ except ImportError as e:  # pragma: no cover - depends on the environment
                     "(`pip install torch==2.13.0`), then `pip install -e '.[torch]'`") from e
 
 from ee_mllm_jax.torch.composite import composite_decoder
-from ee_mllm_jax.torch.llava import ATTENTION_MODES, EEMLLMForConditionalGeneration, EEMLLMModel, mode_of
+from ee_mllm_jax.torch.llava import ATTENTION_MODES, EEMLLMForConditionalGeneration, EEMLLMModel, check_mode, mode_of
 
-__all__ = ["ATTENTION_MODES", "EEMLLMForConditionalGeneration", "EEMLLMModel", "composite_decoder", "mode_of"]
+__all__ = ["ATTENTION_MODES", "EEMLLMForConditionalGeneration", "EEMLLMModel", "check_mode", "composite_decoder", "mode_of"]

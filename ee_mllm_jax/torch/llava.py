@@ -25,18 +25,22 @@ from ee_mllm_jax.torch.composite import composite_decoder
 ATTENTION_MODES = ("self", "composite")
 
 
-def mode_of(config: LlavaConfig) -> dict:
-  """{"attention", "visual_ffn"} recorded in a LLaVA config (stock LLaVA when absent), checked."""
-  mode = {"attention": "self", "visual_ffn": True, **(getattr(config, "ee_mllm", None) or {})}
+def check_mode(mode: dict) -> dict:
+  """`mode` ({"attention", "visual_ffn"}) if it is one the model runs, else a ValueError saying why."""
   if set(mode) != {"attention", "visual_ffn"}:
-    raise ValueError(f"config.ee_mllm has unknown keys {sorted(set(mode) - {'attention', 'visual_ffn'})}")
+    raise ValueError(f"an ee_mllm mode has the keys attention and visual_ffn, got {sorted(mode)}")
   if mode["attention"] not in ATTENTION_MODES:
-    raise ValueError(f"config.ee_mllm.attention must be one of {ATTENTION_MODES}, got {mode['attention']!r}")
+    raise ValueError(f"ee_mllm attention must be one of {ATTENTION_MODES}, got {mode['attention']!r}")
   if not isinstance(mode["visual_ffn"], bool):
-    raise ValueError(f"config.ee_mllm.visual_ffn must be true or false, got {mode['visual_ffn']!r}")
+    raise ValueError(f"ee_mllm visual_ffn must be true or false, got {mode['visual_ffn']!r}")
   if mode["attention"] == "self" and not mode["visual_ffn"]:
     raise ValueError("self attention always runs the FFN on visual tokens (visual_ffn=False needs 'composite')")
   return mode
+
+
+def mode_of(config: LlavaConfig) -> dict:
+  """The mode recorded in a LLaVA config's `ee_mllm` (stock LLaVA when absent), checked."""
+  return check_mode({"attention": "self", "visual_ffn": True, **(getattr(config, "ee_mllm", None) or {})})
 
 
 class EEMLLMModel(LlavaModel):
@@ -106,8 +110,7 @@ class EEMLLMForConditionalGeneration(LlavaForConditionalGeneration):
         mode["visual_ffn"] = True
     if visual_ffn is not None:
       mode["visual_ffn"] = bool(visual_ffn)
-    self.config.ee_mllm = mode
-    mode_of(self.config)
+    self.config.ee_mllm = check_mode(mode)
     return self
 
 
