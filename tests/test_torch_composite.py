@@ -1,8 +1,9 @@
 """The PyTorch composite model (`ee_mllm_jax.torch`) equals the JAX model, and really skips visual queries.
 
 Two families (CLIP + LLaMA with feature layer -2; SigLIP + Qwen2 with GQA 4:1 and qkv bias), random
-tiny checkpoints saved with `save_pretrained`. One left-padded batch as transformers lays it out:
-a system prompt before the image and a question after it; an image first; a row without an image.
+tiny checkpoints saved with `save_pretrained`. Inputs come from LLaVA's processor and real PNGs: one
+left-padded batch with a system prompt before the image and a question after it, an image first,
+and a row without an image.
 """
 
 import json
@@ -22,40 +23,55 @@ from models import forward  # noqa: E402
 from test_vs_hf import IMAGE_TOKEN, tiny_hf_llava  # noqa: E402
 
 FAMILIES = ("clip-llama", "siglip-qwen2")
-PLANS = ([3, "img", 6], ["img", 4], [7])  # text before the image; image first; no image
+# A system prompt before the image, a question after it; an image first; a row without an image.
+PROMPTS = ("w3 w7 w1 <image> w4 w5 w6 w8 w9 w10", "<image> w11 w12 w13 w14", "w1 w2 w3 w4 w5 w6 w7")
+IMAGE_SIZES = ((40, 48), (37, 30))  # (H, W) of the PNGs of the first two prompts
 NEW_TOKENS = 6
+
+
+def tiny_processor(config) -> transformers.LlavaProcessor:
+  """LLaVA's processor for a tiny checkpoint: a word-level tokenizer ("w<i>" -> i, "<image>" -> the
+  image token, left padding) and the tower's own image processor."""
+  from tokenizers import Tokenizer, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
+  words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(1, 200)} | {"<pad>": 0, "<image>": IMAGE_TOKEN},
+                                     unk_token="<pad>"))
+  words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", padding_side="left",
+                                                   additional_special_tokens=["<image>"])
+  v = config.vision_config
+  if v.model_type == "clip_vision_model":  # square resize + centre crop; the CLS token is dropped ("default")
+    images, cls = transformers.CLIPImageProcessorPil(size={"shortest_edge": v.image_size},
+                                                     crop_size={"height": v.image_size, "width": v.image_size}), 1
+  else:
+    images, cls = transformers.SiglipImageProcessorPil(size={"height": v.image_size, "width": v.image_size}), 0
+  return transformers.LlavaProcessor(images, tokenizer, patch_size=v.patch_size, num_additional_image_tokens=cls,
+                                     vision_feature_select_strategy=config.vision_feature_select_strategy)
+
+
+def processor_inputs(config, directory, prompts=PROMPTS):
+  """The processor's output for `prompts` and random PNGs written to and read from `directory`."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  images = []
+  for i, (h, w) in enumerate(IMAGE_SIZES[:sum("<image>" in p for p in prompts)]):
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(directory / f"{i}.png")
+    images.append(Image.open(directory / f"{i}.png").convert("RGB"))
+  return dict(tiny_processor(config)(images=images, text=list(prompts), return_tensors="pt", padding=True))
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request, tmp_path_factory):
-  """(name, stock LLaVA, its directory, transformers-layout inputs)."""
+  """(name, stock LLaVA, its directory, processor inputs)."""
   hf = tiny_hf_llava(request.param)
   hf.generation_config.eos_token_id = None  # generate exactly NEW_TOKENS in both frameworks
   path = tmp_path_factory.mktemp(request.param)
   hf.save_pretrained(path)
-  return request.param, hf, path, hf_inputs(hf.config, PLANS)
+  return request.param, hf, path, processor_inputs(hf.config, path)
 
 
 def tokens_per_image(config):
   v = config.vision_config
   return (v.image_size // v.patch_size) ** 2
-
-
-def hf_inputs(config, plans, seed=0):
-  """processor-style inputs: input_ids with each image expanded to its tokens, left-padded
-  (pad id 0, attention_mask 0), pixel_values (images, 3, H, W) in row order."""
-  rng = np.random.default_rng(seed)
-  p, size = tokens_per_image(config), config.vision_config.image_size
-  rows = [np.concatenate([np.full(p, IMAGE_TOKEN) if s == "img" else rng.integers(1, 200, s) for s in plan])
-          for plan in plans]
-  length = max(len(r) for r in rows)
-  ids = np.zeros((len(rows), length), np.int64)
-  mask = np.zeros((len(rows), length), np.int64)
-  for b, r in enumerate(rows):
-    ids[b, length - len(r):], mask[b, length - len(r):] = r, 1
-  n_images = sum(plan.count("img") for plan in plans)
-  pixels = rng.standard_normal((n_images, 3, size, size)).astype(np.float32)
-  return dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), pixel_values=torch.tensor(pixels))
 
 
 def jax_batch(inputs, p):
@@ -130,13 +146,13 @@ def _rows_seen(model, inputs, modules, **generate_kw):
 
 
 @pytest.mark.parametrize("visual_ffn", [True, False], ids=["EE-MLLM-F", "EE-MLLM"])
-def test_composite_computes_no_visual_query_and_no_visual_ffn(family, visual_ffn):
+def test_composite_computes_no_visual_query_and_no_visual_ffn(family, visual_ffn, tmp_path):
   """Hooks on layer 0's projections count the rows they compute: q_proj (hence the score matrix)
   sees text rows only, k_proj/v_proj every row; the FFN sees visual rows only with visual_ffn.
   Guard: the same hooks see every row in stock LLaVA."""
   _, hf, path, _ = family
   model = EEMLLMForConditionalGeneration.from_pretrained(path, attention="composite", visual_ffn=visual_ffn).eval()
-  inputs = hf_inputs(hf.config, PLANS[:2])  # every row holds an image
+  inputs = processor_inputs(hf.config, tmp_path, PROMPTS[:2])  # every row holds an image
   b, length = inputs["input_ids"].shape
   n_text = length - tokens_per_image(hf.config)
 
