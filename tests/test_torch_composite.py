@@ -190,3 +190,13 @@ def test_mode_is_read_from_config_and_saved(family, tmp_path):
     EEMLLMForConditionalGeneration(hf.config, attention="cross")
   with pytest.raises(ValueError, match="visual_ffn=False needs 'composite'"):
     EEMLLMForConditionalGeneration(hf.config, visual_ffn=False)
+
+
+def test_the_package_imports_torch_only_in_its_torch_subpackage():
+  """`import ee_mllm_jax` (and convert, generate) in a fresh process loads neither torch nor transformers."""
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  code = ("import sys, ee_mllm_jax, ee_mllm_jax.convert, ee_mllm_jax.generate\n"
+          "assert 'numpy' in sys.modules and not {'torch', 'transformers'} & set(sys.modules), sorted(sys.modules)\n")
+  subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
