@@ -162,7 +162,7 @@ def test_composite_computes_no_visual_query_and_no_visual_ffn(family, visual_ffn
 
   seen = _rows_seen(model, inputs, layer0(model))
   assert seen["q"] == [b * n_text] and seen["k"] == seen["v"] == [b * length]
-  assert seen["ffn"] == [b * (length if visual_ffn else n_text)]
+  assert seen["ffn"] == ([b * n_text, b * (length - n_text)] if visual_ffn else [b * n_text])
   stock = _rows_seen(hf, inputs, layer0(hf))
   assert stock["q"] == stock["ffn"] == [b * length]  # guard: the hooks do see visual rows when computed
   # generate(): the prefill writes all tokens to the cache; each decode step computes one query per row

@@ -3,19 +3,20 @@
 Letters: B batch, L tokens of this forward (interleaved, as HF lays them out), S keys (cached + L),
 T text rows, V visual rows (per-row maxima), D width, N query heads, K kv heads, H head dim.
 
-Every decoder layer of `lm` (a `LlamaModel` / `Qwen2Model`) runs, with its own modules:
+The decoder keeps two streams, x_t (B, T, D) and x_v (B, V, D), gathered once from the interleaved
+sequence (`split_rows`); every layer of `lm` (a `LlamaModel` / `Qwen2Model`) runs, with its own modules:
 
-    h   = input_layernorm(x)                               all L rows (keys and values need them)
-    k   = rope(k_proj(h)), v = v_proj(h)                   all L rows, written to the cache
-    q   = rope(q_proj(h[text]))                            text rows only: no visual query
-    x[text]   += o_proj(attend(q, k, v))                   causal by sequence index, padding masked
-    x[visual] += o_proj(repeat_kv(v[visual]))              aligner: a query that sees only itself
-    x[text]   += mlp(post_attention_layernorm(x[text]))    and, if visual_ffn, on the visual rows too
+    h_t, h_v = input_layernorm(x_t), input_layernorm(x_v)
+    h   = [h_v; h_t] in sequence order (B, L, D)           keys and values of every token
+    k   = rope(k_proj(h)), v = v_proj(h)                   written to the cache, in sequence order
+    q   = rope(q_proj(h_t))                                text rows only: no visual query
+    x_t += o_proj(attend(q, k, v))                         causal by sequence index, padding masked
+    x_v += o_proj(repeat_kv(v[visual]))                    aligner: a query that sees only itself
+    x_t += mlp(post_attention_layernorm(x_t))              and, if visual_ffn, the same on x_v
 
 So the score matrix is (T, S), never (V, S), and with `visual_ffn=False` the FFN never sees a
-visual row. Rows are gathered per batch row (`text_index`, `visual_index`), so images may sit
-anywhere in the sequence and rows may hold different numbers of visual tokens; slots past a row's
-own count are computed but add nothing (`scatter_add` of zeros).
+visual row. Images may sit anywhere in the sequence and rows may hold different numbers of visual
+tokens: a stream slot past its row's own count points at a scratch row L that is dropped.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import eager_attention_forward, repeat_kv, rotate_half
+from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
 
 SUPPORTED_DECODERS = ("llama", "qwen2")
 
@@ -38,32 +39,40 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
   return x * cos + rotate_half(x) * sin
 
 
-def _rows(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
-  """x gathered at index (B, R) along `dim` (the batch dimension is 0)."""
-  shape = list(x.shape)
-  shape[dim] = index.shape[1]
-  view = [index.shape[0]] + [1] * (x.dim() - 1)
-  view[dim] = index.shape[1]
-  return torch.gather(x, dim, index.view(view).expand(shape))
+def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+  """x (B, L, ...) at rows index (B, R); the scratch row L reads row L - 1 (its result is dropped)."""
+  index = index.clamp(max=x.shape[1] - 1).view(index.shape + (1,) * (x.dim() - 2))
+  return torch.gather(x, 1, index.expand(index.shape[:2] + x.shape[2:]))
 
 
-def _add_rows(x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-  """x (B, L, D) plus update (B, R, D) at rows index (B, R) where valid (B, R)."""
-  update = update.masked_fill(~valid[..., None], 0)
-  return x.scatter_add(1, index[..., None].expand(update.shape), update)
+def _interleave(length: int, *streams: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+  """(index (B, R), rows (B, R, D)) pairs -> (B, length, D) with each row at its index (scratch dropped)."""
+  first = streams[0][1]
+  out = first.new_empty((first.shape[0], length + 1, first.shape[2]))
+  for index, rows in streams:
+    out.scatter_(1, index[..., None].expand(rows.shape), rows)
+  return out[:, :length]
 
 
-def split_rows(is_visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-  """is_visual (B, L) -> text_index (B, T), text_valid (B, T), visual_index (B, V), visual_valid (B, V),
-  each row's tokens in sequence order."""
-  n_visual = is_visual.sum(1)
+def _expand_kv_heads(v: torch.Tensor, groups: int, head_dim: int) -> torch.Tensor:
+  """(B, R, K*H) values -> (B, R, N*H): query head n reads kv head n // groups (transformers' repeat_kv)."""
+  if groups == 1:
+    return v
+  b, r, _ = v.shape
+  return v.view(b, r, -1, 1, head_dim).expand(b, r, -1, groups, head_dim).reshape(b, r, -1)
+
+
+def split_rows(is_visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+  """is_visual (B, L) -> text_index (B, T), visual_index (B, V): each row's text / visual tokens in
+  sequence order; slots past a row's own count hold L (the scratch row)."""
   length = is_visual.shape[1]
+  n_visual = is_visual.sum(1)
   t, v = length - int(n_visual.min()), int(n_visual.max())
-  text_first = torch.argsort(is_visual.to(torch.int8), dim=1, stable=True)
-  visual_first = torch.argsort((~is_visual).to(torch.int8), dim=1, stable=True)
-  rows = torch.arange(length, device=is_visual.device)
-  return (text_first[:, :t], rows[:t] < (length - n_visual)[:, None],
-          visual_first[:, :v], rows[:v] < n_visual[:, None])
+  slots = torch.arange(length, device=is_visual.device)
+  text_first = torch.argsort(is_visual.to(torch.int8), dim=1, stable=True)[:, :t]
+  visual_first = torch.argsort((~is_visual).to(torch.int8), dim=1, stable=True)[:, :v]
+  return (torch.where(slots[:t] < (length - n_visual)[:, None], text_first, length),
+          torch.where(slots[:v] < n_visual[:, None], visual_first, length))
 
 
 def _attention_mask(query_index: torch.Tensor, key_valid: torch.Tensor, impl: str, dtype) -> torch.Tensor:
@@ -117,31 +126,31 @@ def composite_decoder(lm, inputs_embeds: torch.Tensor, is_visual: torch.Tensor, 
   else:
     raise ValueError(f"composite attention takes a 2D attention_mask (B, {past + length}), got {tuple(attention_mask.shape)}")
 
-  text_index, text_valid, visual_index, visual_valid = split_rows(is_visual)
+  text_index, visual_index = split_rows(is_visual)
+  t = text_index.shape[1]
   impl = cfg._attn_implementation or "eager"
   attend = _attention_fn(impl)
-  mask = _attention_mask(text_index + past, key_valid, impl, inputs_embeds.dtype)
+  mask = _attention_mask(text_index.clamp(max=length - 1) + past, key_valid, impl, inputs_embeds.dtype)
 
-  x = inputs_embeds
-  cos, sin = lm.rotary_emb(x, position_ids=position_ids.expand(b, length))  # (B, L, H)
-  cos_t, sin_t = _rows(cos, text_index), _rows(sin, text_index)
+  cos, sin = lm.rotary_emb(inputs_embeds, position_ids=position_ids.expand(b, length))  # (B, L, H)
+  cos_t, sin_t = _gather(cos, text_index), _gather(sin, text_index)
+  x_t, x_v = _gather(inputs_embeds, text_index), _gather(inputs_embeds, visual_index)
   for layer in lm.layers[:cfg.num_hidden_layers]:
     attn = layer.self_attn
-    h = layer.input_layernorm(x)
+    h_t = layer.input_layernorm(x_t)
+    h = _interleave(length, (text_index, h_t), (visual_index, layer.input_layernorm(x_v)))
     k = _rope(attn.k_proj(h).view(b, length, -1, attn.head_dim).transpose(1, 2), cos, sin)  # (B, K, L, H)
-    v = attn.v_proj(h).view(b, length, -1, attn.head_dim).transpose(1, 2)  # (B, K, L, H)
-    q = attn.q_proj(_rows(h, text_index)).view(b, text_index.shape[1], -1, attn.head_dim).transpose(1, 2)
-    q = _rope(q, cos_t, sin_t)  # (B, N, T, H)
-    v_visual = _rows(v, visual_index, dim=2)  # before the cache: this forward's own values
+    v_rows = attn.v_proj(h)  # (B, L, K*H)
+    v = v_rows.view(b, length, -1, attn.head_dim).transpose(1, 2)  # (B, K, L, H)
+    q = _rope(attn.q_proj(h_t).view(b, t, -1, attn.head_dim).transpose(1, 2), cos_t, sin_t)  # (B, N, T, H)
     if cache is not None:
       k, v = cache.update(k, v, attn.layer_idx)
     out_t, _ = attend(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)  # (B, T, N, H)
-    out_t = attn.o_proj(out_t.reshape(b, text_index.shape[1], -1))
+    x_t = x_t + attn.o_proj(out_t.reshape(b, t, -1))
     # Aligner: softmax over the single key a visual query may see is 1, so its output is its own value.
-    out_v = repeat_kv(v_visual, attn.num_key_value_groups).transpose(1, 2).reshape(b, visual_index.shape[1], -1)
-    x = _add_rows(_add_rows(x, text_index, text_valid, out_t), visual_index, visual_valid, attn.o_proj(out_v))
+    x_v = x_v + attn.o_proj(_expand_kv_heads(_gather(v_rows, visual_index), attn.num_key_value_groups, attn.head_dim))
+    x_t = x_t + layer.mlp(layer.post_attention_layernorm(x_t))
     if visual_ffn:
-      x = x + layer.mlp(layer.post_attention_layernorm(x))
-    else:
-      x = _add_rows(x, text_index, text_valid, layer.mlp(layer.post_attention_layernorm(_rows(x, text_index))))
-  return BaseModelOutputWithPast(last_hidden_state=lm.norm(x), cache=cache if use_cache else None)
+      x_v = x_v + layer.mlp(layer.post_attention_layernorm(x_v))
+  hidden = lm.norm(_interleave(length, (text_index, x_t), (visual_index, x_v)))
+  return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache if use_cache else None)
