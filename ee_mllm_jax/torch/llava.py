@@ -19,6 +19,7 @@ from torch import nn
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaModel
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast, LlavaPreTrainedModel
+from transformers.utils.deprecation import deprecate_kwarg
 
 from ee_mllm_jax.torch.composite import composite_decoder
 
@@ -43,10 +44,16 @@ def mode_of(config: LlavaConfig) -> dict:
   return check_mode({"attention": "self", "visual_ffn": True, **(getattr(config, "ee_mllm", None) or {})})
 
 
+# Keywords a composite forward may receive and has no use for (the output is always a dataclass;
+# falsy output_* flags ask for nothing).
+_IGNORED_KWARGS = ("return_dict", "output_attentions", "output_hidden_states")
+
+
 class EEMLLMModel(LlavaModel):
   """LlavaModel whose language model runs composite attention when the mode says so and the
   input holds image tokens."""
 
+  @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
   def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, cache=None,
               inputs_embeds=None, vision_feature_layer=None, vision_feature_select_strategy=None, image_sizes=None,
               mm_encoder_outputs=None, use_cache=None, **kwargs):
@@ -64,6 +71,9 @@ class EEMLLMModel(LlavaModel):
                              mm_encoder_outputs=mm_encoder_outputs, use_cache=use_cache, **kwargs)
     if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
       raise NotImplementedError("composite attention does not return per-layer attentions or hidden states")
+    unused = sorted(k for k, value in kwargs.items() if value is not None and k not in _IGNORED_KWARGS)
+    if unused:
+      raise TypeError(f"composite attention does not take {unused}")
     if inputs_embeds is not None:
       raise ValueError("pass input_ids or inputs_embeds, not both")
     if pixel_values is None and mm_encoder_outputs is None:
