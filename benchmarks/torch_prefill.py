@@ -9,7 +9,7 @@ same process. On this CPU XLA's float32 GEMM is ~2.2x faster than torch's (ENVIR
 the ratios, not absolute times across frameworks.
 
   python benchmarks/torch_prefill.py                      # ~3 minutes on 2 CPU cores
-  python benchmarks/torch_prefill.py --visual 576 --repeats 5
+  python benchmarks/torch_prefill.py --visual 576 --repeats 5 --threads 1
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ def parse_args():
   p.add_argument("--visual", type=int, nargs="+", default=[576, 2880], help="visual token counts V")
   p.add_argument("--text", type=int, default=64, help="prompt tokens T")
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--threads", type=int, default=None,
+                 help="torch intra-op threads (default: torch's); 1 is steadier on a loaded machine, where a "
+                      "parallel op waits for its slowest thread")
   p.add_argument("--skip-jax", action="store_true", help="time PyTorch only")
   return p.parse_args()
 
@@ -63,6 +66,8 @@ def torch_ms(fn, repeats: int) -> float:
 
 def main():
   args = parse_args()
+  if args.threads:
+    torch.set_num_threads(args.threads)
   cfg = scaled_llava(args.width, args.layers).replace(attention="self", visual_ffn=True)
   modes = {"self": cfg, "composite": cfg.replace(attention="composite", visual_ffn=False)}
   c, t = cfg.llm, args.text
