@@ -130,6 +130,19 @@ def test_self_mode_equals_stock_llava(family):
   assert np.max(np.abs(composite[0, -6:] - hf(**inputs).logits.detach().numpy()[0, -6:])) > 1e-3
 
 
+def test_composite_runs_the_same_under_eager_and_sdpa_attention(family):
+  """The text-query mask is built for the implementation: an additive float mask (eager), a boolean one (sdpa)."""
+  _, _, path, inputs = family
+  logits = {}
+  for impl in ("eager", "sdpa"):
+    model = EEMLLMForConditionalGeneration.from_pretrained(path, attention="composite", attn_implementation=impl)
+    assert model.config.text_config._attn_implementation == impl
+    with torch.no_grad():
+      logits[impl] = model.eval()(**inputs).logits
+  valid = inputs["attention_mask"].bool()
+  torch.testing.assert_close(logits["eager"][valid], logits["sdpa"][valid], rtol=1e-5, atol=1e-5)
+
+
 def _rows_seen(model, inputs, modules, **generate_kw):
   """{module name: [rows of its input per call]} over one forward (or generate) of `model`."""
   seen, hooks = {}, []
