@@ -1,0 +1,27 @@
+"""EE-MLLM's composite attention in PyTorch, on transformers' own LLaVA / LLaMA / Qwen2 modules.
+
+`EEMLLMForConditionalGeneration` is a `transformers.LlavaForConditionalGeneration` (same
+checkpoint keys, same `generate()`) whose decoder, in composite mode, computes queries and
+attention scores for text tokens only and updates visual tokens with the aligner. It loads a
+stock LLaVA directory or one exported by `ee_mllm_jax.convert` (whose `config.json` records
+`"ee_mllm": {"attention": ..., "visual_ffn": ...}`), with no custom code in the directory:
+
+    from ee_mllm_jax.torch import EEMLLMForConditionalGeneration
+    model = EEMLLMForConditionalGeneration.from_pretrained(DIR)                          # its recorded mode
+    model = EEMLLMForConditionalGeneration.from_pretrained(DIR, attention="composite")   # EE-MLLM-F
+    out = model.generate(**processor(images=image, text=prompt, return_tensors="pt"), max_new_tokens=32)
+
+This subpackage imports torch and transformers (an optional extra); `import ee_mllm_jax` never does.
+"""
+
+try:
+  import torch  # noqa: F401
+  import transformers  # noqa: F401
+except ImportError as e:  # pragma: no cover - depends on the environment
+  raise ImportError("ee_mllm_jax.torch needs PyTorch and transformers: install the CPU wheel first "
+                    "(`pip install torch==2.13.0`), then `pip install -e '.[torch]'`") from e
+
+from ee_mllm_jax.torch.composite import composite_decoder
+from ee_mllm_jax.torch.llava import ATTENTION_MODES, EEMLLMForConditionalGeneration, EEMLLMModel, check_mode, mode_of
+
+__all__ = ["ATTENTION_MODES", "EEMLLMForConditionalGeneration", "EEMLLMModel", "check_mode", "composite_decoder", "mode_of"]

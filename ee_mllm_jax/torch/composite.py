@@ -1,0 +1,156 @@
+"""Composite attention over a transformers LLaMA / Qwen2 decoder: text queries only, aligner for visual tokens.
+
+Letters: B batch, L tokens of this forward (interleaved, as HF lays them out), S keys (cached + L),
+T text rows, V visual rows (per-row maxima), D width, N query heads, K kv heads, H head dim.
+
+The decoder keeps two streams, x_t (B, T, D) and x_v (B, V, D), gathered once from the interleaved
+sequence (`split_rows`); every layer of `lm` (a `LlamaModel` / `Qwen2Model`) runs, with its own modules:
+
+    h_t, h_v = input_layernorm(x_t), input_layernorm(x_v)
+    h   = [h_v; h_t] in sequence order (B, L, D)           keys and values of every token
+    k   = rope(k_proj(h)), v = v_proj(h)                   written to the cache, in sequence order
+    q   = rope(q_proj(h_t))                                text rows only: no visual query
+    x_t += o_proj(attend(q, k, v))                         causal by sequence index, padding masked
+    x_v += o_proj(repeat_kv(v[visual]))                    aligner: a query that sees only itself
+    x_t += mlp(post_attention_layernorm(x_t))              and, if visual_ffn, the same on x_v
+
+So the score matrix is (T, S), never (V, S), and with `visual_ffn=False` the FFN never sees a
+visual row. Images may sit anywhere in the sequence and rows may hold different numbers of visual
+tokens: a stream slot past its row's own count points at a scratch row L that is dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
+
+SUPPORTED_DECODERS = ("llama", "qwen2")
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+  """x (B, heads, rows, H) rotated by cos/sin (B, rows, H): transformers' RoPE, for q and k apart
+  (they are rotated at different rows here)."""
+  cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+  return x * cos + rotate_half(x) * sin
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+  """x (B, L, ...) at rows index (B, R); the scratch row L reads row L - 1 (its result is dropped)."""
+  index = index.clamp(max=x.shape[1] - 1).view(index.shape + (1,) * (x.dim() - 2))
+  return torch.gather(x, 1, index.expand(index.shape[:2] + x.shape[2:]))
+
+
+def _interleave(length: int, *streams: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+  """(index (B, R), rows (B, R, D)) pairs -> (B, length, D) with each row at its index (scratch dropped)."""
+  first = streams[0][1]
+  out = first.new_empty((first.shape[0], length + 1, first.shape[2]))
+  for index, rows in streams:
+    out.scatter_(1, index[..., None].expand(rows.shape), rows)
+  return out[:, :length]
+
+
+def _expand_kv_heads(v: torch.Tensor, groups: int, head_dim: int) -> torch.Tensor:
+  """(B, R, K*H) values -> (B, R, N*H): query head n reads kv head n // groups (transformers' repeat_kv)."""
+  if groups == 1:
+    return v
+  b, r, _ = v.shape
+  return v.view(b, r, -1, 1, head_dim).expand(b, r, -1, groups, head_dim).reshape(b, r, -1)
+
+
+def split_rows(is_visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+  """is_visual (B, L) -> text_index (B, T), visual_index (B, V): each row's text / visual tokens in
+  sequence order; slots past a row's own count hold L (the scratch row)."""
+  length = is_visual.shape[1]
+  n_visual = is_visual.sum(1)
+  t, v = length - int(n_visual.min()), int(n_visual.max())
+  slots = torch.arange(length, device=is_visual.device)
+  text_first = torch.argsort(is_visual.to(torch.int8), dim=1, stable=True)[:, :t]
+  visual_first = torch.argsort((~is_visual).to(torch.int8), dim=1, stable=True)[:, :v]
+  return (torch.where(slots[:t] < (length - n_visual)[:, None], text_first, length),
+          torch.where(slots[:v] < n_visual[:, None], visual_first, length))
+
+
+def _attention_mask(query_index: torch.Tensor, key_valid: torch.Tensor, impl: str, dtype) -> torch.Tensor:
+  """(B, 1, T, S) mask of text queries at sequence indices query_index (B, T) over S keys: causal by
+  index, padded keys out. A query always sees itself, so that no row is empty (a padded query's
+  output is discarded, as in transformers, but must not be NaN)."""
+  keys = torch.arange(key_valid.shape[1], device=key_valid.device)
+  q = query_index[:, :, None]
+  allowed = (keys <= q) & (key_valid[:, None, :] | (keys == q))
+  allowed = allowed[:, None]
+  if impl == "sdpa":
+    return allowed
+  return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _attention_fn(impl: str) -> Callable:
+  if impl == "eager":
+    return eager_attention_forward
+  if impl == "sdpa":
+    return ALL_ATTENTION_FUNCTIONS["sdpa"]
+  raise NotImplementedError(f"composite attention runs with attn_implementation 'eager' or 'sdpa', not {impl!r} "
+                            "(its text-query mask is not a plain causal mask)")
+
+
+def composite_decoder(lm, inputs_embeds: torch.Tensor, is_visual: torch.Tensor, *,
+                      attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                      cache: Cache | None = None, use_cache: bool | None = None,
+                      visual_ffn: bool = False) -> BaseModelOutputWithPast:
+  """`lm.forward` (a LlamaModel / Qwen2Model) in composite mode: inputs_embeds (B, L, D), is_visual (B, L),
+  attention_mask (B, S) 1 = real token (S = cached + L), position_ids (B, L) (default: the sequence
+  index). Writes every token's keys/values (visual included) to `cache` and returns the final-norm
+  hidden states (B, L, D); visual rows hold their aligner-updated states."""
+  cfg = lm.config
+  if cfg.model_type not in SUPPORTED_DECODERS:
+    raise NotImplementedError(f"composite attention supports {SUPPORTED_DECODERS} decoders, not {cfg.model_type!r}")
+  if getattr(cfg, "use_sliding_window", False):
+    raise NotImplementedError("composite attention with a sliding window is not supported")
+  b, length, _ = inputs_embeds.shape
+  if use_cache is None:
+    use_cache = cfg.use_cache
+  if use_cache and cache is None:
+    cache = DynamicCache(config=cfg)
+  past = cache.get_seq_length() if cache is not None else 0
+  device = inputs_embeds.device
+  if position_ids is None:
+    position_ids = (torch.arange(length, device=device) + past)[None].expand(b, length)
+  if attention_mask is None:
+    key_valid = torch.ones((b, past + length), dtype=torch.bool, device=device)
+  elif attention_mask.dim() == 2 and attention_mask.shape[1] == past + length:
+    key_valid = attention_mask.bool()
+  else:
+    raise ValueError(f"composite attention takes a 2D attention_mask (B, {past + length}), got {tuple(attention_mask.shape)}")
+
+  text_index, visual_index = split_rows(is_visual)
+  t = text_index.shape[1]
+  impl = cfg._attn_implementation or "eager"
+  attend = _attention_fn(impl)
+  mask = _attention_mask(text_index.clamp(max=length - 1) + past, key_valid, impl, inputs_embeds.dtype)
+
+  cos, sin = lm.rotary_emb(inputs_embeds, position_ids=position_ids.expand(b, length))  # (B, L, H)
+  cos_t, sin_t = _gather(cos, text_index), _gather(sin, text_index)
+  x_t, x_v = _gather(inputs_embeds, text_index), _gather(inputs_embeds, visual_index)
+  for layer in lm.layers[:cfg.num_hidden_layers]:
+    attn = layer.self_attn
+    h_t = layer.input_layernorm(x_t)
+    h = _interleave(length, (text_index, h_t), (visual_index, layer.input_layernorm(x_v)))
+    k = _rope(attn.k_proj(h).view(b, length, -1, attn.head_dim).transpose(1, 2), cos, sin)  # (B, K, L, H)
+    v_rows = attn.v_proj(h)  # (B, L, K*H)
+    v = v_rows.view(b, length, -1, attn.head_dim).transpose(1, 2)  # (B, K, L, H)
+    q = _rope(attn.q_proj(h_t).view(b, t, -1, attn.head_dim).transpose(1, 2), cos_t, sin_t)  # (B, N, T, H)
+    if cache is not None:
+      k, v = cache.update(k, v, attn.layer_idx)
+    out_t, _ = attend(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)  # (B, T, N, H)
+    x_t = x_t + attn.o_proj(out_t.reshape(b, t, -1))
+    # Aligner: softmax over the single key a visual query may see is 1, so its output is its own value.
+    x_v = x_v + attn.o_proj(_expand_kv_heads(_gather(v_rows, visual_index), attn.num_key_value_groups, attn.head_dim))
+    x_t = x_t + layer.mlp(layer.post_attention_layernorm(x_t))
+    if visual_ffn:
+      x_v = x_v + layer.mlp(layer.post_attention_layernorm(x_v))
+  hidden = lm.norm(_interleave(length, (text_index, x_t), (visual_index, x_v)))
+  return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache if use_cache else None)

@@ -1,0 +1,215 @@
+"""The PyTorch composite model (`ee_mllm_jax.torch`) equals the JAX model, and really skips visual queries.
+
+Two families (CLIP + LLaMA with feature layer -2; SigLIP + Qwen2 with GQA 4:1 and qkv bias), random
+tiny checkpoints saved with `save_pretrained`. Inputs come from LLaVA's processor and real PNGs: one
+left-padded batch with a system prompt before the image and a question after it, an image first,
+and a row without an image.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import jax  # noqa: E402
+
+from ee_mllm_jax.convert import load_hf_llava  # noqa: E402
+from ee_mllm_jax.generate import generate  # noqa: E402
+from ee_mllm_jax.torch import EEMLLMForConditionalGeneration  # noqa: E402
+from models import forward  # noqa: E402
+from test_vs_hf import IMAGE_TOKEN, tiny_hf_llava  # noqa: E402
+
+FAMILIES = ("clip-llama", "siglip-qwen2")
+# A system prompt before the image, a question after it; an image first; a row without an image.
+PROMPTS = ("w3 w7 w1 <image> w4 w5 w6 w8 w9 w10", "<image> w11 w12 w13 w14", "w1 w2 w3 w4 w5 w6 w7")
+IMAGE_SIZES = ((40, 48), (37, 30))  # (H, W) of the PNGs of the first two prompts
+NEW_TOKENS = 6
+
+
+def tiny_processor(config) -> transformers.LlavaProcessor:
+  """LLaVA's processor for a tiny checkpoint: a word-level tokenizer ("w<i>" -> i, "<image>" -> the
+  image token, left padding) and the tower's own image processor."""
+  from tokenizers import Tokenizer, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
+  words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(1, 200)} | {"<pad>": 0, "<image>": IMAGE_TOKEN},
+                                     unk_token="<pad>"))
+  words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", padding_side="left",
+                                                   additional_special_tokens=["<image>"])
+  v = config.vision_config
+  if v.model_type == "clip_vision_model":  # square resize + centre crop; the CLS token is dropped ("default")
+    images, cls = transformers.CLIPImageProcessorPil(size={"shortest_edge": v.image_size},
+                                                     crop_size={"height": v.image_size, "width": v.image_size}), 1
+  else:
+    images, cls = transformers.SiglipImageProcessorPil(size={"height": v.image_size, "width": v.image_size}), 0
+  return transformers.LlavaProcessor(images, tokenizer, patch_size=v.patch_size, num_additional_image_tokens=cls,
+                                     vision_feature_select_strategy=config.vision_feature_select_strategy)
+
+
+def processor_inputs(config, directory, prompts=PROMPTS):
+  """The processor's output for `prompts` and random PNGs written to and read from `directory`."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  images = []
+  for i, (h, w) in enumerate(IMAGE_SIZES[:sum("<image>" in p for p in prompts)]):
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(directory / f"{i}.png")
+    images.append(Image.open(directory / f"{i}.png").convert("RGB"))
+  return dict(tiny_processor(config)(images=images, text=list(prompts), return_tensors="pt", padding=True))
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, tmp_path_factory):
+  """(name, stock LLaVA, its directory, processor inputs)."""
+  hf = tiny_hf_llava(request.param)
+  hf.generation_config.eos_token_id = None  # generate exactly NEW_TOKENS in both frameworks
+  path = tmp_path_factory.mktemp(request.param)
+  hf.save_pretrained(path)
+  return request.param, hf, path, processor_inputs(hf.config, path)
+
+
+def tokens_per_image(config):
+  v = config.vision_config
+  return (v.image_size // v.patch_size) ** 2
+
+
+def jax_batch(inputs, p):
+  """The same prompts as a two-stream batch (ee_mllm_jax.batch): positions as transformers'
+  generate() derives them (cumsum of the attention mask), text left-aligned, one image slot."""
+  ids, mask = inputs["input_ids"].numpy(), inputs["attention_mask"].numpy().astype(bool)
+  pixels = inputs["pixel_values"].numpy().transpose(0, 2, 3, 1)
+  b = ids.shape[0]
+  pos = np.cumsum(mask, 1) - 1
+  text = mask & (ids != IMAGE_TOKEN)
+  t = int(text.sum(1).max())
+  out = dict(pixel_values=np.zeros((b, 1) + pixels.shape[1:], np.float32), image_valid=np.zeros((b, 1), bool),
+             input_ids=np.zeros((b, t), np.int32), text_positions=np.zeros((b, t), np.int32),
+             text_valid=np.zeros((b, t), bool), visual_positions=np.zeros((b, p), np.int32))
+  image = 0
+  for row in range(b):
+    n = int(text[row].sum())
+    out["input_ids"][row, :n], out["text_positions"][row, :n] = ids[row, text[row]], pos[row, text[row]]
+    out["text_valid"][row, :n] = True
+    visual = ids[row] == IMAGE_TOKEN
+    if visual.any():
+      out["visual_positions"][row], out["image_valid"][row] = pos[row, visual], True
+      out["pixel_values"][row, 0], image = pixels[image], image + 1
+  return out, text
+
+
+@pytest.mark.parametrize("visual_ffn", [True, False], ids=["EE-MLLM-F", "EE-MLLM"])
+def test_composite_equals_jax_in_logits_and_cached_greedy_tokens(family, visual_ffn):
+  name, _, path, inputs = family
+  model = EEMLLMForConditionalGeneration.from_pretrained(path, attention="composite", visual_ffn=visual_ffn).eval()
+  assert model.mode == {"attention": "composite", "visual_ffn": visual_ffn}
+  cfg, params = load_hf_llava(str(path), attention="composite", visual_ffn=visual_ffn)
+  batch, text = jax_batch(inputs, cfg.tokens_per_image)
+  with torch.no_grad():
+    want = model(**inputs).logits.numpy()
+    tokens = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+  got = np.asarray(forward(cfg, params, batch))
+  for row in range(want.shape[0]):
+    n = int(text[row].sum())
+    err = np.max(np.abs(got[row, :n] - want[row, text[row]])) / np.max(np.abs(want[row, text[row]]))
+    assert err < 1e-4, f"{name} row {row}: max relative error {err:.2e}"
+  jax_tokens = np.asarray(generate(params, cfg, batch, max_new_tokens=NEW_TOKENS).tokens)
+  np.testing.assert_array_equal(tokens.numpy(), jax_tokens)
+
+
+def test_self_mode_equals_stock_llava(family):
+  _, hf, path, inputs = family
+  ours = EEMLLMForConditionalGeneration.from_pretrained(path).eval()
+  assert ours.mode == {"attention": "self", "visual_ffn": True}  # no ee_mllm key: stock LLaVA
+  with torch.no_grad():
+    np.testing.assert_array_equal(ours(**inputs).logits.numpy(), hf(**inputs).logits.numpy())
+    generated = [m.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False) for m in (ours, hf)]
+    np.testing.assert_array_equal(*generated)
+    # guard: the same weights in composite mode answer differently after the image
+    composite = ours.set_mode(attention="composite")(**inputs).logits.numpy()
+  assert np.max(np.abs(composite[0, -6:] - hf(**inputs).logits.detach().numpy()[0, -6:])) > 1e-3
+
+
+def test_composite_runs_the_same_under_eager_and_sdpa_attention(family):
+  """The text-query mask is built for the implementation: an additive float mask (eager), a boolean one (sdpa)."""
+  _, _, path, inputs = family
+  logits = {}
+  for impl in ("eager", "sdpa"):
+    model = EEMLLMForConditionalGeneration.from_pretrained(path, attention="composite", attn_implementation=impl)
+    assert model.config.text_config._attn_implementation == impl
+    with torch.no_grad():
+      logits[impl] = model.eval()(**inputs).logits
+  valid = inputs["attention_mask"].bool()
+  torch.testing.assert_close(logits["eager"][valid], logits["sdpa"][valid], rtol=1e-5, atol=1e-5)
+
+
+def _rows_seen(model, inputs, modules, **generate_kw):
+  """{module name: [rows of its input per call]} over one forward (or generate) of `model`."""
+  seen, hooks = {}, []
+  for name, module in modules.items():
+    hooks.append(module.register_forward_hook(
+        lambda m, args, out, name=name: seen.setdefault(name, []).append(args[0].shape[:-1].numel())))
+  try:
+    with torch.no_grad():
+      model.generate(**inputs, **generate_kw) if generate_kw else model(**inputs)
+  finally:
+    for h in hooks:
+      h.remove()
+  return seen
+
+
+@pytest.mark.parametrize("visual_ffn", [True, False], ids=["EE-MLLM-F", "EE-MLLM"])
+def test_composite_computes_no_visual_query_and_no_visual_ffn(family, visual_ffn, tmp_path):
+  """Hooks on layer 0's projections count the rows they compute: q_proj (hence the score matrix)
+  sees text rows only, k_proj/v_proj every row; the FFN sees visual rows only with visual_ffn.
+  Guard: the same hooks see every row in stock LLaVA."""
+  _, hf, path, _ = family
+  model = EEMLLMForConditionalGeneration.from_pretrained(path, attention="composite", visual_ffn=visual_ffn).eval()
+  inputs = processor_inputs(hf.config, tmp_path, PROMPTS[:2])  # every row holds an image
+  b, length = inputs["input_ids"].shape
+  n_text = length - tokens_per_image(hf.config)
+
+  def layer0(m):
+    layer = m.model.language_model.layers[0]
+    return dict(q=layer.self_attn.q_proj, k=layer.self_attn.k_proj, v=layer.self_attn.v_proj, ffn=layer.mlp)
+
+  seen = _rows_seen(model, inputs, layer0(model))
+  assert seen["q"] == [b * n_text] and seen["k"] == seen["v"] == [b * length]
+  assert seen["ffn"] == ([b * n_text, b * (length - n_text)] if visual_ffn else [b * n_text])
+  stock = _rows_seen(hf, inputs, layer0(hf))
+  assert stock["q"] == stock["ffn"] == [b * length]  # guard: the hooks do see visual rows when computed
+  # generate(): the prefill writes all tokens to the cache; each decode step computes one query per row
+  seen = _rows_seen(model, inputs, layer0(model), max_new_tokens=3, do_sample=False)
+  assert seen["q"] == [b * n_text, b, b] and seen["k"] == [b * length, b, b]
+
+
+def test_mode_is_read_from_config_and_saved(family, tmp_path):
+  """A directory whose config.json records "ee_mllm" loads in that mode (no custom code); keyword
+  arguments override it; save_pretrained writes the mode and the same tensors as stock LLaVA."""
+  _, hf, path, _ = family
+  model = EEMLLMForConditionalGeneration.from_pretrained(path, attention="composite", visual_ffn=False)
+  model.save_pretrained(tmp_path)
+  with open(tmp_path / "config.json") as f:
+    assert json.load(f)["ee_mllm"] == {"attention": "composite", "visual_ffn": False}
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  keys = lambda d: set(safe_open(str(d / "model.safetensors"), "pt").keys())
+  assert keys(tmp_path) == keys(path)
+  assert EEMLLMForConditionalGeneration.from_pretrained(tmp_path).mode == {"attention": "composite", "visual_ffn": False}
+  assert EEMLLMForConditionalGeneration.from_pretrained(tmp_path, visual_ffn=True).mode["visual_ffn"]
+  # stock transformers loads the same directory (it ignores the key) and runs it as LLaVA
+  stock = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path)
+  torch.testing.assert_close(stock.lm_head.weight, hf.lm_head.weight, rtol=0, atol=0)
+  with pytest.raises(ValueError, match="attention must be one of"):
+    EEMLLMForConditionalGeneration(hf.config, attention="cross")
+  with pytest.raises(ValueError, match="visual_ffn=False needs 'composite'"):
+    EEMLLMForConditionalGeneration(hf.config, visual_ffn=False)
+
+
+def test_the_package_imports_torch_only_in_its_torch_subpackage():
+  """`import ee_mllm_jax` (and convert, generate) in a fresh process loads neither torch nor transformers."""
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  code = ("import sys, ee_mllm_jax, ee_mllm_jax.convert, ee_mllm_jax.generate\n"
+          "assert 'numpy' in sys.modules and not {'torch', 'transformers'} & set(sys.modules), sorted(sys.modules)\n")
+  subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
