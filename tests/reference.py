@@ -16,7 +16,6 @@ latest such image -- and a token with no visible image gets zero attention outpu
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import erf
 
 
 def _rms(x, w, eps):
@@ -82,8 +81,8 @@ def _layer_norm(x, p, name, eps=1e-5):
   return (x - mu) / np.sqrt(var + eps) * p[f"{name}/scale"] + p[f"{name}/bias"]
 
 
-def _gelu(x):
-  return 0.5 * x * (1 + erf(x / np.sqrt(2)))
+def _gelu(x):  # tanh approximation
+  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
 
 
 def _ffn(x, p, name):
