@@ -5,7 +5,6 @@ import functools
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -169,14 +168,3 @@ def test_7b_cross_every_4_new_parameter_count_without_allocating():
   assert flatten(shapes).keys() >= flatten(llava).keys()  # the LLaVA tree is unchanged inside it
   print(f"7B cross every 4: {new / 1e9:.3f}B new parameters ({8 * block / 1e9:.3f}B blocks)")
 
-
-def test_bfloat16_remat_gradients_are_finite_and_reach_every_used_parameter():
-  cfg = CFG.replace(dtype="bfloat16", remat="full")
-  batch = make_batch(cfg, PLANS)
-  params = cross_params(cfg)
-  model = eem.EEMLLM(cfg)
-  grads = jax.jit(jax.grad(lambda p: jnp.mean(model.apply({"params": p}, **batch_lib.model_inputs(batch)) ** 2)))(params)
-  flat = jax.tree_util.tree_flatten_with_path(grads)[0]
-  assert all(bool(jnp.all(jnp.isfinite(g))) for _, g in flat)
-  zero = [jax.tree_util.keystr(k) for k, g in flat if not bool(jnp.any(g != 0))]
-  assert zero == ["['vision']['post_layernorm']['bias']", "['vision']['post_layernorm']['scale']"], zero

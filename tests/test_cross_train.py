@@ -23,7 +23,9 @@ from ee_mllm_jax.train.step import make_train_step
 sys.path.insert(0, ROOT)
 from configs import flamingo_7b  # noqa: E402  pylint: disable=g-import-not-at-top
 
-CFG = eem.ModelConfig.preset("tiny", attention="cross", cross_every=1, resampler_latents=3, resampler_depth=1)
+# remat: the group scan under the trainer's gradient checkpointing (as the 7B recipe runs it)
+CFG = eem.ModelConfig.preset("tiny", attention="cross", cross_every=1, resampler_latents=3, resampler_depth=1,
+                             remat="full")
 TRAINABLE = flamingo_7b.get_config().optim.trainable
 STEPS = 2
 # Open gates, as in the middle of training: with the initial zeros the first step moves only the
