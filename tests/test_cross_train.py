@@ -3,7 +3,6 @@ single-device step, and the Flamingo recipe's regex trains the new parameters (b
 resampler, projector) while the LLM and the tower stay bit-identical with no optimizer state."""
 
 import functools
-import os
 import sys
 
 import jax

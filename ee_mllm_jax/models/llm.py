@@ -135,8 +135,8 @@ class MediaContext:
   media: jax.Array | None = None
 
 
-def _decoder_stack(cfg: LLMConfig, length: int, remat: str, unroll, kw):
-  """The scanned decoder layer class (`length` layers); `kw` is unused here, kept for symmetry."""
+def _decoder_stack(length: int, remat: str, unroll):
+  """The scanned decoder layer class (`length` layers; xs: the layer indices in the extend phase)."""
   return scan_layers(DecoderLayer, length=length, remat=remat, unroll=unroll, in_axes=(0, nn.broadcast))
 
 
@@ -154,8 +154,7 @@ class CrossGroup(GatedCrossBlock):
   def _decoder(self):
     """The group's k decoder layers, detached: applied to this group's slice of `layers/`."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    return _decoder_stack(self.cfg, self.every, self.remat, self.unroll, kw)(self.cfg, "self", False, parent=None,
-                                                                             **kw)
+    return _decoder_stack(self.every, self.remat, self.unroll)(self.cfg, "self", False, parent=None, **kw)
 
   def __call__(self, carry, xs, media_ctx: MediaContext, ctx):
     layer_params = xs[0]
@@ -191,8 +190,8 @@ class LLM(nn.Module):
     self.embed_tokens = nn.Embed(c.vocab_size, c.width, embedding_init=logical(nn.initializers.normal(0.02),
                                                                                ("vocab", "embed")), **kw)
     cross = self.mode == "cross"
-    self.layers = _decoder_stack(c, c.depth, self.remat, self.unroll, kw)(c, "self" if cross else self.mode,
-                                                                           self.visual_ffn and not cross, **kw)
+    self.layers = _decoder_stack(c.depth, self.remat, self.unroll)(c, "self" if cross else self.mode,
+                                                                 self.visual_ffn and not cross, **kw)
     if cross:
       groups = scan_layers(CrossGroup, length=c.depth // self.cross_every, remat="none", unroll=self.unroll,
                            in_axes=(0, nn.broadcast, nn.broadcast))
