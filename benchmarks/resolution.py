@@ -1,7 +1,10 @@
-"""Prefill and decode speed vs number of visual tokens: LLaVA (self) vs EE-MLLM (composite).
+"""Prefill and decode speed vs number of visual tokens: LLaVA (self) vs EE-MLLM (composite) vs
+Flamingo (cross).
 
 One process, one random parameter set shared by every mode (LLaVA-shaped; EE-MLLM-F runs it in
-composite mode with the visual FFN, EE-MLLM without). For each V (a multiple of the tokens per
+composite mode with the visual FFN, EE-MLLM without; Flamingo adds its cross-attention blocks
+every 4 layers and a 64-latent, 6-layer perceiver resampler, as configs/flamingo_7b.py, whose
+cache holds text slots only plus each block's media keys/values). For each V (a multiple of the tokens per
 image: V / P images, then `--text_len` prompt tokens) and each mode it measures
 
 * TTFT: vision tower + projector + LLM prefill + first token (median of `--repeats` timed runs
@@ -35,10 +38,12 @@ from ee_mllm_jax.flops import decode_step_flops, forward_flops
 from common import images_then_text, median_ms, scaled_llava
 from ee_mllm_jax import batch as batch_lib
 from ee_mllm_jax.generate import decode, prefill, sample_token
+from ee_mllm_jax.params import overlay
 
 MODES = {"self": dict(attention="self", visual_ffn=True),  # LLaVA
          "ee-mllm": dict(attention="composite", visual_ffn=False),
-         "ee-mllm-f": dict(attention="composite", visual_ffn=True)}
+         "ee-mllm-f": dict(attention="composite", visual_ffn=True),
+         "flamingo": dict(attention="cross", visual_ffn=False, cross_every=4, resampler_latents=64, resampler_depth=6)}
 
 
 def parse_args(argv=None):
@@ -50,7 +55,7 @@ def parse_args(argv=None):
   p.add_argument("--vocab", type=int, default=4096)
   p.add_argument("--dtype", default=None, help="compute/param dtype (default: float32 scaled, bfloat16 preset)")
   p.add_argument("--visual_tokens", default="576,1152,2304,2880,4608")
-  p.add_argument("--modes", default="self,ee-mllm,ee-mllm-f")
+  p.add_argument("--modes", default="self,ee-mllm,ee-mllm-f,flamingo")
   p.add_argument("--text_len", type=int, default=64, help="prompt tokens after the images")
   p.add_argument("--new_tokens", type=int, default=16)
   p.add_argument("--batch", type=int, default=1)
@@ -86,6 +91,10 @@ def main(argv=None):
 
   params = jax.jit(eem.EEMLLM(base.replace(**MODES["self"])).init)(jax.random.key(0), **batch_lib.example(base))["params"]
   params = jax.block_until_ready(nn.meta.unbox(params))
+  if "flamingo" in modes:  # the same LLM, tower and projector, plus the cross blocks and resampler
+    cross_cfg = base.replace(**MODES["flamingo"])
+    fresh = jax.jit(eem.EEMLLM(cross_cfg).init)(jax.random.key(1), **batch_lib.example(cross_cfg))["params"]
+    cross_params = jax.block_until_ready(overlay(nn.meta.unbox(fresh), params)[0])
 
   rows = []
   header = (f"{'V':>5} {'mode':>9} | {'prefill GFLOP':>13} {'TTFT ms':>9} {'GFLOP/s':>8} {'vs self':>7} | "
@@ -98,17 +107,19 @@ def main(argv=None):
     ttft_self = None
     for mode in modes:
       cfg = base.replace(**MODES[mode])
+      p_mode = cross_params if mode == "flamingo" else params
+      slots = (0 if mode == "flamingo" else v) + t + n - 1  # cross mode: text slots only
 
       def first_token():
-        logits, cache = prefill(params, cfg, batch, cache_size=v + t + n - 1)
+        logits, cache = prefill(p_mode, cfg, batch, cache_size=slots)
         return sample_token(logits, None), logits, cache
 
       ttft = median_ms(lambda: first_token()[0], repeats=args.repeats) / 1e3
       _, logits, cache = first_token()
-      step = median_ms(lambda: decode(params, cfg, logits, cache, next_pos, max_new_tokens=n).tokens,
+      step = median_ms(lambda: decode(p_mode, cfg, logits, cache, next_pos, max_new_tokens=n).tokens,
                        repeats=args.repeats) / 1e3
       flops = forward_flops(cfg, batch=b, num_images=v // p, text_len=t)["total"]
-      step_flops = decode_step_flops(cfg, cache_len=v + t + n - 1, batch=b)
+      step_flops = decode_step_flops(cfg, cache_len=slots, batch=b, media_len=v // p * cfg.media_tokens_per_image)
       tok_s = b * (n - 1) / step
       ttft_self = ttft if mode == "self" else ttft_self
       ratio = f"{ttft_self / ttft:6.2f}x" if ttft_self else "      -"

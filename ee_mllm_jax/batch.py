@@ -200,6 +200,11 @@ def check_prompts_end_with_text(batch: Mapping[str, Any], cache: "Cache | None" 
     if not _concrete(cache.valid, cache.pos):
       return
     last_image = np.max(np.where(np.asarray(cache.valid), np.asarray(cache.pos), -1), axis=1, initial=-1)
+    if cache.media_pos is not None:  # cross mode: the images are not in the self-attention slots
+      if not _concrete(cache.media_pos, cache.media_valid):
+        return
+      media = np.where(np.asarray(cache.media_valid), np.asarray(cache.media_pos), -1)
+      last_image = np.maximum(last_image, np.max(media, axis=1, initial=-1))
   bad = np.flatnonzero(last_image > last_text)
   if bad.size:
     where = "after the cached prefix" if cache is not None else "after its last image"
@@ -241,6 +246,13 @@ class Cache:
   pos    (B, S) int32      each slot's position in the interleaved sequence
   valid  (B, S) bool       filled and not padding
   index  () int32          next write slot (shared by all rows; pads are invalid)
+
+  Cross mode (None in the others): the self-attention slots hold text only, and the media the
+  cross blocks read are kept once, from the prefill (G blocks, I image slots, M media tokens
+  per image, N heads):
+  cross_k, cross_v  (G, B, I, M, N, Hd)  every block's keys/values of every image
+  media_pos         (B, I) int32         each image's last position (later text sees it)
+  media_valid       (B, I) bool
   """
 
   k: jax.Array
@@ -248,6 +260,10 @@ class Cache:
   pos: jax.Array
   valid: jax.Array
   index: jax.Array
+  cross_k: jax.Array | None = None
+  cross_v: jax.Array | None = None
+  media_pos: jax.Array | None = None
+  media_valid: jax.Array | None = None
 
   @property
   def size(self) -> int:
@@ -267,8 +283,10 @@ class Cache:
   def repeat(self, repeats: int) -> "Cache":
     """Each row repeated `repeats` times (row b -> rows b*repeats ... b*repeats+repeats-1),
     e.g. one image prefix shared by several prompts."""
-    return self.replace(k=jnp.repeat(self.k, repeats, axis=1), v=jnp.repeat(self.v, repeats, axis=1),
-                        pos=jnp.repeat(self.pos, repeats, axis=0), valid=jnp.repeat(self.valid, repeats, axis=0))
+    rows = lambda x, axis: None if x is None else jnp.repeat(x, repeats, axis=axis)
+    return self.replace(k=rows(self.k, 1), v=rows(self.v, 1), pos=rows(self.pos, 0), valid=rows(self.valid, 0),
+                        cross_k=rows(self.cross_k, 1), cross_v=rows(self.cross_v, 1),
+                        media_pos=rows(self.media_pos, 0), media_valid=rows(self.media_valid, 0))
 
   def with_text(self, pos_t: jax.Array, valid_t: jax.Array) -> "Cache":
     """Positions/validity of T new text tokens written at slots [index, index + T) (their

@@ -8,6 +8,10 @@ decoder); `ModelConfig` ties them together with the switches that define the mod
   updated by the aligner ``o_proj(v_proj(input_layernorm(x_v)))`` and pass the FFN only
   when ``visual_ffn`` is set (EE-MLLM-F: a LLaVA checkpoint run in composite mode keeps it
   on, because its weights were trained with it).
+* ``attention="cross"``     Flamingo: visual tokens stay out of the decoder; a gated
+  cross-attention block (`models/cross.py`) sits before every `cross_every`-th layer, its
+  keys/values the projected visual tokens or, with `resampler_latents` > 0, a perceiver
+  resampler's latents per image. Tanh gates start at 0: untrained, it is the text-only LLM.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
 
-AttentionMode = Literal["self", "composite"]
+AttentionMode = Literal["self", "composite", "cross"]
 ATTENTION_MODES: tuple[str, ...] = typing.get_args(AttentionMode)
 # How attention is computed (`ee_mllm_jax.models.attention.attend`); the same function in every
 # case: "xla" dense einsum (the reference), "chunked" online softmax over key blocks (memory
@@ -31,6 +35,12 @@ AttentionImpl = Literal["xla", "chunked", "cudnn", "auto"]
 ATTENTION_IMPLS: tuple[str, ...] = typing.get_args(AttentionImpl)
 PROJECTORS = ("linear", "mlp2x_gelu")
 REMAT_POLICIES = ("none", "full", "dots")
+# Cross mode: which images a text token cross-attends to: only the immediately preceding one
+# (Flamingo) or all preceding ones.
+CrossMedia = Literal["previous", "all"]
+CROSS_MEDIA: tuple[str, ...] = typing.get_args(CrossMedia)
+# ModelConfig fields that only cross mode reads (they change no parameter of the other modes).
+CROSS_FIELDS = ("cross_every", "cross_media", "cross_ffn_mult", "resampler_latents", "resampler_depth")
 
 
 class _Replaceable:
@@ -213,10 +223,32 @@ class ModelConfig(_Replaceable):
   # Unrolling of the scanned layers; `True` unrolls fully (XLA's cost analysis counts a
   # loop body once, so the FLOP check compiles unrolled).
   scan_unroll: int | bool = 1
+  # Cross mode only (CROSS_FIELDS): a gated cross-attention block before every `cross_every`-th
+  # decoder layer (layers 0, k, 2k, ...; depth must divide by it), FFN width cross_ffn_mult x D;
+  # a perceiver resampler of `resampler_depth` layers maps each image to `resampler_latents`
+  # latents (0: off, the blocks read the projected visual tokens).
+  cross_every: int = 4
+  cross_media: CrossMedia = "previous"
+  cross_ffn_mult: int = 4
+  resampler_latents: int = 0
+  resampler_depth: int = 6
 
   def __post_init__(self):
     if self.attention not in ATTENTION_MODES:
       raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+    if self.attention == "cross":
+      if not (isinstance(self.cross_every, int) and self.cross_every > 0):
+        raise ValueError(f"cross_every must be a positive int, got {self.cross_every!r}")
+      if self.llm.depth % self.cross_every:
+        raise ValueError(f"llm.depth {self.llm.depth} is not a multiple of cross_every {self.cross_every}: "
+                         "cross mode places a cross-attention block before every cross_every-th layer")
+      if self.cross_media not in CROSS_MEDIA:
+        raise ValueError(f"cross_media must be one of {CROSS_MEDIA}, got {self.cross_media!r}")
+      if self.cross_ffn_mult < 1:
+        raise ValueError(f"cross_ffn_mult must be >= 1, got {self.cross_ffn_mult}")
+      if self.resampler_latents < 0 or (self.resampler_latents and self.resampler_depth < 1):
+        raise ValueError(f"resampler_latents must be >= 0 (0: no resampler) and resampler_depth >= 1, got "
+                         f"{self.resampler_latents} / {self.resampler_depth}")
     if self.projector not in PROJECTORS:
       raise ValueError(f"projector must be one of {PROJECTORS}, got {self.projector!r}")
     if self.remat not in REMAT_POLICIES:
@@ -233,7 +265,18 @@ class ModelConfig(_Replaceable):
 
   @property
   def runs_visual_ffn(self) -> bool:
-    return self.attention == "self" or self.visual_ffn
+    """Do visual tokens pass the decoder's FFN? (In cross mode they are not in the decoder.)"""
+    return self.attention == "self" or (self.attention == "composite" and self.visual_ffn)
+
+  @property
+  def cross_blocks(self) -> int:
+    """Cross mode: the number of gated cross-attention blocks (one per group of cross_every layers)."""
+    return self.llm.depth // self.cross_every if self.attention == "cross" else 0
+
+  @property
+  def media_tokens_per_image(self) -> int:
+    """Cross mode: the keys/values per image the blocks read (resampler latents, or P)."""
+    return self.resampler_latents or self.tokens_per_image
 
   @classmethod
   def preset(cls, name: str, **overrides) -> "ModelConfig":

@@ -9,8 +9,14 @@ mask, max, subtract, sum, divide = 6 per score, what XLA's cost analysis charges
 a transcendental), since at small head dims it is a tenth of the attention; norms,
 activations and RoPE are left out, as is usual for MFU.
 
+Cross mode (Flamingo): the decoder runs over text only (T queries, T keys); each of the
+L / cross_every gated blocks projects T queries and the I*M media keys/values (M = resampler
+latents or P per image), scores T x I*M (also with "previous" masking: every image is scored,
+the latest visible one kept) and runs its FFN (width cross_ffn_mult x D) on the text; the
+resampler runs per image, R latents attending to P + R keys.
+
 Letters: V visual tokens, T text tokens, S = V + T keys, D width, N/K query/kv heads,
-H head dim, F MLP width, P patches per image.
+H head dim, F MLP width, P patches per image, I images, M media tokens per image, R latents.
 """
 
 from __future__ import annotations
@@ -49,11 +55,47 @@ def _layer_flops(c, *, queries: int, keys: int, ffn_tokens: int, aligner_tokens:
   return linear, 2 * 2 * queries * keys * n * h  # scores and weighted values
 
 
+def cross_block_flops(cfg: ModelConfig, *, queries: int, media: int) -> tuple[float, float, float]:
+  """One gated cross-attention block: text `queries` against `media` keys/values ->
+  (linear incl. FFN, attention, softmax)."""
+  c = cfg.llm
+  d, nh = c.width, c.num_heads * c.head_dim
+  linear = (2 * queries * d * nh * 2  # q_proj, o_proj
+            + 2 * media * d * nh * 2  # k_proj, v_proj over the media
+            + 2 * queries * 2 * d * cfg.cross_ffn_mult * d)  # FFN up, down
+  attention = 2 * 2 * queries * media * nh
+  return linear, attention, SOFTMAX_FLOPS_PER_SCORE * queries * media * c.num_heads
+
+
+def resampler_flops(cfg: ModelConfig, *, images: int) -> float:
+  """Perceiver resampler over `images` images (0 when off)."""
+  if not (cfg.attention == "cross" and cfg.resampler_latents):
+    return 0.0
+  r, p, c = cfg.resampler_latents, cfg.tokens_per_image, cfg.llm
+  d, nh = c.width, c.num_heads * c.head_dim
+  per_layer = (2 * r * d * nh * 2 + 2 * (p + r) * d * nh * 2 + 2 * r * 2 * d * 4 * d
+               + 2 * 2 * r * (p + r) * nh + SOFTMAX_FLOPS_PER_SCORE * r * (p + r) * c.num_heads)
+  return images * cfg.resampler_depth * per_layer
+
+
 def llm_flops(cfg: ModelConfig, *, visual_len: int, text_len: int, batch: int = 1) -> dict[str, float]:
   """Decoder forward over V visual and T text tokens in `cfg.attention` mode, as the scanned
-  stack executes it (the last layer's visual update is computed though nothing reads it)."""
+  stack executes it (the last layer's visual update is computed though nothing reads it).
+  Cross mode: V = I*P visual tokens of I image slots; the cross blocks are counted here, the
+  resampler in `forward_flops`."""
   c = cfg.llm
   v, t = visual_len, text_len
+  if cfg.attention == "cross":
+    lin, att = _layer_flops(c, queries=t, keys=t, ffn_tokens=t, aligner_tokens=0)
+    media = v // cfg.tokens_per_image * cfg.media_tokens_per_image
+    x_lin, x_att, x_soft = cross_block_flops(cfg, queries=t, media=media)
+    g = cfg.cross_blocks
+    out = {"llm_linear": batch * c.depth * lin, "attention": batch * c.depth * att,
+           "softmax": batch * (c.depth * att * SOFTMAX_FLOPS_PER_SCORE / (4 * c.head_dim) + g * x_soft),
+           "cross_linear": batch * g * x_lin, "cross_attention": batch * g * x_att,
+           "lm_head": batch * 2 * t * c.width * c.vocab_size}
+    out["total"] = sum(out.values())
+    return out
   composite = cfg.attention == "composite"
   lin, att = _layer_flops(c, queries=t if composite else v + t, keys=v + t,
                           ffn_tokens=v + t if cfg.runs_visual_ffn else t, aligner_tokens=v if composite else 0)
@@ -72,15 +114,23 @@ def forward_flops(cfg: ModelConfig, *, batch: int, num_images: int, text_len: in
   images = batch * num_images
   out = {"vision": vision_flops(cfg.vision, images=images),
          "projector": projector_flops(cfg, images=images)}
+  if cfg.attention == "cross" and cfg.resampler_latents:
+    out["resampler"] = resampler_flops(cfg, images=images)
   llm = llm_flops(cfg, visual_len=num_images * cfg.tokens_per_image, text_len=text_len, batch=batch)
   out.update({k: v for k, v in llm.items() if k != "total"})
   out["total"] = sum(out.values())
   return out
 
 
-def decode_step_flops(cfg: ModelConfig, *, cache_len: int, batch: int = 1) -> float:
-  """One new text token per row against `cache_len` cached keys (identical in every mode)."""
+def decode_step_flops(cfg: ModelConfig, *, cache_len: int, batch: int = 1, media_len: int = 0) -> float:
+  """One new text token per row against `cache_len` cached keys (identical in the self and
+  composite modes). Cross mode: the cache holds text only, and each block reads `media_len`
+  cached media keys/values (I*M; their projections were paid once, at the prefill)."""
   c = cfg.llm
   d, f, n, k, h = c.width, c.mlp_dim, c.num_heads, c.num_kv_heads, c.head_dim
   per_layer = 2 * d * (n + 2 * k) * h + 2 * n * h * d + 2 * 3 * d * f + 2 * 2 * cache_len * n * h
-  return batch * (c.depth * per_layer + 2 * d * c.vocab_size)
+  cross = 0.0
+  if cfg.attention == "cross":
+    x_lin, _, _ = cross_block_flops(cfg, queries=1, media=0)
+    cross = cfg.cross_blocks * (x_lin + 2 * 2 * media_len * n * h)
+  return batch * (c.depth * per_layer + cross + 2 * d * c.vocab_size)

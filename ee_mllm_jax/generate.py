@@ -11,6 +11,8 @@ produce logits; `generate` refuses a row whose last valid token is an image.
 
 In composite mode nothing here computes a visual query or a V x V score: the prefill is the
 model's two-stream forward, and a decode step is one text query per row against the cache.
+In cross mode the cache's slots hold text only; each cross block's keys/values of the images
+are computed once by the prefill and carried in the cache (`Cache.cross_k` ...) for every step.
 
 Image-prefix reuse. A row's keys/values up to and including its last image depend on that
 prefix alone: later text never changes earlier tokens; in composite mode a visual token sees
@@ -159,7 +161,9 @@ def generate(params, cfg: ModelConfig, batch: dict[str, Any], *, max_new_tokens:
   batch_lib.check_prompts_end_with_text(batch, cache)
   text = batch_lib.text_inputs(batch)
   if cache is None:
-    v, t = batch["visual_positions"].shape[1], text["input_ids"].shape[1]
+    # cross mode: the images are the blocks' keys/values, not cache slots
+    v = 0 if cfg.attention == "cross" else batch["visual_positions"].shape[1]
+    t = text["input_ids"].shape[1]
     logits, cache = prefill(params, cfg, batch, cache_size=v + t + max_new_tokens - 1)
   else:
     size = cache.size + text["input_ids"].shape[1] + max_new_tokens - 1

@@ -6,7 +6,8 @@ Mesh axes:
   tensor  tensor (model) parallelism over heads, MLP width and vocabulary
 
 Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv_heads`,
-`head_dim`, `vocab`, `layers`) and activations are constrained with `activation_*` names;
+`head_dim`, `vocab`, `layers`, `latents`; the cross blocks and the resampler reuse the
+decoder's names, their stacks the `layers` axis) and activations are constrained with `activation_*` names;
 `LOGICAL_AXIS_RULES` below is the one place that maps both to mesh axes. A dimension whose
 size does not divide by its mesh axes is left unsharded (small towers, odd vocabularies),
 so every preset runs on every mesh.
@@ -35,6 +36,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("head_dim", None),
     ("vocab", "tensor"),
     ("layers", None),
+    ("latents", None),  # the perceiver resampler's learned latents (cross mode)
     # activations
     ("activation_batch", BATCH_AXES),
     ("activation_length", None),

@@ -5,6 +5,12 @@ One (V+T) x (V+T) masked attention per layer over the concatenated [visual; text
   composite: mask = key valid & pos[key] <= pos[query] & (query is text | key == query)
 RoPE is applied through explicit 2x2 rotations, GQA by repeating kv heads, everything float64
 in numpy, so a shared bug in the model's helpers cannot hide here.
+
+Cross mode (Flamingo), `naive_cross_logits`: the decoder runs over text only (causal self mask);
+before layer i (i % cross_every == 0) a gated block cross-attends from the text to the media
+(per image: the projected tokens, or a perceiver resampler's latents) with an explicit
+(T, I*M) media mask -- "all": every valid image placed before the token, "previous": only the
+latest such image -- and a token with no visible image gets zero attention output.
 """
 
 from __future__ import annotations
@@ -67,6 +73,92 @@ def naive_llm_logits(llm_params, cfg, x_v, input_ids, pos_v, pos_t, valid_v, val
   h = _rms(x[:, n_vis:], p["norm/scale"], c.rms_norm_eps)
   w_out = p["embed_tokens/embedding"].T if c.tie_embeddings else p["lm_head/kernel"]
   return h @ w_out
+
+
+def _layer_norm(x, p, name, eps=1e-5):
+  mu = x.mean(-1, keepdims=True)
+  var = ((x - mu) ** 2).mean(-1, keepdims=True)
+  return (x - mu) / np.sqrt(var + eps) * p[f"{name}/scale"] + p[f"{name}/bias"]
+
+
+def _gelu(x):  # tanh approximation
+  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def _ffn(x, p, name):
+  h = _layer_norm(x, p, f"{name}/norm")
+  return _gelu(h @ p[f"{name}/up_proj/kernel"]) @ p[f"{name}/down_proj/kernel"]
+
+
+def _mha(xq, xkv, p, mask):
+  """Plain multi-head attention; mask (B, Q, S) or None; fully masked rows give 0."""
+  q = np.einsum("bld,dnh->blnh", xq, p["q_proj/kernel"])
+  k = np.einsum("bld,dnh->blnh", xkv, p["k_proj/kernel"])
+  v = np.einsum("bld,dnh->blnh", xkv, p["v_proj/kernel"])
+  s = np.einsum("bqnh,bknh->bnqk", q, k) / np.sqrt(q.shape[-1])
+  mask = np.ones(s.shape[:1] + s.shape[2:], bool) if mask is None else mask
+  s = np.where(mask[:, None], s, -np.inf)
+  s = s - np.max(np.where(np.isfinite(s), s, -1e300), -1, keepdims=True)
+  w = np.where(mask[:, None], np.exp(s), 0.0)
+  w = w / np.maximum(w.sum(-1, keepdims=True), 1e-300)
+  return np.einsum("bqnh,nhd->bqd", np.einsum("bnqk,bknh->bqnh", w, v), p["o_proj/kernel"])
+
+
+def naive_resampler(params, cfg, media):
+  """(B, I, P, D) -> (B, I, R, D): latents attend to [media; latents] per layer, FFN, final norm."""
+  p = {k: np.asarray(v, np.float64) for k, v in _flatten(params).items()}
+  b, i, n, d = media.shape
+  x = np.asarray(media, np.float64).reshape(b * i, n, d)
+  lat = np.broadcast_to(p["latents"], (b * i,) + p["latents"].shape)
+  for layer in range(cfg.resampler_depth):
+    L = {k[len("layers/"):]: v[layer] for k, v in p.items() if k.startswith("layers/")}
+    h_m, h_l = _layer_norm(x, L, "media_norm"), _layer_norm(lat, L, "latent_norm")
+    lat = lat + _mha(h_l, np.concatenate([h_m, h_l], 1), L, None)
+    lat = lat + _ffn(lat, L, "ffn")
+  return _layer_norm(lat, p, "norm").reshape(b, i, -1, d)
+
+
+def naive_cross_logits(params, cfg, x_v, input_ids, pos_v, pos_t, image_valid, valid_t):
+  """Text logits (B, T, vocab) of cross mode. params: unboxed whole-model params; x_v (B, I*P, D)
+  the projected visual tokens, pos_v (B, I*P) their positions, image_valid (B, I)."""
+  c = cfg.llm
+  b, n_img = image_valid.shape
+  media = np.asarray(x_v, np.float64).reshape(b, n_img, -1, c.width)
+  if cfg.resampler_latents:
+    media = naive_resampler(params["resampler"], cfg, media)
+  m = media.shape[2]
+  image_end = np.asarray(pos_v).reshape(b, n_img, -1).max(-1)  # (B, I): last position of each image
+  seen = image_valid[:, None, :] & (image_end[:, None, :] < pos_t[:, :, None])  # (B, T, I)
+  if cfg.cross_media == "previous":  # only the image with the largest position among the seen ones
+    latest = np.argmax(np.where(seen, image_end[:, None, :], -1), -1)
+    seen = seen & (np.arange(n_img)[None, None, :] == latest[..., None])
+  media_mask = np.repeat(seen, m, axis=2)  # (B, T, I*M)
+  media = media.reshape(b, n_img * m, c.width)
+  p = {k: np.asarray(v, np.float64) for k, v in _flatten(params["llm"]).items()}
+  x = p["embed_tokens/embedding"][np.asarray(input_ids)]
+  mask = valid_t[:, None, :] & (pos_t[:, None, :] <= pos_t[:, :, None])
+  g = c.num_heads // c.num_kv_heads
+  for i in range(c.depth):
+    if i % cfg.cross_every == 0:
+      X = {k[len("cross/"):]: v[i // cfg.cross_every] for k, v in p.items() if k.startswith("cross/")}
+      x = x + np.tanh(X["attn_gate"]) * _mha(_layer_norm(x, X, "norm"), media, X, media_mask)
+      x = x + np.tanh(X["ff_gate"]) * _ffn(x, X, "ffn")
+    L = {k[len("layers/"):]: v[i] for k, v in p.items() if k.startswith("layers/")}
+    h = _rms(x, L["input_layernorm/scale"], c.rms_norm_eps)
+    q = _rope(np.einsum("bld,dnh->blnh", h, L["self_attn/q_proj/kernel"]), pos_t, c.rope_theta)
+    k = _rope(np.einsum("bld,dnh->blnh", h, L["self_attn/k_proj/kernel"]), pos_t, c.rope_theta)
+    v = np.einsum("bld,dnh->blnh", h, L["self_attn/v_proj/kernel"])
+    k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+    s = np.where(mask[:, None], np.einsum("bqnh,bknh->bnqk", q, k) / np.sqrt(c.head_dim), -np.inf)
+    w = np.exp(s - np.max(np.where(np.isfinite(s), s, -1e300), -1, keepdims=True))
+    w = np.where(mask[:, None], w, 0.0)
+    w = w / np.maximum(w.sum(-1, keepdims=True), 1e-300)
+    x = x + np.einsum("bqnh,nhd->bqd", np.einsum("bnqk,bknh->bqnh", w, v), L["self_attn/o_proj/kernel"])
+    h = _rms(x, L["post_attention_layernorm/scale"], c.rms_norm_eps)
+    x = x + np.einsum("blf,fd->bld", _silu(h @ L["mlp/gate_proj/kernel"]) * (h @ L["mlp/up_proj/kernel"]),
+                      L["mlp/down_proj/kernel"])
+  h = _rms(x, p["norm/scale"], c.rms_norm_eps)
+  return h @ (p["embed_tokens/embedding"].T if c.tie_embeddings else p["lm_head/kernel"])
 
 
 def _flatten(tree, prefix=""):

@@ -8,6 +8,7 @@ import ee_mllm_jax as eem
 from batches import make_batch
 from ee_mllm_jax import flops
 from ee_mllm_jax.batch import model_inputs
+from ee_mllm_jax.models.cross import GatedCrossBlock, ResamplerLayer
 from ee_mllm_jax.models.llm import DecoderLayer, ForwardContext, Streams
 from ee_mllm_jax.models.vision import VisionLayer
 
@@ -54,3 +55,55 @@ def test_composite_flop_saving_grows_with_visual_tokens():
            / flops.llm_flops(cfg.replace(attention="composite", visual_ffn=False), visual_len=v, text_len=64)["total"]
            for v in (576, 2880)]
   assert 2.0 < ratio[0] < ratio[1]
+
+
+CROSS = {"tiny": dict(cross_every=1), "demo": dict(cross_every=2, resampler_latents=8, resampler_depth=2)}
+
+
+@pytest.mark.parametrize("preset", ["tiny", "demo"])
+def test_analytic_cross_mode_flops_match_xla(preset):
+  """Cross mode: the group scan's body (one block, one inner-scanned decoder layer) and the
+  resampler's are charged once by XLA; the rest is added from standalone compiles."""
+  cfg = eem.ModelConfig.preset(preset, attention="cross", cross_media="previous", **CROSS[preset])
+  batch = model_inputs(make_batch(cfg, [[3, "img", 40, "img", 20]] * 2))
+  b, t = batch["input_ids"].shape
+  model = eem.EEMLLM(cfg)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), **batch))
+  total = xla_flops(lambda p, x: model.apply(p, **x), params, batch)
+
+  vc, c, f32 = cfg.vision, cfg.llm, np.float32
+  x_img = np.zeros((b * 2, vc.num_patches + vc.class_token, vc.width), f32)
+  total += (vc.num_layers_run - 1) * xla_layer_flops(VisionLayer(vc), x_img)
+  ctx = ForwardContext(pos_v=np.zeros((b, 0), np.int32), pos_t=batch["text_positions"],
+                       valid_v=np.zeros((b, 0), bool), valid_t=batch["text_valid"])
+  carry = Streams(x_v=np.zeros((b, 0, c.width), f32), x_t=np.zeros((b, t, c.width), f32))
+  total += (c.depth - 1) * xla_layer_flops(DecoderLayer(c, "self", False), carry, None, ctx)
+  media = np.zeros((b, 2, cfg.media_tokens_per_image, c.width), f32)
+  media_pos, media_valid = np.array([[10, 60]] * b, np.int32), np.ones((b, 2), bool)
+  block = GatedCrossBlock(c, cfg.cross_media, cfg.cross_ffn_mult)
+  run_block = lambda m, x, pos, media: m.update(x, pos, m.keys_values(media), media_pos, media_valid)
+  variables = jax.eval_shape(lambda: block.init(jax.random.key(0), carry.x_t, batch["text_positions"], media,
+                                                method=run_block))
+  total += (cfg.cross_blocks - 1) * xla_flops(lambda v, *a: block.apply(v, *a, method=run_block), variables,
+                                              carry.x_t, batch["text_positions"], media)
+  if cfg.resampler_latents:
+    latents = np.zeros((b * 2, cfg.resampler_latents, c.width), f32)
+    total += (cfg.resampler_depth - 1) * xla_layer_flops(ResamplerLayer(c), latents,
+                                                         np.zeros((b * 2, cfg.tokens_per_image, c.width), f32))
+
+  analytic = flops.forward_flops(cfg, batch=b, num_images=2, text_len=t)
+  assert analytic["cross_attention"] > 0 and ("resampler" in analytic) == bool(cfg.resampler_latents)
+  ratio = total / analytic["total"]
+  # XLA also counts the blocks' LayerNorms, tanh-GELU and gates (3.1% at the tiny width D = 64)
+  assert 0 <= ratio - 1 < 0.04, f"XLA {total:.4g} vs analytic {analytic['total']:.4g}: {ratio:.3f}"
+  print(f"{preset} cross: XLA/analytic = {ratio:.3f}")
+
+
+def test_cross_mode_prefill_flops_grow_slowest_with_visual_tokens():
+  """The triangle's compute corner: at 7B, adding visual tokens costs cross mode the least."""
+  llava = eem.ModelConfig.preset("llava-1.5-7b")
+  modes = {"self": llava, "composite": llava.replace(attention="composite", visual_ffn=False),
+           "cross": llava.replace(attention="cross")}
+  growth = {m: flops.llm_flops(c, visual_len=2880, text_len=64)["total"]
+            / flops.llm_flops(c, visual_len=576, text_len=64)["total"] for m, c in modes.items()}
+  assert growth["cross"] < growth["composite"] < growth["self"]

@@ -12,6 +12,15 @@ A layer runs in one of two phases, told by the type of its context:
   cached image prefix); the carry holds the whole stacked cache, updated in place at this
   layer's slot, so a decode step copies no cache. Text queries attend to all earlier keys in
   every mode, so this phase has no mode switch.
+
+Cross mode (Flamingo, `models/cross.py`): the decoder layers run over text only (their
+self-attention keys are text keys; the visual stream is empty), and a gated cross-attention
+block before every k-th layer reads the media. One `nn.scan` over the L/k groups, each a cross
+block then an inner scan of its k decoder layers. The cross blocks' parameters are the group
+scan's own (`cross/...`, stacked over groups); the decoder's stay `layers/...` (L, ...) as in
+every mode, so a pretrained LLM loads unchanged, and each group reads its k layers from that
+stack viewed as (L/k, k, ...). In both phases the group also takes (forward) or returns
+(prefill) the cross keys/values of its block, computed once from the media.
 """
 
 from __future__ import annotations
@@ -22,8 +31,9 @@ import jax
 import jax.numpy as jnp
 
 from ee_mllm_jax.batch import Cache, last_valid_index
-from ee_mllm_jax.config import AttentionMode, LLMConfig
+from ee_mllm_jax.config import AttentionMode, CrossMedia, LLMConfig
 from ee_mllm_jax.models.attention import Attention
+from ee_mllm_jax.models.cross import GatedCrossBlock
 from ee_mllm_jax.models.layers import Linear, RMSNorm, SwiGLU, logical, scan_layers
 
 
@@ -113,6 +123,54 @@ class DecoderLayer(nn.Module):
     return nn.with_logical_constraint(x_t, ("activation_batch", "activation_length", "activation_embed"))
 
 
+@flax.struct.dataclass
+class MediaContext:
+  """Cross mode: what the cross blocks read besides their keys/values. Text positions (B, T),
+  each image's last position and validity (B, I), and the media (B, I, M, D) the keys/values
+  are computed from (forward phase; None when they come from the cache)."""
+
+  pos_t: jax.Array
+  media_pos: jax.Array
+  media_valid: jax.Array
+  media: jax.Array | None = None
+
+
+def _decoder_stack(length: int, remat: str, unroll):
+  """The scanned decoder layer class (`length` layers; xs: the layer indices in the extend phase)."""
+  return scan_layers(DecoderLayer, length=length, remat=remat, unroll=unroll, in_axes=(0, nn.broadcast))
+
+
+class CrossGroup(GatedCrossBlock):
+  """One group of cross mode: the gated cross-attention block (whose parameters it owns), then
+  `every` decoder layers.
+
+  The scanned step over groups. xs: this group's decoder parameters (k, ...) and, in the extend
+  phase, its block's cached keys/values and the group's layer indices."""
+
+  every: int = 1
+  remat: str = "none"
+  unroll: int | bool = 1
+
+  def _decoder(self):
+    """The group's k decoder layers, detached: applied to this group's slice of `layers/`."""
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    return _decoder_stack(self.every, self.remat, self.unroll)(self.cfg, "self", False, parent=None, **kw)
+
+  def __call__(self, carry, xs, media_ctx: MediaContext, ctx):
+    layer_params = xs[0]
+    if isinstance(ctx, ForwardContext):
+      kv_cross = self.keys_values(media_ctx.media)
+      x_t = self.update(carry.x_t, media_ctx.pos_t, kv_cross, media_ctx.media_pos, media_ctx.media_valid)
+      if layer_params is None:  # init: the decoder's parameters are LLM.layers' own
+        return carry.replace(x_t=x_t), (None, kv_cross)
+      carry, kv = self._decoder().apply({"params": layer_params}, carry.replace(x_t=x_t), None, ctx)
+      return carry, (kv, kv_cross)
+    kv_cross, layers = xs[1], xs[2]
+    x_t = self.update(carry.x_t, media_ctx.pos_t, kv_cross, media_ctx.media_pos, media_ctx.media_valid)
+    carry, _ = self._decoder().apply({"params": layer_params}, carry.replace(x_t=x_t), layers, ctx)
+    return carry, None
+
+
 class LLM(nn.Module):
   cfg: LLMConfig
   mode: AttentionMode
@@ -121,15 +179,24 @@ class LLM(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
   remat: str = "none"
   unroll: int | bool = 1
+  # Cross mode only: a block before every `cross_every`-th layer (see ModelConfig).
+  cross_every: int = 4
+  cross_media: CrossMedia = "previous"
+  cross_ffn_mult: int = 4
 
   def setup(self):
     c = self.cfg
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.embed_tokens = nn.Embed(c.vocab_size, c.width, embedding_init=logical(nn.initializers.normal(0.02),
                                                                                ("vocab", "embed")), **kw)
-    stack = scan_layers(DecoderLayer, length=c.depth, remat=self.remat, unroll=self.unroll,
-                        in_axes=(0, nn.broadcast))
-    self.layers = stack(c, self.mode, self.visual_ffn, **kw)
+    cross = self.mode == "cross"
+    self.layers = _decoder_stack(c.depth, self.remat, self.unroll)(c, "self" if cross else self.mode,
+                                                                 self.visual_ffn and not cross, **kw)
+    if cross:
+      groups = scan_layers(CrossGroup, length=c.depth // self.cross_every, remat="none", unroll=self.unroll,
+                           in_axes=(0, nn.broadcast, nn.broadcast))
+      self.cross = groups(c, self.cross_media, self.cross_ffn_mult, every=self.cross_every, remat=self.remat,
+                          unroll=self.unroll, **kw)
     self.norm = RMSNorm(c.rms_norm_eps, **kw)
     if not c.tie_embeddings:
       self.lm_head = Linear((c.width,), (c.vocab_size,), ("embed", "vocab"), **kw)
@@ -142,28 +209,59 @@ class LLM(nn.Module):
     logits = self.embed_tokens.attend(h) if self.cfg.tie_embeddings else self.lm_head(h)
     return logits.astype(jnp.float32)
 
+  def _grouped_layers(self):
+    """Cross mode: the decoder's stacked parameters (L, ...) viewed as (L/k, k, ...), one slice per group."""
+    g = self.cfg.depth // self.cross_every
+    return jax.tree.map(lambda a: a.reshape((g, self.cross_every) + a.shape[1:]),
+                        nn.meta.unbox(self.variables["params"]["layers"]))
+
   def _forward_layers(self, x_v, input_ids, pos_v, pos_t, valid_v, valid_t):
-    """Both streams through every layer -> final text stream (B, T, D) and per-layer (k, v)."""
-    ctx = ForwardContext(pos_v=pos_v, pos_t=pos_t, valid_v=valid_v, valid_t=valid_t)
-    carry, kv = self.layers(Streams(x_v=x_v.astype(self.dtype), x_t=self.embed(input_ids)), None, ctx)
-    return carry.x_t, kv
+    """Both streams through every layer -> final text stream (B, T, D), per-layer (k, v) and, in
+    cross mode, every block's cross (k, v) (G, B, I, M, N, H) (None in the other modes).
+
+    Cross mode: x_v (B, I, M, D) are the media, pos_v / valid_v (B, I) each image's last position
+    and validity."""
+    x_t = self.embed(input_ids)
+    if self.mode != "cross":
+      ctx = ForwardContext(pos_v=pos_v, pos_t=pos_t, valid_v=valid_v, valid_t=valid_t)
+      carry, kv = self.layers(Streams(x_v=x_v.astype(self.dtype), x_t=x_t), None, ctx)
+      return carry.x_t, kv, None
+    b = x_t.shape[0]
+    ctx = ForwardContext(pos_v=jnp.zeros((b, 0), pos_t.dtype), pos_t=pos_t, valid_v=jnp.zeros((b, 0), bool),
+                         valid_t=valid_t)
+    carry = Streams(x_v=jnp.zeros((b, 0, self.cfg.width), self.dtype), x_t=x_t)
+    media_ctx = MediaContext(pos_t=pos_t, media_pos=pos_v, media_valid=valid_v, media=x_v.astype(self.dtype))
+    if self.is_initializing():  # creates both stacks' parameters (layers/ first: the groups read them)
+      self.layers(carry, None, ctx)
+      carry, (_, kv_cross) = self.cross(carry, (None,), media_ctx, ctx)
+      return carry.x_t, (None, None), kv_cross
+    carry, (kv, kv_cross) = self.cross(carry, (self._grouped_layers(),), media_ctx, ctx)
+    kv = jax.tree.map(lambda a: a.reshape((self.cfg.depth,) + a.shape[2:]), kv)  # (G, k, ...) -> (L, ...)
+    return carry.x_t, kv, kv_cross
 
   def __call__(self, x_v, input_ids, pos_v, pos_t, valid_v, valid_t):
-    """Full forward -> text logits (B, T, vocab) and per-layer (k, v), each (L, B, V+T, K, H)."""
-    x_t, kv = self._forward_layers(x_v, input_ids, pos_v, pos_t, valid_v, valid_t)
+    """Full forward -> text logits (B, T, vocab) and per-layer (k, v), each (L, B, V+T, K, H)
+    (cross mode: (L, B, T, K, H), text keys only)."""
+    x_t, kv, _ = self._forward_layers(x_v, input_ids, pos_v, pos_t, valid_v, valid_t)
     return self.logits(x_t), kv
 
   def prefill(self, x_v, input_ids, pos_v, pos_t, valid_v, valid_t, cache_size: int | None = None):
     """Full forward -> next-token logits (B, vocab) float32 at each row's last valid text token,
     and the cache over [visual; text] grown to `cache_size` slots (default V + T), index V + T.
+    Cross mode: the self-attention cache holds text only (T slots); the blocks' keys/values of
+    the media and the images' positions/validity ride along, computed once here.
 
     The same layers as `__call__`; only the last token per row goes through the LM head.
     """
-    x_t, (k, v) = self._forward_layers(x_v, input_ids, pos_v, pos_t, valid_v, valid_t)
+    x_t, (k, v), kv_cross = self._forward_layers(x_v, input_ids, pos_v, pos_t, valid_v, valid_t)
     last = last_valid_index(pos_t, valid_t)
     logits = self.logits(jnp.take_along_axis(x_t, last[:, None, None], axis=1)[:, 0])
-    cache = Cache(k=k, v=v, pos=jnp.concatenate([pos_v, pos_t], 1).astype(jnp.int32),
-                  valid=jnp.concatenate([valid_v, valid_t], 1), index=jnp.asarray(k.shape[2], jnp.int32))
+    if self.mode == "cross":
+      cache = Cache(k=k, v=v, pos=pos_t.astype(jnp.int32), valid=valid_t, index=jnp.asarray(k.shape[2], jnp.int32),
+                    cross_k=kv_cross[0], cross_v=kv_cross[1], media_pos=pos_v.astype(jnp.int32), media_valid=valid_v)
+    else:
+      cache = Cache(k=k, v=v, pos=jnp.concatenate([pos_v, pos_t], 1).astype(jnp.int32),
+                    valid=jnp.concatenate([valid_v, valid_t], 1), index=jnp.asarray(k.shape[2], jnp.int32))
     return logits, cache.pad(cache_size or k.shape[2])
 
   def extend(self, input_ids, pos_t, valid_t, cache: Cache):
@@ -171,5 +269,12 @@ class LLM(nn.Module):
     new = cache.with_text(pos_t, valid_t)
     ctx = ExtendContext(pos_t=pos_t, index=cache.index, cache_pos=new.pos, cache_valid=new.valid)
     carry = ExtendCarry(x_t=self.embed(input_ids), k=cache.k, v=cache.v)
-    carry, _ = self.layers(carry, jnp.arange(self.cfg.depth), ctx)
+    if self.mode == "cross":
+      g = self.cfg.depth // self.cross_every
+      layers = jnp.arange(self.cfg.depth).reshape(g, self.cross_every)
+      media_ctx = MediaContext(pos_t=pos_t, media_pos=cache.media_pos, media_valid=cache.media_valid)
+      xs = (self._grouped_layers(), (cache.cross_k, cache.cross_v), layers)
+      carry, _ = self.cross(carry, xs, media_ctx, ctx)
+    else:
+      carry, _ = self.layers(carry, jnp.arange(self.cfg.depth), ctx)
     return self.logits(carry.x_t), new.replace(k=carry.k, v=carry.v)

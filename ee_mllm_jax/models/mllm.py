@@ -1,9 +1,13 @@
-"""EEMLLM: vision tower -> projector -> two-stream decoder, in self or composite mode.
+"""EEMLLM: vision tower -> projector -> two-stream decoder, in self, composite or cross mode.
 
 Inputs follow the batch contract of `ee_mllm_jax.batch` (checked at trace time, so a wrong
 shape or dtype is named before anything runs); `labels` may ride along in a training batch
 and is ignored here (the loss lives in the trainer). Parameter groups at the top of the tree:
-`vision/`, `projector/`, `llm/`.
+`vision/`, `projector/`, `llm/` (cross mode adds `llm/cross/` and, with latents, `resampler/`).
+
+Cross mode hands the decoder media (B, I, M, D) -- the projected tokens per image, or the
+resampler's latents -- with each image's last position and validity (B, I), instead of the
+visual stream.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import jax.numpy as jnp
 
 from ee_mllm_jax import batch as batch_lib
 from ee_mllm_jax.config import ModelConfig
+from ee_mllm_jax.models.cross import PerceiverResampler
 from ee_mllm_jax.models.llm import LLM
 from ee_mllm_jax.models.projector import Projector
 from ee_mllm_jax.models.vision import VisionTower
@@ -26,7 +31,11 @@ class EEMLLM(nn.Module):
     kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
     self.vision = VisionTower(cfg.vision, remat=cfg.remat, unroll=cfg.scan_unroll, **kw)
     self.projector = Projector(cfg.projector, cfg.vision.width, cfg.llm.width, **kw)
-    self.llm = LLM(cfg.llm, cfg.attention, cfg.runs_visual_ffn, remat=cfg.remat, unroll=cfg.scan_unroll, **kw)
+    self.llm = LLM(cfg.llm, cfg.attention, cfg.runs_visual_ffn, remat=cfg.remat, unroll=cfg.scan_unroll,
+                   cross_every=cfg.cross_every, cross_media=cfg.cross_media, cross_ffn_mult=cfg.cross_ffn_mult, **kw)
+    if cfg.attention == "cross" and cfg.resampler_latents:
+      self.resampler = PerceiverResampler(cfg.llm, cfg.resampler_latents, cfg.resampler_depth, remat=cfg.remat,
+                                          unroll=cfg.scan_unroll, **kw)
 
   def embed_image(self, pixel_values):
     """(B, I, H, W, 3) -> projected visual tokens (B, I*P, D)."""
@@ -35,16 +44,30 @@ class EEMLLM(nn.Module):
     return self.projector(feats).reshape(b, i * feats.shape[1], -1)
 
   def _checked(self, pixel_values, image_valid, input_ids, text_positions, text_valid, visual_positions):
-    """Validates the inputs against the batch contract; -> (x_v, visual validity)."""
+    """Validates the inputs against the batch contract; -> what the decoder reads of the images:
+    (x_v, visual positions, visual validity), or in cross mode (media, media positions, validity)."""
     batch_lib.validate(dict(pixel_values=pixel_values, image_valid=image_valid, input_ids=input_ids,
                             text_positions=text_positions, text_valid=text_valid,
                             visual_positions=visual_positions), self.cfg)
-    return self.embed_image(pixel_values), batch_lib.visual_valid(image_valid, visual_positions.shape[1])
+    x_v, valid_v = self.embed_image(pixel_values), batch_lib.visual_valid(image_valid, visual_positions.shape[1])
+    if self.cfg.attention != "cross":
+      return x_v, visual_positions, valid_v
+    return self.media(x_v, image_valid, visual_positions)
+
+  def media(self, x_v, image_valid, visual_positions):
+    """Cross mode: projected visual tokens (B, I*P, D) -> media (B, I, M, D) (resampled when
+    configured), each image's last position (B, I) and validity (B, I)."""
+    b, i = image_valid.shape
+    media = x_v.reshape(b, i, -1, x_v.shape[-1])
+    if self.cfg.resampler_latents:
+      media = self.resampler(media)
+    return media, jnp.max(visual_positions.reshape(b, i, -1), axis=-1), image_valid
 
   def forward(self, pixel_values, image_valid, input_ids, text_positions, text_valid, visual_positions):
     """Text-stream logits (B, T, vocab) float32 and the per-layer keys/values over [visual; text]."""
-    x_v, valid_v = self._checked(pixel_values, image_valid, input_ids, text_positions, text_valid, visual_positions)
-    return self.llm(x_v, input_ids, visual_positions, text_positions, valid_v, text_valid)
+    x_v, pos_v, valid_v = self._checked(pixel_values, image_valid, input_ids, text_positions, text_valid,
+                                        visual_positions)
+    return self.llm(x_v, input_ids, pos_v, text_positions, valid_v, text_valid)
 
   def __call__(self, pixel_values, image_valid, input_ids, text_positions, text_valid, visual_positions,
                labels=None):
@@ -56,8 +79,9 @@ class EEMLLM(nn.Module):
               cache_size=None):
     """`forward` that keeps what generation needs: next-token logits (B, vocab) at each row's last
     valid text token and the KV cache grown to `cache_size` slots (see `LLM.prefill`)."""
-    x_v, valid_v = self._checked(pixel_values, image_valid, input_ids, text_positions, text_valid, visual_positions)
-    return self.llm.prefill(x_v, input_ids, visual_positions, text_positions, valid_v, text_valid, cache_size)
+    x_v, pos_v, valid_v = self._checked(pixel_values, image_valid, input_ids, text_positions, text_valid,
+                                        visual_positions)
+    return self.llm.prefill(x_v, input_ids, pos_v, text_positions, valid_v, text_valid, cache_size)
 
   def extend(self, input_ids, text_positions, text_valid, cache: batch_lib.Cache):
     """Text tokens against a KV cache (see `LLM.extend`); -> logits (B, T, vocab), new cache."""

@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from ee_mllm_jax import params as params_lib
-from ee_mllm_jax.config import ModelConfig
+from ee_mllm_jax.config import CROSS_FIELDS, ModelConfig
 
 # Fields that change neither the parameters nor what they mean: free to differ on resume.
 RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_unroll", "vision.attention_impl", "vision.attention_block",
@@ -45,6 +45,8 @@ def check_model_config(saved: ModelConfig, run: ModelConfig, source: str):
   """Raises ConfigMismatchError listing every architecture field in which the checkpoint's
   model differs from the run's; logs a warning for a changed attention mode."""
   diff = saved.diff(run)
+  if not saved.attention == run.attention == "cross":  # the cross settings shape only cross parameters
+    diff = {k: v for k, v in diff.items() if k not in CROSS_FIELDS}
   arch = {k: v for k, v in diff.items() if k not in RUNTIME_FIELDS + MODE_FIELDS}
   if arch:
     fields = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in arch.items())

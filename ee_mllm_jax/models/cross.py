@@ -1,0 +1,158 @@
+"""Cross mode (Flamingo): gated cross-attention blocks and the perceiver resampler.
+
+Letters: B batch, T text tokens, I image slots, P tokens per image, R resampler latents,
+M media tokens per image (R with the resampler, else P), D width, N heads, H head dim,
+F FFN width (cross_ffn_mult x D).
+
+Visual tokens never enter the decoder's stream. Before every k-th decoder layer a
+`GatedCrossBlock` (OpenFlamingo's GatedCrossAttentionBlock) updates the text stream:
+
+    x += tanh(attn_gate) * cross_attn(norm(x) -> q;  media -> k, v)
+    x += tanh(ff_gate)   * ffn(ff_norm(x))                 (tanh-GELU, no biases)
+
+Gates start at 0, so an untrained block is the identity. Media masking is by position: each
+image carries the position of its last token (`media_pos`, (B, I)); a text token sees an image
+iff it is valid and placed before the token. "previous" (Flamingo) keeps only the latest such
+image, "all" every one. A token that sees no image gets exactly zero from the attention (the
+dense `attend` would return the mean of v on a fully masked row). No RoPE: media have no order
+within the cross-attention.
+
+`PerceiverResampler` (OpenFlamingo's PerceiverResampler, one frame per image, no time
+embeddings) maps each image's P tokens to R learned latents: each layer lets the latents attend
+to [media; latents] and adds an FFN; a final LayerNorm.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ee_mllm_jax.config import CrossMedia, LLMConfig
+from ee_mllm_jax.models.attention import attend
+from ee_mllm_jax.models.layers import LayerNorm, Linear, logical, scan_layers
+
+
+def media_visible(q_pos: jax.Array, media_pos: jax.Array, media_valid: jax.Array) -> jax.Array:
+  """(B, T) text positions, (B, I) image positions/validity -> (B, T, I): image placed before the token."""
+  return media_valid[:, None, :] & (media_pos[:, None, :] < q_pos[:, :, None])
+
+
+def cross_attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, media_pos: jax.Array,
+                 media_valid: jax.Array, media: CrossMedia, cfg: LLMConfig) -> jax.Array:
+  """q (B,T,N,H) text queries, k/v (B,I,M,N,H) media keys/values -> (B,T,N,H), zero where a token
+  sees no image."""
+  b, i, m = k.shape[:3]
+  visible = media_visible(q_pos, media_pos, media_valid)
+  kw = dict(impl=cfg.attention_impl, block=cfg.attention_block)
+  if media == "all":  # one masked attention over every image's tokens: the position mask does it
+    flat = lambda x: x.reshape((b, i * m) + x.shape[3:])
+    out = attend(q, flat(k), flat(v), q_pos, jnp.repeat(media_pos, m, axis=1), jnp.repeat(media_valid, m, axis=1),
+                 **kw)
+  else:  # each token reads one image: attend to every image separately (images folded into the batch), pick
+    per_image = attend(jnp.repeat(q, i, axis=0), k.reshape((b * i,) + k.shape[2:]), v.reshape((b * i,) + v.shape[2:]),
+                       **kw).reshape((b, i) + q.shape[1:])
+    latest = jnp.argmax(jnp.where(visible, media_pos[:, None, :], jnp.iinfo(jnp.int32).min), axis=-1)  # (B, T)
+    out = jnp.take_along_axis(per_image, latest[:, None, :, None, None], axis=1)[:, 0]
+  return jnp.where(jnp.any(visible, axis=-1)[:, :, None, None], out, jnp.zeros_like(out))
+
+
+class FeedForward(nn.Module):
+  """OpenFlamingo's FeedForward: LayerNorm -> Linear(D, F) -> GELU -> Linear(F, D), no biases.
+  GELU in its tanh form (OpenFlamingo: exact erf): these weights are trained from scratch, and
+  erf costs ~8x the elementwise work (XLA charges 64 flops per element)."""
+
+  width: int
+  mlp_dim: int
+  eps: float = 1e-5
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = LayerNorm(self.eps, name="norm", **kw)(x)
+    h = jax.nn.gelu(Linear((self.width,), (self.mlp_dim,), ("embed", "mlp"), name="up_proj", **kw)(h),
+                    approximate=True)
+    return Linear((self.mlp_dim,), (self.width,), ("mlp", "embed"), name="down_proj", **kw)(h)
+
+
+def _projections(c: LLMConfig, kw, named: bool = False):
+  """Multi-head q/k/v/o projections of width D (N heads of H, no GQA, no biases); `named` gives
+  them their names (compact modules; in setup the attribute names them)."""
+  name = lambda n: dict(name=n) if named else {}
+  qkv = lambda n: Linear((c.width,), (c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), **name(n), **kw)
+  return (qkv("q_proj"), qkv("k_proj"), qkv("v_proj"),
+          Linear((c.num_heads, c.head_dim), (c.width,), ("heads", "head_dim", "embed"), **name("o_proj"), **kw))
+
+
+class GatedCrossBlock(nn.Module):
+  """Text stream (B,T,D) += gated cross-attention to the media, then a gated FFN (`update`).
+  The decoder's scanned step subclasses it (`models.llm.CrossGroup`), so that its parameters
+  sit directly under `llm/cross/`."""
+
+  cfg: LLMConfig
+  media: CrossMedia
+  ffn_mult: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.norm = LayerNorm(**kw)
+    self.q_proj, self.k_proj, self.v_proj, self.o_proj = _projections(c, kw)
+    self.ffn = FeedForward(c.width, self.ffn_mult * c.width, **kw)
+    gate = lambda name: self.param(name, logical(nn.initializers.zeros, ()), (), self.param_dtype)
+    self.attn_gate, self.ff_gate = gate("attn_gate"), gate("ff_gate")
+
+  def keys_values(self, media: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(B, I, M, D) media -> keys and values (B, I, M, N, H): what the cache keeps per block."""
+    return self.k_proj(media), self.v_proj(media)
+
+  def update(self, x_t, q_pos, kv, media_pos, media_valid):
+    """x_t (B,T,D) at positions (B,T); kv = keys_values(media); media_pos/valid (B,I) -> new x_t."""
+    q = self.q_proj(self.norm(x_t))
+    a = self.o_proj(cross_attend(q, *kv, q_pos, media_pos, media_valid, self.media, self.cfg))
+    x_t = x_t + jnp.tanh(self.attn_gate).astype(self.dtype) * a
+    return x_t + jnp.tanh(self.ff_gate).astype(self.dtype) * self.ffn(x_t)
+
+
+class ResamplerLayer(nn.Module):
+  """Latents (B,R,D) attend to [media (B,P,D); latents] (each normed), residual; FFN, residual."""
+
+  cfg: LLMConfig
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, latents, media):
+    c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    q_proj, k_proj, v_proj, o_proj = _projections(c, kw, named=True)
+    h_m, h_l = LayerNorm(name="media_norm", **kw)(media), LayerNorm(name="latent_norm", **kw)(latents)
+    both = jnp.concatenate([h_m, h_l], axis=1)
+    latents = latents + o_proj(attend(q_proj(h_l), k_proj(both), v_proj(both), impl=c.attention_impl,
+                                      block=c.attention_block))
+    return latents + FeedForward(c.width, 4 * c.width, name="ffn", **kw)(latents), None
+
+
+class PerceiverResampler(nn.Module):
+  """(B, I, P, D) projected visual tokens -> (B, I, R, D) latents per image."""
+
+  cfg: LLMConfig
+  num_latents: int
+  depth: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  remat: str = "none"
+  unroll: int | bool = 1
+
+  @nn.compact
+  def __call__(self, media):
+    b, i, p, d = media.shape
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    latents = self.param("latents", logical(nn.initializers.normal(1.0), ("latents", "embed")),
+                         (self.num_latents, d), self.param_dtype)
+    x = jnp.broadcast_to(latents.astype(self.dtype), (b * i, self.num_latents, d))
+    stack = scan_layers(ResamplerLayer, length=self.depth, remat=self.remat, unroll=self.unroll)
+    x, _ = stack(self.cfg, name="layers", **kw)(x, media.reshape(b * i, p, d).astype(self.dtype))
+    return LayerNorm(name="norm", **kw)(x).reshape(b, i, self.num_latents, d)
