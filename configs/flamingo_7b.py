@@ -11,9 +11,11 @@ Hyperparameters follow OpenFlamingo's training script (AdamW lr 1e-4, weight dec
 warmup, then constant); Flamingo trains these ~3B new parameters on far more data than
 LLaVA's stage 1 uses, which is the data-efficiency argument of the paper.
 
-Start from a pretrained model: `init_from` names an Orbax checkpoint of a self/composite run
-(e.g. LLaVA stage 1 or 2) or an HF LLaVA directory (kind="hf"); its parameters are loaded and
-the cross blocks and resampler, which it does not have, are initialised (the run logs which).
+It starts from the same pretrained parts as LLaVA's stage 1 (inherited `init_from.kind="hf_parts"`:
+the CLIP tower and Vicuna, each from its own HF directory, and Vicuna's tokenizer.json); the cross
+blocks, the resampler and the projector, which neither has, are initialised (the run logs which).
+`init_from` may instead name an Orbax checkpoint of a self/composite run (kind="orbax") or an HF
+LLaVA directory (kind="hf").
 """
 
 from configs import llava15_7b_stage1
