@@ -170,7 +170,7 @@ class Runner:
 
   def _generate(self, items: list[_Item], pixels: list[np.ndarray], image_of_row: list[int]) -> list[str]:
     s, cfg = self.settings, self.model.cfg
-    batch = self._collate([it.layout for it in items], pixels, self.rows)
+    batch = self._collate([it.layout for it in items], [pixels[g] for g in image_of_row], self.rows)
     kw = dict(max_new_tokens=s.max_new_tokens, stop_ids=self.encoder.stop_ids, pad_id=self.pad_id)
     if s.reuse_prefix:
       prefix, rest, rows = self._split(batch, image_of_row + [image_of_row[-1]] * (self.rows - len(items)))
@@ -188,7 +188,7 @@ class Runner:
     n_opt = len(items[0].options)
     layouts = [o for it in items for o in it.options]
     rows = [g for g in image_of_row for _ in range(n_opt)]
-    px = [p for p in pixels for _ in range(n_opt)]
+    px = [pixels[g] for g in rows]
     total = self.rows * n_opt
     batch = self._collate(layouts, px, total)
     if self.settings.reuse_prefix:
