@@ -61,6 +61,8 @@ def model(checkpoint):
 
 
 def _runner(model, mesh=None, **changes):
+  """A runner on one device unless `mesh` says otherwise (the 8-device test does)."""
+  mesh = mesh if mesh is not None else sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   return runner_lib.Runner(model, runner_lib.EvalSettings(**{**SETTINGS.__dict__, **changes}), mesh)
 
 
@@ -188,7 +190,7 @@ def test_seed_option_likelihoods_with_a_shared_prefix_equal_full_forwards(model,
 
 def test_eight_devices_give_the_same_predictions_as_one(model, bench, tmp_path):
   qs = readers.read("textvqa", bench.benchmarks["textvqa"], bench.root)
-  one = _runner(model, sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
+  one = _runner(model)
   eight = _runner(model, sharding.make_mesh((8, 1, 1)))
   assert eight.rows == 8 and len(jax.devices()) == 8
   a = runner_lib.evaluate(one, "textvqa", qs, str(tmp_path / "one"))
