@@ -30,6 +30,7 @@ def default_config() -> ml_collections.ConfigDict:
       on_bad_image="raise",  # or "skip"
       short_answer_prompt="Answer the question using a single word or phrase.",
       ocr_tokens=True, progress_bar=True, limit=0,
+      mmbench_rotations=True,  # MMBench rows without rotations get them (CircularEval on any TSV)
       mesh=ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))))
 
 

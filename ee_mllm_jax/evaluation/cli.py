@@ -7,6 +7,7 @@ import os
 
 from ee_mllm_jax import batch as batch_lib
 from ee_mllm_jax import sharding
+from ee_mllm_jax.evaluation import circular
 from ee_mllm_jax.evaluation import model as model_lib
 from ee_mllm_jax.evaluation import prompts as prompts_lib
 from ee_mllm_jax.evaluation import readers
@@ -81,6 +82,8 @@ def run(config, *, checkpoint=None, hf=None, benchmark=None, data=None, image_ro
   if not os.path.exists(data):
     raise FileNotFoundError(f"--data {data} does not exist")
   questions = readers.read(benchmark, data, image_root)
+  if benchmark == "mmbench" and config.mmbench_rotations:
+    questions = circular.with_rotations(questions)
   out = out or os.path.join("eval_out", benchmark)
   summary = runner_lib.evaluate(runner_lib.Runner(model, run_settings, mesh), benchmark, questions, out)
   summary.update(model=model.source, data=os.path.abspath(data), out=os.path.abspath(out))
