@@ -20,7 +20,7 @@ from PIL import Image
 import ee_mllm_jax as eem
 from ee_mllm_jax import sharding
 from ee_mllm_jax.data import synthetic
-from ee_mllm_jax.evaluation import cli, model as model_lib, readers, runner as runner_lib
+from ee_mllm_jax.evaluation import circular, cli, model as model_lib, readers, runner as runner_lib
 from ee_mllm_jax.train import checkpoint as ckpt_lib
 from models import init_params
 
@@ -136,6 +136,17 @@ def test_mmbench_reader_rotations_hint_and_image_references(tmp_path):
   assert qs[0].hint is None and qs[4].hint == "A picture."  # "nan" is no hint
   assert list(qs[4].options) == ["A", "B", "C"]  # D is "nan": absent
   assert [q.answers[0] for q in qs[:4]] == ["A", "D", "C", "B"]
+
+
+def test_rotations_are_added_to_single_row_questions_only(tmp_path):
+  rows = circular_rows()
+  path = str(tmp_path / "mmbench.tsv")
+  write_mmbench(path, rows[:4] + [dict(rows[4], index=9)])  # question 7 has its rotations, 9 does not
+  qs = circular.with_rotations(readers.read("mmbench", path))
+  assert [q.index for q in qs] == [7, 1_000_007, 2_000_007, 3_000_007, 9, 1_000_009, 2_000_009]
+  for q in qs[4:]:  # the answer letter follows the correct text
+    assert q.options[q.answers[0]] == "blue" and q.image_key == qs[4].image_key
+  assert [q.answers[0] for q in qs[4:]] == ["A", "C", "B"]
 
 
 @pytest.mark.parametrize("benchmark, content, message", [
