@@ -68,8 +68,12 @@ def run(config, *, checkpoint=None, hf=None, benchmark=None, data=None, image_ro
       raise UsageError("--image and --question go together")
     if benchmark or data:
       raise UsageError("--image/--question ask one question; leave out --benchmark and --data")
+    if not os.path.exists(image):
+      raise FileNotFoundError(f"--image {image} does not exist")
   elif not (benchmark and data):
     raise UsageError("give --benchmark and --data (or --image and --question)")
+  elif not os.path.exists(data):
+    raise FileNotFoundError(f"--data {data} does not exist")
   model = load_model(config, checkpoint=checkpoint, hf=hf)
   try:
     mesh = sharding.make_mesh(dict(config.mesh))
@@ -79,8 +83,6 @@ def run(config, *, checkpoint=None, hf=None, benchmark=None, data=None, image_ro
   if image:
     run_settings = runner_lib.EvalSettings(**{**run_settings.__dict__, "batch_size": 1, "progress_bar": False})
     return ask(runner_lib.Runner(model, run_settings, mesh), image, question)
-  if not os.path.exists(data):
-    raise FileNotFoundError(f"--data {data} does not exist")
   questions = readers.read(benchmark, data, image_root)
   if benchmark == "mmbench" and config.mmbench_rotations:
     questions = circular.with_rotations(questions)
