@@ -48,15 +48,16 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  from ee_mllm_jax import evaluation as ev  # pylint: disable=g-import-not-at-top
   from ee_mllm_jax.evaluation import cli  # pylint: disable=g-import-not-at-top
   try:
-    print(cli.run(FLAGS.config, checkpoint=FLAGS.checkpoint, hf=FLAGS.hf, benchmark=FLAGS.benchmark,
-                  data=FLAGS.data, image_root=FLAGS["image-root"].value, out=FLAGS.out, image=FLAGS.image,
-                  question=FLAGS.question), flush=True)
+    text, complete = cli.run(FLAGS.config, checkpoint=FLAGS.checkpoint, hf=FLAGS.hf, benchmark=FLAGS.benchmark,
+                             data=FLAGS.data, image_root=FLAGS["image-root"].value, out=FLAGS.out, image=FLAGS.image,
+                             question=FLAGS.question)
   except cli.USER_ERRORS as e:  # bad flags, files, images or checkpoints: one line, exit 1
     sys.exit(f"error: {e}")
-  del ev
+  print(text, flush=True)
+  if not complete:  # stopped by SIGTERM: predictions.jsonl is whole, a re-run resumes
+    sys.exit(143)
 
 
 if __name__ == "__main__":

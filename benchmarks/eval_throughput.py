@@ -23,9 +23,8 @@ FILES = {"mmbench": "mmbench_dev.tsv", "seedbench": "seed_bench.json", "textvqa"
          "docvqa": "docvqa_val.json"}
 
 
-def questions_per_second(model, benchmark, questions, reuse: bool, batch_size: int, out: str) -> float:
-  settings = runner_lib.EvalSettings(batch_size=batch_size, images_per_batch=max(1, batch_size // 4),
-                                     max_new_tokens=4, reuse_prefix=reuse, progress_bar=False)
+def questions_per_second(model, benchmark, questions, reuse: bool, batch_size: int) -> float:
+  settings = runner_lib.EvalSettings(batch_size=batch_size, max_new_tokens=4, reuse_prefix=reuse, progress_bar=False)
   runner = runner_lib.Runner(model, settings)
   items = runner.items(benchmark, questions)
   runner.predict(benchmark, items, lambda records: None)  # compile
@@ -50,7 +49,7 @@ def main():
     qs = qs[:args.questions]
     for mode in ("self", "composite"):
       model = model_lib.from_checkpoint(args.checkpoint, attention=mode, visual_ffn=mode == "self" or None)
-      speed = {reuse: questions_per_second(model, benchmark, qs, reuse, args.batch_size, "") for reuse in (False, True)}
+      speed = {reuse: questions_per_second(model, benchmark, qs, reuse, args.batch_size) for reuse in (False, True)}
       rows.append((benchmark, mode, len(qs), speed[False], speed[True]))
       print(f"{benchmark:<10} {mode:<10} {len(qs):4d} questions  no reuse {speed[False]:7.2f} q/s  reuse "
             f"{speed[True]:7.2f} q/s  speedup {speed[True] / speed[False]:.2f}x", flush=True)

@@ -21,7 +21,7 @@ from PIL import Image
 import ee_mllm_jax as eem
 from ee_mllm_jax import sharding
 from ee_mllm_jax.data import synthetic
-from ee_mllm_jax.evaluation import circular, cli, model as model_lib, readers, runner as runner_lib
+from ee_mllm_jax.evaluation import circular, model as model_lib, prompts as prompts_lib, readers, runner as runner_lib
 from ee_mllm_jax.train import checkpoint as ckpt_lib
 import conftest
 from models import init_params
@@ -279,3 +279,25 @@ def test_ask_about_one_image_from_the_command_line(checkpoint, bench, tmp_path):
   bad = subprocess.run([sys.executable, "eval.py", "--checkpoint", checkpoint, "--image", str(tmp_path / "no.png"),
                         "--question", "?"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == f"error: --image {tmp_path / 'no.png'} does not exist"
+
+
+def test_an_hf_llava_directory_loads_with_its_tokenizer_and_mode_overrides(tmp_path):
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  from test_vs_hf import tiny_hf_llava  # pylint: disable=g-import-not-at-top
+  tiny_hf_llava("clip-llama").save_pretrained(tmp_path)
+  words = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "USER:", "ASSISTANT:", "what", "colour", "?"]
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  tok.add_special_tokens(["<s>", "</s>", "<pad>"])
+  tok.save(str(tmp_path / "tokenizer.json"))
+  llava = model_lib.from_hf(str(tmp_path))
+  assert llava.mode == "self (LLaVA)" and llava.template.name == "vicuna_v1"
+  f = model_lib.from_hf(str(tmp_path), attention="composite", visual_ffn=False)
+  assert f.mode == "EE-MLLM-F: composite (EE-MLLM) on self-trained weights" and not f.cfg.runs_visual_ffn
+  layout = prompts_lib.Encoder(llava.tokenizer, llava.template, llava.cfg.tokens_per_image).prompt("what colour ?")
+  assert layout.input_ids[0] == 1 and len(layout.image_starts) == 1  # <s> first, one image
+  with pytest.raises(FileNotFoundError, match="has no tokenizer.json"):
+    os.remove(tmp_path / "tokenizer.json")
+    model_lib.from_hf(str(tmp_path))

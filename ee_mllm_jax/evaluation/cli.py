@@ -62,7 +62,8 @@ def ask(runner: runner_lib.Runner, image: str, question: str) -> str:
 
 
 def run(config, *, checkpoint=None, hf=None, benchmark=None, data=None, image_root=None, out=None, image=None,
-        question=None) -> str:
+        question=None) -> tuple[str, bool]:
+  """-> (what to print, whether the run completed: False after SIGTERM)."""
   if image or question:
     if not (image and question):
       raise UsageError("--image and --question go together")
@@ -82,7 +83,7 @@ def run(config, *, checkpoint=None, hf=None, benchmark=None, data=None, image_ro
   run_settings = settings(config)
   if image:
     run_settings = runner_lib.EvalSettings(**{**run_settings.__dict__, "batch_size": 1, "progress_bar": False})
-    return ask(runner_lib.Runner(model, run_settings, mesh), image, question)
+    return ask(runner_lib.Runner(model, run_settings, mesh), image, question), True
   questions = readers.read(benchmark, data, image_root)
   if benchmark == "mmbench" and config.mmbench_rotations:
     questions = circular.with_rotations(questions)
@@ -91,4 +92,4 @@ def run(config, *, checkpoint=None, hf=None, benchmark=None, data=None, image_ro
   summary.update(model=model.source, data=os.path.abspath(data), out=os.path.abspath(out))
   with open(os.path.join(out, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
-  return runner_lib.summary_table(summary)
+  return runner_lib.summary_table(summary), not summary["run"]["stopped"]

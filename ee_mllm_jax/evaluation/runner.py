@@ -50,7 +50,7 @@ class EvalError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
   batch_size: int = 16  # B: question rows per step
-  images_per_batch: int = 0  # G: image (prefix) rows per step; 0 = B
+  images_per_batch: int = 0  # G: image (prefix) rows per step; 0: B / (questions per image in the data)
   max_new_tokens: int = 16
   reuse_prefix: bool = True
   likelihood: bool = True  # SEED-Bench: also rank the options by likelihood
@@ -86,9 +86,20 @@ class Runner:
     self.params = jax.device_put(model.params, NamedSharding(self.mesh, PartitionSpec()))
     self.encoder = prompts_lib.Encoder(model.tokenizer, model.template, model.cfg.tokens_per_image)
     self.pad_id = model.tokenizer.token_to_id("<pad>") or 0
-    dp = sharding.data_parallel_size(self.mesh)
-    self.rows = _round_up(settings.batch_size, dp)  # B, a multiple of the data-parallel size
-    self.image_rows = _round_up(settings.images_per_batch or settings.batch_size, dp)  # G
+    if jax.process_count() > 1:
+      raise NotImplementedError("evaluation runs in one process (any number of its devices); "
+                                f"this job has {jax.process_count()} processes")
+    self.dp = sharding.data_parallel_size(self.mesh)
+    self.rows = _round_up(settings.batch_size, self.dp)  # B, a multiple of the data-parallel size
+    self.image_rows = _round_up(settings.images_per_batch or settings.batch_size, self.dp)  # G
+
+  def fit_image_rows(self, items: Sequence["_Item"]):
+    """With images_per_batch = 0, G = B / (questions per image, rounded down), so that a batch of
+    MMBench rotations computes 4 image prefixes, not B."""
+    if self.settings.images_per_batch or not items:
+      return
+    per_image = max(1, len(items) // len({it.q.image_key for it in items}))
+    self.image_rows = _round_up(-(-self.rows // per_image), self.dp)
 
   # -------------------------------------------------------------------------- inputs
 
@@ -228,6 +239,7 @@ class Runner:
   def predict(self, benchmark: str, items: list[_Item], sink, stop=lambda: False) -> dict[str, int]:
     """Runs `items`, calling `sink(records)` after every batch; -> counts (done, skipped, stopped)."""
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    self.fit_image_rows(items)
     counts = collections.Counter()
     bar = tqdm(total=len(items), disable=not self.settings.progress_bar, unit="q", dynamic_ncols=True)
     start = time.perf_counter()
@@ -347,7 +359,7 @@ def evaluate(runner: Runner, benchmark: str, questions: Sequence[Question], out_
   if runner.settings.limit > 0:
     questions = questions[:runner.settings.limit]
   wanted = {q.qid for q in questions}
-  done = {r["question_id"] for r in read_predictions(path)}
+  done = {r["question_id"] for r in read_predictions(path) if "skipped" not in r}  # skipped ones are retried
   todo = runner.items(benchmark, [q for q in questions if q.qid not in done])
   stopping = {"flag": False}
 
@@ -366,7 +378,8 @@ def evaluate(runner: Runner, benchmark: str, questions: Sequence[Question], out_
   finally:
     if previous is not None:
       signal.signal(signal.SIGTERM, previous)
-  records = [r for r in read_predictions(path) if r["question_id"] in wanted]
+  latest = {r["question_id"]: r for r in read_predictions(path)}  # a retried question's last record
+  records = [latest[q.qid] for q in questions if q.qid in latest]
   result = score(benchmark, records)
   with open(os.path.join(out_dir, METRICS) + ".tmp", "w") as f:
     json.dump(result, f, indent=1)
