@@ -10,7 +10,6 @@ and prints a summary that names the mode that ran (`--config.attention=composite
 self-trained checkpoint is EE-MLLM-F).
 """
 
-import os
 import sys
 
 from absl import app, flags
