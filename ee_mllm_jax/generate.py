@@ -195,3 +195,43 @@ def split_at_last_image(batch: dict[str, Any]) -> tuple[dict[str, np.ndarray], d
   prefix = dict(pack(valid & (pos < end)), pixel_values=batch["pixel_values"], image_valid=image_valid,
                 visual_positions=pos_v)
   return prefix, pack(valid & (pos > end))
+
+
+# ----------------------------------------------------------------------------- evaluation helpers
+
+
+@jax.jit
+def cache_rows(cache: Cache, rows: jax.Array) -> Cache:
+  """The cache with row b taken from row `rows[b]` (B',) int: prefixes shared by uneven numbers of
+  prompts (one image, several questions), where `Cache.repeat` needs the same count for every row."""
+  return cache.replace(k=cache.k[:, rows], v=cache.v[:, rows], pos=cache.pos[rows], valid=cache.valid[rows])
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _labelled_logprobs(params, cfg, batch, cache):
+  model = EEMLLM(cfg)
+  if cache is None:
+    logits = model.apply({"params": params}, *(batch[k] for k in MODEL_KEYS))
+  else:
+    cache = cache.pad(cache.size + batch["input_ids"].shape[1])
+    logits, _ = model.apply({"params": params}, *(batch[k] for k in TEXT_KEYS), cache, method="extend")
+  labels = batch["labels"]
+  scored = labels != batch_lib.IGNORE_INDEX
+  logp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), jnp.where(scored, labels, 0)[..., None],
+                             axis=-1)[..., 0]
+  return jnp.sum(jnp.where(scored, logp, 0.0), axis=1), jnp.sum(scored, axis=1, dtype=jnp.int32)
+
+
+def labelled_logprobs(params, cfg: ModelConfig, batch: dict[str, Any], *,
+                      cache: Cache | None = None) -> tuple[jax.Array, jax.Array]:
+  """Teacher-forced log-likelihood of each row's labelled tokens: (B,) sum over t of
+  log p(labels[t] | tokens <= t) where labels[t] != IGNORE_INDEX, and (B,) their count.
+
+  Without `cache`, `batch` is a DESIGN §3 batch with labels. With `cache` (a prefix from
+  `prefill_prefix`, rows matched by `cache_rows` / `.repeat`), `batch` holds the text after the
+  prefix and its labels: one forward over that text scores a continuation (e.g. each option of
+  a multiple-choice question) against the shared image prefix without recomputing it.
+  """
+  keys = (MODEL_KEYS if cache is None else TEXT_KEYS) + ("labels",)
+  batch_lib.validate(batch, cfg if cache is None else None, keys=keys)
+  return _labelled_logprobs(params, cfg, {k: batch[k] for k in keys}, cache)

@@ -139,3 +139,25 @@ def load_pixels(path: str, **kwargs) -> np.ndarray:
     raise
   except Exception as e:  # an exotic mode Pillow cannot convert
     raise ImageError("corrupt_image", f"cannot convert image {path} ({img.mode}): {e}") from None
+
+
+def load_pixels_from_bytes(data: bytes, name: str, **kwargs) -> np.ndarray:
+  """`load_pixels` for an image held in memory (e.g. base64 in a benchmark file); `name` is
+  what errors call it."""
+  import io  # pylint: disable=g-import-not-at-top
+  if not data:
+    raise ImageError("empty_image", f"image is empty (0 bytes): {name}")
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", Image.DecompressionBombWarning)
+      with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+  except Image.UnidentifiedImageError:
+    raise ImageError("not_an_image", f"not an image: {name}") from None
+  except Exception as e:  # truncated data, bad CRC, decompression bomb, codec errors
+    raise ImageError("corrupt_image", f"corrupt or truncated image: {name}: {e}") from None
+  try:
+    return preprocess(img, **kwargs)
+  except Exception as e:  # an exotic mode Pillow cannot convert
+    raise ImageError("corrupt_image", f"cannot convert image {name} ({img.mode}): {e}") from None

@@ -1,0 +1,95 @@
+"""eval.py's work: flags -> model -> one benchmark (or one question about one image) -> text."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from ee_mllm_jax import batch as batch_lib
+from ee_mllm_jax import sharding
+from ee_mllm_jax.evaluation import circular
+from ee_mllm_jax.evaluation import model as model_lib
+from ee_mllm_jax.evaluation import prompts as prompts_lib
+from ee_mllm_jax.evaluation import readers
+from ee_mllm_jax.evaluation import runner as runner_lib
+from ee_mllm_jax.train import checkpoint as ckpt_lib
+
+
+class UsageError(ValueError):
+  """Flags that do not make a command."""
+
+
+USER_ERRORS = (UsageError, FileNotFoundError, readers.BenchmarkFormatError, runner_lib.EvalError,
+               ckpt_lib.ConfigMismatchError, batch_lib.BatchError)
+
+
+def load_model(config, *, checkpoint: str | None, hf: str | None) -> model_lib.EvalModel:
+  if bool(checkpoint) == bool(hf):
+    raise UsageError("give exactly one of --checkpoint and --hf")
+  if config.attention is not None and config.attention not in ("self", "composite"):
+    raise UsageError(f"--config.attention must be 'self' or 'composite', got {config.attention!r}")
+  mode = dict(attention=config.attention, visual_ffn=config.visual_ffn, template=config.template, dtype=config.dtype)
+  if checkpoint:
+    try:
+      return model_lib.from_checkpoint(checkpoint, preset=config.preset, **mode)
+    except ValueError as e:  # no recorded config, an unknown preset, ...
+      if isinstance(e, ckpt_lib.ConfigMismatchError):
+        raise
+      raise UsageError(str(e)) from None
+  return model_lib.from_hf(hf, **mode)
+
+
+def settings(config) -> runner_lib.EvalSettings:
+  if config.on_bad_image not in ("raise", "skip"):
+    raise UsageError(f"--config.on_bad_image must be 'raise' or 'skip', got {config.on_bad_image!r}")
+  if config.batch_size < 1 or config.max_new_tokens < 1:
+    raise UsageError("--config.batch_size and --config.max_new_tokens must be >= 1")
+  style = prompts_lib.PromptStyle(short_answer=config.short_answer_prompt, ocr_tokens=config.ocr_tokens)
+  return runner_lib.EvalSettings(batch_size=config.batch_size, images_per_batch=config.images_per_batch,
+                                 max_new_tokens=config.max_new_tokens, reuse_prefix=config.reuse_prefix,
+                                 likelihood=config.likelihood, on_bad_image=config.on_bad_image, style=style,
+                                 progress_bar=config.progress_bar, limit=config.limit)
+
+
+def ask(runner: runner_lib.Runner, image: str, question: str) -> str:
+  """The model's answer to one question about one image file."""
+  if not os.path.exists(image):
+    raise FileNotFoundError(f"--image {image} does not exist")
+  q = readers.Question("cli", os.path.abspath(image), "cli", question, ("",))
+  (item,) = runner.items("ask", [q])
+  item.layout = runner.encoder.prompt(question)  # the user's words as they are, no answer-style suffix
+  return runner._generate([item], [runner.pixels(q)], [0])[0]  # pylint: disable=protected-access
+
+
+def run(config, *, checkpoint=None, hf=None, benchmark=None, data=None, image_root=None, out=None, image=None,
+        question=None) -> tuple[str, bool]:
+  """-> (what to print, whether the run completed: False after SIGTERM)."""
+  if image or question:
+    if not (image and question):
+      raise UsageError("--image and --question go together")
+    if benchmark or data:
+      raise UsageError("--image/--question ask one question; leave out --benchmark and --data")
+    if not os.path.exists(image):
+      raise FileNotFoundError(f"--image {image} does not exist")
+  elif not (benchmark and data):
+    raise UsageError("give --benchmark and --data (or --image and --question)")
+  elif not os.path.exists(data):
+    raise FileNotFoundError(f"--data {data} does not exist")
+  model = load_model(config, checkpoint=checkpoint, hf=hf)
+  try:
+    mesh = sharding.make_mesh(dict(config.mesh))
+  except ValueError as e:
+    raise UsageError(f"--config.mesh: {e}") from None
+  run_settings = settings(config)
+  if image:
+    run_settings = runner_lib.EvalSettings(**{**run_settings.__dict__, "batch_size": 1, "progress_bar": False})
+    return ask(runner_lib.Runner(model, run_settings, mesh), image, question), True
+  questions = readers.read(benchmark, data, image_root)
+  if benchmark == "mmbench" and config.mmbench_rotations:
+    questions = circular.with_rotations(questions)
+  out = out or os.path.join("eval_out", benchmark)
+  summary = runner_lib.evaluate(runner_lib.Runner(model, run_settings, mesh), benchmark, questions, out)
+  summary.update(model=model.source, data=os.path.abspath(data), out=os.path.abspath(out))
+  with open(os.path.join(out, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  return runner_lib.summary_table(summary), not summary["run"]["stopped"]

@@ -1,0 +1,417 @@
+"""Batched evaluation of one benchmark: prompts -> greedy generation (and, for SEED-Bench,
+option likelihoods) -> predictions.jsonl -> metrics.json.
+
+Questions about one image are batched together; with prefix reuse (the default) each batch
+runs the vision tower and the prefill of [system text; image] once per distinct image
+(`split_at_last_image` / `prefill_prefix`), and every question row continues from its image's
+cache (`cache_rows`). Shapes are fixed: B question rows, G image rows, text widths from a few
+buckets, so jit compiles a handful of programs. Rows are sharded over the mesh's data axes.
+
+predictions.jsonl is appended after every batch (one JSON object per question), so a re-run
+with the same output directory skips what is done; SIGTERM stops after the current batch and
+leaves the file whole.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from ee_mllm_jax import batch as batch_lib
+from ee_mllm_jax import sharding
+from ee_mllm_jax.data import images as image_lib
+from ee_mllm_jax.data.text import TextLayout
+from ee_mllm_jax.evaluation import metrics as metrics_lib
+from ee_mllm_jax.evaluation import prompts as prompts_lib
+from ee_mllm_jax.evaluation.model import EvalModel
+from ee_mllm_jax.evaluation.readers import Question
+from ee_mllm_jax.generate import cache_rows, generate, labelled_logprobs, prefill_prefix, split_at_last_image
+
+log = logging.getLogger(__name__)
+PREDICTIONS, METRICS = "predictions.jsonl", "metrics.json"
+
+
+class EvalError(ValueError):
+  """A question that cannot be evaluated (missing or corrupt image, prompt too long); names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  batch_size: int = 16  # B: question rows per step
+  images_per_batch: int = 0  # G: image (prefix) rows per step; 0: B / (questions per image in the data)
+  max_new_tokens: int = 16
+  reuse_prefix: bool = True
+  likelihood: bool = True  # SEED-Bench: also rank the options by likelihood
+  on_bad_image: str = "raise"  # or "skip": counted and reported
+  style: prompts_lib.PromptStyle = prompts_lib.PromptStyle()
+  progress_bar: bool = True
+  limit: int = 0  # > 0: only the first `limit` questions (a quick look)
+
+
+@dataclasses.dataclass
+class _Item:
+  q: Question
+  layout: TextLayout  # the generation prompt
+  prompt: str  # its rendered text
+  options: list[TextLayout] | None = None  # SEED likelihood: one answered layout per option
+
+
+def _round_up(n: int, m: int = 8) -> int:
+  return max(m, -(-n // m) * m)
+
+
+def _bucket(buckets: Sequence[int], n: int) -> int | None:
+  fits = [b for b in buckets if b >= n]
+  return fits[0] if fits else None
+
+
+class Runner:
+  """Compiled-once evaluation of one model; `run` does one benchmark."""
+
+  def __init__(self, model: EvalModel, settings: EvalSettings = EvalSettings(), mesh=None):
+    self.model, self.settings = model, settings
+    self.mesh = mesh if mesh is not None else sharding.make_mesh((-1, 1, 1))
+    self.params = jax.device_put(model.params, NamedSharding(self.mesh, PartitionSpec()))
+    self.encoder = prompts_lib.Encoder(model.tokenizer, model.template, model.cfg.tokens_per_image)
+    self.pad_id = model.tokenizer.token_to_id("<pad>") or 0
+    if jax.process_count() > 1:
+      raise NotImplementedError("evaluation runs in one process (any number of its devices); "
+                                f"this job has {jax.process_count()} processes")
+    self.dp = sharding.data_parallel_size(self.mesh)
+    self.rows = _round_up(settings.batch_size, self.dp)  # B, a multiple of the data-parallel size
+    self.image_rows = _round_up(settings.images_per_batch or settings.batch_size, self.dp)  # G
+
+  def fit_image_rows(self, items: Sequence["_Item"]):
+    """With images_per_batch = 0, G = B / (questions per image, rounded down), so that a batch of
+    MMBench rotations computes 4 image prefixes, not B."""
+    if self.settings.images_per_batch or not items:
+      return
+    per_image = max(1, len(items) // len({it.q.image_key for it in items}))
+    self.image_rows = _round_up(-(-self.rows // per_image), self.dp)
+
+  # -------------------------------------------------------------------------- inputs
+
+  def items(self, benchmark: str, questions: Iterable[Question]) -> list[_Item]:
+    out = []
+    for q in questions:
+      msg = prompts_lib.message(q, benchmark, self.settings.style)
+      layout = self.encoder.prompt(msg)
+      if _bucket(self.model.buckets, len(layout.input_ids)) is None:
+        raise EvalError(f"question {q.qid}: its prompt has {len(layout.input_ids)} text tokens, more than the largest "
+                        f"bucket ({self.model.buckets[-1]})")
+      options = None
+      if benchmark == "seedbench" and self.settings.likelihood:
+        plain = prompts_lib.message(q, benchmark, self.settings.style, with_options=False)
+        options = [self.encoder.answered(plain, text) for text in q.options.values()]
+      rendered = "".join(t for t, _, _ in self.model.template.render(
+          [("human", "<image>\n" + msg)], prompt=True))
+      out.append(_Item(q, layout, rendered, options))
+    return out
+
+  def pixels(self, q: Question) -> np.ndarray:
+    m, cfg = self.model, self.model.cfg.vision
+    kw = dict(size=cfg.image_size, mean=cfg.image_mean, std=cfg.image_std, mode=m.image_preprocess,
+              background=m.alpha_background)
+    try:
+      if isinstance(q.image, bytes):
+        return image_lib.load_pixels_from_bytes(q.image, f"the image of question {q.qid}", **kw)
+      return image_lib.load_pixels(q.image, **kw)
+    except image_lib.ImageError as e:
+      raise EvalError(f"question {q.qid}: {e}") from None
+
+  def _collate(self, layouts: Sequence[TextLayout], pixels: Sequence[np.ndarray], rows: int) -> dict:
+    """Host batch of `rows` rows (missing rows repeat the last one: their results are dropped)."""
+    layouts = list(layouts) + [layouts[-1]] * (rows - len(layouts))
+    pixels = list(pixels) + [pixels[-1]] * (rows - len(pixels))
+    p, size = self.model.cfg.tokens_per_image, self.model.cfg.vision.image_size
+    width = _bucket(self.model.buckets, max(len(x.input_ids) for x in layouts)) or _round_up(
+        max(len(x.input_ids) for x in layouts))
+    batch = batch_lib.empty(rows, width, max_images=1, tokens_per_image=p, image_size=size, pad_id=self.pad_id)
+    for r, (x, px) in enumerate(zip(layouts, pixels)):
+      n = len(x.input_ids)
+      batch["input_ids"][r, :n], batch["text_positions"][r, :n] = x.input_ids, x.positions
+      batch["text_valid"][r, :n], batch["labels"][r, :n] = True, x.labels
+      batch["pixel_values"][r, 0], batch["image_valid"][r, 0] = px, True
+      (start,) = x.image_starts
+      batch["visual_positions"][r] = np.arange(start, start + p)
+    return batch
+
+  def _split(self, batch: dict, image_of_row: Sequence[int]) -> tuple[dict, dict, np.ndarray]:
+    """(prefix batch of G image rows, the rest of every row with its labels, row -> image row)."""
+    prefix, rest = split_at_last_image(batch)
+    first = {}
+    for r, g in enumerate(image_of_row):
+      first.setdefault(g, r)
+    reps = [first[g] for g in sorted(first)]
+    reps += [reps[-1]] * (self.image_rows - len(reps))
+    prefix = {k: v[reps] for k, v in prefix.items()}
+    # Text after the prefix keeps its order by position, as `split_at_last_image` packs it.
+    end = batch["visual_positions"].max(axis=1, keepdims=True)
+    keep = batch["text_valid"] & (batch["text_positions"] > end)
+    labels = np.full(rest["input_ids"].shape, batch_lib.IGNORE_INDEX, np.int32)
+    for r in range(len(labels)):
+      got = batch["labels"][r][keep[r]]
+      labels[r, :len(got)] = got
+    rest["labels"] = labels
+    prefix = {k: v for k, v in batch_lib.pad_text(prefix, _round_up(prefix["input_ids"].shape[1])).items()}
+    width = _bucket(self.model.buckets, rest["input_ids"].shape[1]) or _round_up(rest["input_ids"].shape[1])
+    rest = batch_lib.pad_text(rest, width)
+    return prefix, rest, np.asarray(list(image_of_row), np.int32)
+
+  # -------------------------------------------------------------------------- one batch
+
+  def _shard(self, batch: dict) -> dict:
+    return sharding.shard_batch(batch, self.mesh)
+
+  def _prefix_cache(self, prefix: dict, image_of_row: np.ndarray):
+    cache = prefill_prefix(self.params, self.model.cfg, self._shard(batch_lib.model_inputs(prefix)))
+    return cache_rows(cache, jnp.asarray(image_of_row))
+
+  def _generate(self, items: list[_Item], pixels: list[np.ndarray], image_of_row: list[int]) -> list[str]:
+    s, cfg = self.settings, self.model.cfg
+    batch = self._collate([it.layout for it in items], [pixels[g] for g in image_of_row], self.rows)
+    kw = dict(max_new_tokens=s.max_new_tokens, stop_ids=self.encoder.stop_ids, pad_id=self.pad_id)
+    if s.reuse_prefix:
+      prefix, rest, rows = self._split(batch, image_of_row + [image_of_row[-1]] * (self.rows - len(items)))
+      cache = self._prefix_cache(prefix, rows)
+      out = generate(self.params, cfg, self._shard(batch_lib.text_inputs(rest)), cache=cache, **kw)
+    else:
+      out = generate(self.params, cfg, self._shard(batch_lib.model_inputs(batch)), **kw)
+    tokens, lengths = jax.device_get((out.tokens, out.lengths))
+    stops = set(self.encoder.stop_ids)
+    return [self.encoder.decode([t for t in tokens[r, :lengths[r]] if t not in stops]) for r in range(len(items))]
+
+  def _option_logprobs(self, items: list[_Item], pixels: list[np.ndarray], image_of_row: list[int]) -> list[list[float]]:
+    """Each question's options scored as the assistant's reply: 4 rows per question, every row
+    continuing from its image's prefix cache (one forward over the text after the image)."""
+    n_opt = len(items[0].options)
+    layouts = [o for it in items for o in it.options]
+    rows = [g for g in image_of_row for _ in range(n_opt)]
+    px = [pixels[g] for g in rows]
+    total = self.rows * n_opt
+    batch = self._collate(layouts, px, total)
+    if self.settings.reuse_prefix:
+      prefix, rest, rows = self._split(batch, rows + [rows[-1]] * (total - len(rows)))
+      cache = self._prefix_cache(prefix, rows)
+      sums, _ = labelled_logprobs(self.params, self.model.cfg,
+                                      self._shard({k: rest[k] for k in batch_lib.TEXT_KEYS + ("labels",)}), cache=cache)
+    else:
+      sums, _ = labelled_logprobs(self.params, self.model.cfg,
+                                      self._shard({k: batch[k] for k in batch_lib.TRAIN_KEYS}))
+    sums = np.asarray(jax.device_get(sums))
+    return [sums[i * n_opt:(i + 1) * n_opt].tolist() for i in range(len(items))]
+
+  # -------------------------------------------------------------------------- batching
+
+  def _batches(self, items: list[_Item]) -> Iterable[list[_Item]]:
+    """Whole image groups, in file order, until B questions or G images; a group larger than B
+    is split."""
+    groups: dict[str, list[_Item]] = collections.OrderedDict()
+    for it in items:
+      groups.setdefault(it.q.image_key, []).append(it)
+    batch, images = [], 0
+    for group in groups.values():
+      while group:
+        if images == self.image_rows or len(batch) == self.rows:
+          yield batch
+          batch, images = [], 0
+        take = group[:self.rows - len(batch)]
+        group = group[len(take):]
+        batch += take
+        images += 1
+    if batch:
+      yield batch
+
+  # -------------------------------------------------------------------------- the run
+
+  def predict(self, benchmark: str, items: list[_Item], sink, stop=lambda: False) -> dict[str, int]:
+    """Runs `items`, calling `sink(records)` after every batch; -> counts (done, skipped, stopped)."""
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    self.fit_image_rows(items)
+    counts = collections.Counter()
+    bar = tqdm(total=len(items), disable=not self.settings.progress_bar, unit="q", dynamic_ncols=True)
+    start = time.perf_counter()
+    try:
+      for batch in self._batches(items):
+        if stop():
+          counts["stopped"] = 1
+          break
+        records, kept, pixels, image_of_row, seen = [], [], [], [], {}
+        for it in batch:
+          key = it.q.image_key
+          if key not in seen:
+            try:
+              px = self.pixels(it.q)
+            except EvalError as e:
+              if self.settings.on_bad_image != "skip":
+                raise
+              seen[key] = e
+              log.warning("Skipping %s", e)
+            else:
+              seen[key] = len(pixels)
+              pixels.append(px)
+          if isinstance(seen[key], EvalError):
+            records.append(dict(question_id=it.q.qid, skipped=str(seen[key])))
+            counts["skipped"] += 1
+            continue
+          kept.append(it)
+          image_of_row.append(seen[key])
+        if kept:
+          outputs = self._generate(kept, pixels, image_of_row)
+          scores = (self._option_logprobs(kept, pixels, image_of_row) if kept[0].options else [None] * len(kept))
+          records += [record(benchmark, it, out, sc) for it, out, sc in zip(kept, outputs, scores)]
+        sink(records)
+        counts["done"] += len(batch)
+        bar.update(len(batch))
+        bar.set_postfix_str(f"{counts['done'] / (time.perf_counter() - start):.2f} questions/s")
+    finally:
+      bar.close()
+    counts["seconds"] = time.perf_counter() - start
+    return dict(counts)
+
+
+def record(benchmark: str, it: _Item, output: str, option_scores: list[float] | None) -> dict[str, Any]:
+  """One predictions.jsonl line: ids, prompt, raw output, parsed answer, ground truth, score."""
+  q = it.q
+  r = dict(question_id=q.qid, prompt=it.prompt, output=output)
+  if benchmark == "textvqa":
+    r.update(parsed=metrics_lib.normalize_vqa_answer(output), answers=list(q.answers),
+             score=metrics_lib.vqa_accuracy(output, q.answers))
+  elif benchmark == "docvqa":
+    r.update(parsed=output, answers=list(q.answers), score=metrics_lib.anls(output, q.answers))
+  elif benchmark == "mmbench":
+    parsed = metrics_lib.extract_option(output, q.options)
+    r.update(parsed=parsed, answer=q.answers[0], correct=parsed == q.answers[0], index=q.index,
+             category=q.category, l2_category=q.l2_category, options=q.options)
+  else:
+    parsed = metrics_lib.seed_letter(output)
+    r.update(parsed=parsed, answer=q.answers[0], correct=parsed == q.answers[0], question_type=q.category)
+    if option_scores is not None:
+      best = list(q.options)[int(np.argmax(option_scores))]
+      r.update(option_logprobs=option_scores, likelihood_choice=best, likelihood_correct=best == q.answers[0])
+  return r
+
+
+def score(benchmark: str, records: Sequence[dict]) -> dict[str, Any]:
+  """metrics.json from all predictions of a benchmark (skipped questions counted, not scored)."""
+  done = [r for r in records if "skipped" not in r]
+  out: dict[str, Any] = {"questions": len(done), "skipped": len(records) - len(done)}
+  if benchmark in ("textvqa", "docvqa"):
+    name = "accuracy" if benchmark == "textvqa" else "anls"
+    out[name] = sum(r["score"] for r in done) / max(len(done), 1)
+  elif benchmark == "mmbench":
+    out.update(metrics_lib.circular_eval(done))
+    out["unparseable"] = sum(r["parsed"] is None for r in done)
+  else:
+    out["accuracy"] = sum(r["correct"] for r in done) / max(len(done), 1)
+    out["per_question_type"] = metrics_lib.accuracy_by(done, "question_type")
+    out["unparseable"] = sum(r["parsed"] not in "ABCD" or not r["parsed"] for r in done)
+    ranked = [r for r in done if "likelihood_correct" in r]
+    if ranked:
+      out["likelihood_accuracy"] = sum(r["likelihood_correct"] for r in ranked) / len(ranked)
+      out["likelihood_per_question_type"] = metrics_lib.accuracy_by(
+          [dict(question_type=r["question_type"], correct=r["likelihood_correct"]) for r in ranked], "question_type")
+  return out
+
+
+def read_predictions(path: str) -> list[dict]:
+  """The complete lines of predictions.jsonl (a torn last line, from a kill, is dropped and
+  rewritten away)."""
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    lines = f.readlines()
+  records, good = [], 0
+  for line in lines:
+    try:
+      records.append(json.loads(line))
+    except ValueError:
+      break
+    if not line.endswith("\n"):
+      records.pop()
+      break
+    good += 1
+  if good != len(lines):
+    log.warning("%s: dropping %d incomplete line(s) at the end", path, len(lines) - good)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      f.writelines(lines[:good])
+    os.replace(path + ".tmp", path)
+  return records
+
+
+def evaluate(runner: Runner, benchmark: str, questions: Sequence[Question], out_dir: str) -> dict[str, Any]:
+  """Predicts what `out_dir/predictions.jsonl` lacks, then writes `metrics.json`. -> summary
+  {benchmark, mode, metrics, run: counts and questions/s}."""
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, PREDICTIONS)
+  if runner.settings.limit > 0:
+    questions = questions[:runner.settings.limit]
+  wanted = {q.qid for q in questions}
+  done = {r["question_id"] for r in read_predictions(path) if "skipped" not in r}  # skipped ones are retried
+  todo = runner.items(benchmark, [q for q in questions if q.qid not in done])
+  stopping = {"flag": False}
+
+  def on_sigterm(signum, frame):
+    del signum, frame
+    stopping["flag"] = True
+
+  previous = signal.signal(signal.SIGTERM, on_sigterm) if _main_thread() else None
+  try:
+    with open(path, "a", encoding="utf-8") as f:
+      def sink(records):
+        f.writelines(json.dumps(r) + "\n" for r in records)
+        f.flush()
+        os.fsync(f.fileno())
+      counts = runner.predict(benchmark, todo, sink, stop=lambda: stopping["flag"])
+  finally:
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
+  latest = {r["question_id"]: r for r in read_predictions(path)}  # a retried question's last record
+  records = [latest[q.qid] for q in questions if q.qid in latest]
+  result = score(benchmark, records)
+  with open(os.path.join(out_dir, METRICS) + ".tmp", "w") as f:
+    json.dump(result, f, indent=1)
+  os.replace(os.path.join(out_dir, METRICS) + ".tmp", os.path.join(out_dir, METRICS))
+  seconds = counts.get("seconds", 0.0)
+  run = dict(resumed=len(done & wanted), predicted=counts.get("done", 0), skipped=counts.get("skipped", 0),
+             stopped=bool(counts.get("stopped")), seconds=seconds,
+             questions_per_s=counts.get("done", 0) / seconds if seconds > 0 else math.nan,
+             complete=len(records) == len(wanted))
+  return dict(benchmark=benchmark, mode=runner.model.mode, metrics=result, run=run)
+
+
+def _main_thread() -> bool:
+  import threading  # pylint: disable=g-import-not-at-top
+  return threading.current_thread() is threading.main_thread()
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+  """A few lines for the terminal: the mode, the headline numbers, per-category scores."""
+  m, run = summary["metrics"], summary["run"]
+  lines = [f"{summary['benchmark']}  |  mode: {summary['mode']}",
+           f"  questions {m['questions']}  skipped {m['skipped']}  ({run['predicted']} predicted now, "
+           f"{run['resumed']} resumed, {run['questions_per_s']:.2f} questions/s)"]
+  for key in ("accuracy", "anls", "circular_accuracy", "row_accuracy", "likelihood_accuracy"):
+    if key in m:
+      lines.append(f"  {key:<22} {100 * m[key]:6.2f}")
+  if "unparseable" in m:
+    lines.append(f"  {'unparseable outputs':<22} {m['unparseable']:6d}")
+  for key, label in (("per_category", "category"), ("per_l2_category", "l2-category"),
+                     ("per_question_type", "question type"), ("likelihood_per_question_type", "likelihood, type")):
+    for name, value in (m.get(key) or {}).items():
+      lines.append(f"    {label:<18} {name:<44} {100 * value:6.2f}")
+  if run["stopped"]:
+    lines.append("  stopped by SIGTERM: re-run with the same --out to finish")
+  return "\n".join(lines)

@@ -1,0 +1,63 @@
+"""Evaluate a model on TextVQA, DocVQA, MMBench or SEED-Bench, or ask it about one image.
+
+    python eval.py --checkpoint RUN_DIR[/checkpoints/STEP] --benchmark mmbench --data MMBench_DEV_EN.tsv \
+        [--image-root DIR] [--out DIR] [--config.attention=composite --config.visual_ffn=true ...]
+    python eval.py --hf LLAVA_DIR --benchmark textvqa --data TextVQA_0.5.1_val.json --image-root textvqa/
+    python eval.py --checkpoint RUN_DIR --image cat.png --question "What colour is the cat?"
+
+Writes OUT/predictions.jsonl (resumable: a re-run skips what it holds) and OUT/metrics.json,
+and prints a summary that names the mode that ran (`--config.attention=composite` on a
+self-trained checkpoint is EE-MLLM-F).
+"""
+
+import sys
+
+from absl import app, flags
+import ml_collections
+from ml_collections import config_flags
+
+
+def default_config() -> ml_collections.ConfigDict:
+  unset = lambda kind: ml_collections.FieldReference(None, field_type=kind)
+  return ml_collections.ConfigDict(dict(
+      attention=unset(str),  # None: as trained; "composite" on a self checkpoint = EE-MLLM-F
+      visual_ffn=unset(bool),  # None: as trained
+      preset=unset(str),  # when set, the checkpoint must be this architecture
+      template=unset(str),  # None: the checkpoint's (HF: vicuna_v1)
+      dtype=unset(str),
+      batch_size=16, images_per_batch=0, max_new_tokens=16, reuse_prefix=True, likelihood=True,
+      on_bad_image="raise",  # or "skip"
+      short_answer_prompt="Answer the question using a single word or phrase.",
+      ocr_tokens=True, progress_bar=True, limit=0,
+      mmbench_rotations=True,  # MMBench rows without rotations get them (CircularEval on any TSV)
+      mesh=ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))))
+
+
+config_flags.DEFINE_config_dict("config", default_config(), "Evaluation settings.", lock_config=True)
+flags.DEFINE_string("checkpoint", None, "A train.py run dir, its checkpoints/ dir, or one step.")
+flags.DEFINE_string("hf", None, "A local HF LLaVA directory (config.json, *.safetensors, tokenizer.json).")
+flags.DEFINE_enum("benchmark", None, ["textvqa", "docvqa", "mmbench", "seedbench"], "Benchmark.")
+flags.DEFINE_string("data", None, "The benchmark file.")
+flags.DEFINE_string("image-root", None, "Image paths are relative to it (default: the benchmark file's dir).")
+flags.DEFINE_string("out", None, "Output directory (default: eval_out/<benchmark>).")
+flags.DEFINE_string("image", None, "Ask about one image (with --question).")
+flags.DEFINE_string("question", None, "The question about --image.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  from ee_mllm_jax.evaluation import cli  # pylint: disable=g-import-not-at-top
+  try:
+    text, complete = cli.run(FLAGS.config, checkpoint=FLAGS.checkpoint, hf=FLAGS.hf, benchmark=FLAGS.benchmark,
+                             data=FLAGS.data, image_root=FLAGS["image-root"].value, out=FLAGS.out, image=FLAGS.image,
+                             question=FLAGS.question)
+  except cli.USER_ERRORS as e:  # bad flags, files, images or checkpoints: one line, exit 1
+    sys.exit(f"error: {e}")
+  print(text, flush=True)
+  if not complete:  # stopped by SIGTERM: predictions.jsonl is whole, a re-run resumes
+    sys.exit(143)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,303 @@
+"""eval.py's package: readers on the synthetic files in the real formats, the runner's
+properties (prefix reuse = no reuse, 8 devices = 1, resume = one run, SIGTERM leaves a valid
+file), bad input, and the command line."""
+
+import base64
+import csv
+import dataclasses
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+import ee_mllm_jax as eem
+from ee_mllm_jax import sharding
+from ee_mllm_jax.data import synthetic
+from ee_mllm_jax.evaluation import circular, model as model_lib, prompts as prompts_lib, readers, runner as runner_lib
+from ee_mllm_jax.train import checkpoint as ckpt_lib
+import conftest
+from models import init_params
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 384
+CFG = eem.ModelConfig.preset("tiny", attention="self", visual_ffn=True).replace(
+    llm=eem.ModelConfig.preset("tiny").llm.replace(vocab_size=VOCAB))
+SETTINGS = runner_lib.EvalSettings(batch_size=8, images_per_batch=4, max_new_tokens=3, progress_bar=False)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+  """A small synthetic set with every question type, so all four benchmark files have questions."""
+  root = str(tmp_path_factory.mktemp("bench") / "synthetic")
+  return synthetic.generate(root, num_train=8, num_val=64, image_size=32, vocab_size=VOCAB, max_turns=1,
+                            mix=dict(synthetic.DEFAULT_MIX))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(bench, tmp_path_factory):
+  """A checkpoint as train.py writes it (state + config item) of a random tiny self-attention model."""
+  directory = str(tmp_path_factory.mktemp("run") / "checkpoints")
+  with open(bench.tokenizer_file) as f:
+    tokenizer = f.read()
+  run_config = {"model": CFG.to_dict(), "tokenizer": tokenizer,
+                "data": dict(template="chatml", system_prompt="", buckets=[64, 128], image_preprocess="pad",
+                             alpha_background="white", max_images=1, tokenizer_file=bench.tokenizer_file)}
+  ckpt = ckpt_lib.Checkpointer(directory, run_config=run_config, async_save=False)
+  ckpt.save(1, {"params": init_params(CFG)}, force=True)
+  ckpt.wait()
+  ckpt.close()
+  return directory
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+  return model_lib.from_checkpoint(checkpoint)
+
+
+def _runner(model, mesh=None, **changes):
+  """A runner on one device unless `mesh` says otherwise (the 8-device test does)."""
+  mesh = mesh if mesh is not None else sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  return runner_lib.Runner(model, runner_lib.EvalSettings(**{**SETTINGS.__dict__, **changes}), mesh)
+
+
+def _lines(path):
+  with open(os.path.join(path, runner_lib.PREDICTIONS)) as f:
+    return [json.loads(line) for line in f]
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def test_readers_take_the_synthetic_files_in_the_real_formats(bench):
+  with open(bench.val_file) as f:
+    val = json.load(f)
+  kinds = {"textvqa": "text", "docvqa": "doc", "mmbench": "choice_attribute", "seedbench": "choice_spatial"}
+  files = {"textvqa": "textvqa", "docvqa": "docvqa", "mmbench": "mmbench", "seedbench": "seed_bench"}
+  for benchmark, kind in kinds.items():
+    questions = readers.read(benchmark, bench.benchmarks[files[benchmark]], bench.root)
+    expected = [r for r in val if r["question_type"] == kind]
+    assert len(questions) == len(expected) > 0, benchmark
+    for q, r in zip(questions, expected):
+      assert q.question == r["question"] and q.qid == str(int(r["id"].split("-")[1]))
+      if r.get("options"):
+        assert list(q.options.values()) == r["options"] and q.answers == (r["answer"],)
+      else:
+        assert r["answer"] in q.answers
+      if isinstance(q.image, str):
+        assert os.path.exists(q.image), q.image
+  seed = readers.read("seedbench", bench.benchmarks["seed_bench"], bench.root)
+  assert {q.category for q in seed} <= {"Instances Counting", "Spatial Relation"}
+
+
+def _png(colour, size=32) -> bytes:
+  buf = io.BytesIO()
+  Image.new("RGB", (size, size), colour).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def write_mmbench(path, rows):
+  """A TSV in MMBench's columns; rows: dicts with index, question, options (list), answer, image, hint."""
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f, delimiter="\t", lineterminator="\n")
+    w.writerow(["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image", "l2-category"])
+    for r in rows:
+      opts = list(r["options"]) + ["nan"] * (4 - len(r["options"]))
+      w.writerow([r["index"], r["question"], r.get("hint", "nan"), *opts, r["answer"], r.get("category", "cat"),
+                  r["image"], "l2"])
+
+
+def circular_rows():
+  """Two questions, each in 4 rotations (index + k * 1e6); later rotations point at the first
+  row's image by its index, as the circular MMBench files do; one has a hint, one 3 options."""
+  rows = []
+  for base, colour, opts, hint in ((7, (200, 30, 30), ["red", "blue", "green", "pink"], "nan"),
+                                   (9, (30, 30, 200), ["blue", "red", "black"], "A picture.")):
+    image = base64.b64encode(_png(colour)).decode()
+    for k in range(len(opts)):
+      rotated = opts[k:] + opts[:k]
+      rows.append(dict(index=base + k * 1_000_000, question="What colour is it?", options=rotated,
+                       answer="ABCD"[rotated.index(opts[0])], image=image if k == 0 else str(base), hint=hint,
+                       category=f"c{base}"))
+  return rows
+
+
+def test_mmbench_reader_rotations_hint_and_image_references(tmp_path):
+  path = str(tmp_path / "mmbench.tsv")
+  write_mmbench(path, circular_rows())
+  qs = readers.read("mmbench", path)
+  assert len(qs) == 7 and [q.index % 1_000_000 for q in qs] == [7] * 4 + [9] * 3
+  assert len({q.image_key for q in qs[:4]}) == 1 and qs[0].image_key != qs[4].image_key
+  assert qs[0].hint is None and qs[4].hint == "A picture."  # "nan" is no hint
+  assert list(qs[4].options) == ["A", "B", "C"]  # D is "nan": absent
+  assert [q.answers[0] for q in qs[:4]] == ["A", "D", "C", "B"]
+
+
+def test_rotations_are_added_to_single_row_questions_only(tmp_path):
+  rows = circular_rows()
+  path = str(tmp_path / "mmbench.tsv")
+  write_mmbench(path, rows[:4] + [dict(rows[4], index=9)])  # question 7 has its rotations, 9 does not
+  qs = circular.with_rotations(readers.read("mmbench", path))
+  assert [q.index for q in qs] == [7, 1_000_007, 2_000_007, 3_000_007, 9, 1_000_009, 2_000_009]
+  for q in qs[4:]:  # the answer letter follows the correct text
+    assert q.options[q.answers[0]] == "blue" and q.image_key == qs[4].image_key
+  assert [q.answers[0] for q in qs[4:]] == ["A", "C", "B"]
+
+
+@pytest.mark.parametrize("benchmark, content, message", [
+    ("textvqa", {"data": [{"question_id": 5, "image_id": "x", "question": "q?"}]}, "question 5 (data[0]): has no 'answers'"),
+    ("docvqa", {"data": [{"questionId": 3, "image": 4, "question": "q", "answers": ["a"]}]}, "question 3 (data[0]): 'image' is int"),
+    ("seedbench", {"questions": [{"question_id": "q1", "data_type": "image", "choice_a": "1", "choice_b": "2",
+                                  "choice_c": "3", "choice_d": "4", "answer": "E", "data_id": "x.png",
+                                  "question_type_id": 1, "question": "?"}]}, "question q1 (questions[0]): answer 'E'"),
+    ("textvqa", {"questions": []}, "with a 'data' list"),
+])
+def test_bad_benchmark_files_name_the_question(tmp_path, benchmark, content, message):
+  path = tmp_path / "bad.json"
+  path.write_text(json.dumps(content))
+  with pytest.raises(readers.BenchmarkFormatError, match=re.escape(message)):
+    readers.read(benchmark, str(path))
+
+
+def test_bad_mmbench_rows_name_the_row(tmp_path):
+  rows = circular_rows()
+  rows[2]["answer"] = "E"
+  path = str(tmp_path / "mmbench.tsv")
+  write_mmbench(path, rows)
+  with pytest.raises(readers.BenchmarkFormatError, match=r"row 4 \(index '2000007'\): answer 'E'"):
+    readers.read("mmbench", path)
+
+
+# ----------------------------------------------------------------------------- the runner
+
+
+def test_prefix_reuse_gives_the_same_predictions_as_no_reuse(model, tmp_path):
+  path = str(tmp_path / "mmbench.tsv")
+  write_mmbench(path, circular_rows())
+  qs = readers.read("mmbench", path)
+  out = {}
+  for reuse in (True, False):
+    runner_lib.evaluate(_runner(model, reuse_prefix=reuse), "mmbench", qs, str(tmp_path / str(reuse)))
+    out[reuse] = _lines(str(tmp_path / str(reuse)))
+  assert [r["output"] for r in out[True]] == [r["output"] for r in out[False]]
+  assert len(out[True]) == 7 and all(r["prompt"].startswith("<|im_start|>user\n<image>\n") for r in out[True])
+
+
+def test_seed_option_likelihoods_with_a_shared_prefix_equal_full_forwards(model, bench, tmp_path):
+  qs = readers.read("seedbench", bench.benchmarks["seed_bench"], bench.root)[:6]
+  scores = {}
+  for reuse in (True, False):
+    summary = runner_lib.evaluate(_runner(model, reuse_prefix=reuse), "seedbench", qs, str(tmp_path / str(reuse)))
+    scores[reuse] = [r["option_logprobs"] for r in _lines(str(tmp_path / str(reuse)))]
+    assert "likelihood_accuracy" in summary["metrics"]
+  np.testing.assert_allclose(scores[True], scores[False], rtol=1e-4, atol=1e-4)
+  assert np.ptp(np.asarray(scores[True]), axis=1).min() > 0  # the options are told apart
+
+
+def test_eight_devices_give_the_same_predictions_as_one(model, bench, tmp_path):
+  qs = readers.read("textvqa", bench.benchmarks["textvqa"], bench.root)
+  one = _runner(model)
+  eight = _runner(model, sharding.make_mesh((8, 1, 1)))
+  assert eight.rows == 8 and len(jax.devices()) == 8
+  a = runner_lib.evaluate(one, "textvqa", qs, str(tmp_path / "one"))
+  b = runner_lib.evaluate(eight, "textvqa", qs, str(tmp_path / "eight"))
+  assert [r["output"] for r in _lines(str(tmp_path / "one"))] == [r["output"] for r in _lines(str(tmp_path / "eight"))]
+  assert a["metrics"] == b["metrics"]
+
+
+def test_resume_skips_done_questions_and_gives_the_same_metrics(model, bench, tmp_path):
+  qs = readers.read("docvqa", bench.benchmarks["docvqa"], bench.root)
+  full = runner_lib.evaluate(_runner(model), "docvqa", qs, str(tmp_path / "full"))
+  lines = open(tmp_path / "full" / runner_lib.PREDICTIONS).readlines()
+  os.makedirs(tmp_path / "part")
+  with open(tmp_path / "part" / runner_lib.PREDICTIONS, "w") as f:  # 3 done, then a torn line
+    f.writelines(lines[:3] + [lines[3][:20]])
+  resumed = runner_lib.evaluate(_runner(model), "docvqa", qs, str(tmp_path / "part"))
+  assert resumed["run"]["resumed"] == 3 and resumed["run"]["predicted"] == len(qs) - 3
+  assert resumed["metrics"] == full["metrics"]
+  assert sorted(r["question_id"] for r in _lines(str(tmp_path / "part"))) == sorted(q.qid for q in qs)
+
+
+def test_sigterm_stops_after_a_batch_and_leaves_a_valid_file(model, bench, tmp_path):
+  qs = readers.read("textvqa", bench.benchmarks["textvqa"], bench.root)
+  qs += [dataclasses.replace(q, qid=q.qid + "-again", image_key=q.image_key + "-again") for q in qs]
+  assert len(qs) > SETTINGS.images_per_batch  # more than one batch
+  runner = _runner(model)
+  predict = runner.predict
+
+  def predict_then_sigterm(benchmark, items, sink, stop):
+    def sink_and_signal(records):
+      sink(records)
+      os.kill(os.getpid(), signal.SIGTERM)  # as `kill` would, in the middle of the run
+    return predict(benchmark, items, sink_and_signal, stop)
+
+  runner.predict = predict_then_sigterm
+  summary = runner_lib.evaluate(runner, "textvqa", qs, str(tmp_path))
+  assert summary["run"]["stopped"] and not summary["run"]["complete"]
+  assert len(_lines(str(tmp_path))) == SETTINGS.images_per_batch  # one whole batch
+  done = runner_lib.evaluate(_runner(model), "textvqa", qs, str(tmp_path))
+  assert done["run"]["complete"] and done["run"]["resumed"] == SETTINGS.images_per_batch
+
+
+def test_a_missing_image_is_an_error_naming_the_question_and_skip_mode_counts_it(model, bench, tmp_path):
+  qs = readers.read("docvqa", bench.benchmarks["docvqa"], bench.root)
+  os.makedirs(tmp_path / "images", exist_ok=True)
+  broken = qs[1].__class__(**{**qs[1].__dict__, "image": str(tmp_path / "images" / "gone.png"),
+                              "image_key": "gone"})
+  qs = [qs[0], broken] + qs[2:4]
+  with pytest.raises(runner_lib.EvalError, match=f"question {broken.qid}: image file not found"):
+    runner_lib.evaluate(_runner(model), "docvqa", qs, str(tmp_path / "raise"))
+  summary = runner_lib.evaluate(_runner(model, on_bad_image="skip"), "docvqa", qs, str(tmp_path / "skip"))
+  assert summary["metrics"]["skipped"] == 1 and summary["metrics"]["questions"] == 3
+
+
+# ----------------------------------------------------------------------------- model and command line
+
+
+def test_composite_on_a_self_checkpoint_is_ee_mllm_f_and_a_wrong_preset_is_named(checkpoint):
+  f = model_lib.from_checkpoint(checkpoint, attention="composite")
+  assert f.cfg.attention == "composite" and f.cfg.visual_ffn and f.mode.startswith("EE-MLLM-F")
+  assert not model_lib.from_checkpoint(checkpoint, attention="composite", visual_ffn=False).cfg.runs_visual_ffn
+  with pytest.raises(ckpt_lib.ConfigMismatchError, match="llm.vocab_size: checkpoint 384 vs run 256"):
+    model_lib.from_checkpoint(checkpoint, preset="tiny")
+
+
+def test_ask_about_one_image_from_the_command_line(checkpoint, bench, tmp_path):
+  image = os.path.join(bench.root, "images", "val", "000000.png")
+  env = {**os.environ, "XLA_FLAGS": conftest.TEST_XLA_FLAGS, "JAX_PLATFORMS": "cpu"}  # one device, fast compiles
+  ok = subprocess.run([sys.executable, "eval.py", "--checkpoint", checkpoint, "--image", image, "--question",
+                       "What colour is the square?", "--config.max_new_tokens=3"],
+                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert ok.returncode == 0 and ok.stdout.strip(), ok.stderr[-2000:]  # the answer (random weights: any text)
+  bad = subprocess.run([sys.executable, "eval.py", "--checkpoint", checkpoint, "--image", str(tmp_path / "no.png"),
+                        "--question", "?"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == f"error: --image {tmp_path / 'no.png'} does not exist"
+
+
+def test_an_hf_llava_directory_loads_with_its_tokenizer_and_mode_overrides(tmp_path):
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  from test_vs_hf import tiny_hf_llava  # pylint: disable=g-import-not-at-top
+  tiny_hf_llava("clip-llama").save_pretrained(tmp_path)
+  words = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "USER:", "ASSISTANT:", "what", "colour", "?"]
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  tok.add_special_tokens(["<s>", "</s>", "<pad>"])
+  tok.save(str(tmp_path / "tokenizer.json"))
+  llava = model_lib.from_hf(str(tmp_path))
+  assert llava.mode == "self (LLaVA)" and llava.template.name == "vicuna_v1"
+  f = model_lib.from_hf(str(tmp_path), attention="composite", visual_ffn=False)
+  assert f.mode == "EE-MLLM-F: composite (EE-MLLM) on self-trained weights" and not f.cfg.runs_visual_ffn
+  layout = prompts_lib.Encoder(llava.tokenizer, llava.template, llava.cfg.tokens_per_image).prompt("what colour ?")
+  assert layout.input_ids[0] == 1 and len(layout.image_starts) == 1  # <s> first, one image
+  with pytest.raises(FileNotFoundError, match="has no tokenizer.json"):
+    os.remove(tmp_path / "tokenizer.json")
+    model_lib.from_hf(str(tmp_path))
