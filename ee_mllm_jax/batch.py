@@ -280,13 +280,21 @@ class Cache:
     grow = lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
     return self.replace(k=grow(self.k, 2), v=grow(self.v, 2), pos=grow(self.pos, 1), valid=grow(self.valid, 1))
 
+  # The row axis of every per-row field (k/v and cross_k/cross_v lead with their layer/block axis).
+  _ROW_AXES = {"k": 1, "v": 1, "pos": 0, "valid": 0, "cross_k": 1, "cross_v": 1, "media_pos": 0, "media_valid": 0}
+
+  def take_rows(self, rows) -> "Cache":
+    """The cache whose row b is row `rows[b]` of this one ((B',) ints): prefixes shared by
+    uneven numbers of prompts (one image, several questions). Every per-row field moves,
+    the cross-mode media included."""
+    rows = jnp.asarray(rows, jnp.int32)
+    return self.replace(**{name: None if getattr(self, name) is None else jnp.take(getattr(self, name), rows, axis=axis)
+                           for name, axis in self._ROW_AXES.items()})
+
   def repeat(self, repeats: int) -> "Cache":
     """Each row repeated `repeats` times (row b -> rows b*repeats ... b*repeats+repeats-1),
     e.g. one image prefix shared by several prompts."""
-    rows = lambda x, axis: None if x is None else jnp.repeat(x, repeats, axis=axis)
-    return self.replace(k=rows(self.k, 1), v=rows(self.v, 1), pos=rows(self.pos, 0), valid=rows(self.valid, 0),
-                        cross_k=rows(self.cross_k, 1), cross_v=rows(self.cross_v, 1),
-                        media_pos=rows(self.media_pos, 0), media_valid=rows(self.media_valid, 0))
+    return self.take_rows(jnp.repeat(jnp.arange(self.pos.shape[0]), repeats))
 
   def with_text(self, pos_t: jax.Array, valid_t: jax.Array) -> "Cache":
     """Positions/validity of T new text tokens written at slots [index, index + T) (their

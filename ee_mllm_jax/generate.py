@@ -41,7 +41,8 @@ from ee_mllm_jax.batch import MODEL_KEYS, TEXT_KEYS, Cache, last_valid_index, ne
 from ee_mllm_jax.config import ModelConfig
 from ee_mllm_jax.models import EEMLLM
 
-__all__ = ["Generation", "decode", "generate", "prefill", "prefill_prefix", "sample_token", "split_at_last_image"]
+__all__ = ["Generation", "decode", "generate", "labelled_logprobs", "prefill", "prefill_prefix", "sample_token",
+           "split_at_last_image"]
 
 
 class Generation(NamedTuple):
@@ -201,12 +202,6 @@ def split_at_last_image(batch: dict[str, Any]) -> tuple[dict[str, np.ndarray], d
 
 
 @jax.jit
-def cache_rows(cache: Cache, rows: jax.Array) -> Cache:
-  """The cache with row b taken from row `rows[b]` (B',) int: prefixes shared by uneven numbers of
-  prompts (one image, several questions), where `Cache.repeat` needs the same count for every row."""
-  return cache.replace(k=cache.k[:, rows], v=cache.v[:, rows], pos=cache.pos[rows], valid=cache.valid[rows])
-
-
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _labelled_logprobs(params, cfg, batch, cache):
   model = EEMLLM(cfg)
@@ -228,7 +223,7 @@ def labelled_logprobs(params, cfg: ModelConfig, batch: dict[str, Any], *,
   log p(labels[t] | tokens <= t) where labels[t] != IGNORE_INDEX, and (B,) their count.
 
   Without `cache`, `batch` is a DESIGN §3 batch with labels. With `cache` (a prefix from
-  `prefill_prefix`, rows matched by `cache_rows` / `.repeat`), `batch` holds the text after the
+  `prefill_prefix`, rows matched by `Cache.take_rows` / `.repeat`), `batch` holds the text after the
   prefix and its labels: one forward over that text scores a continuation (e.g. each option of
   a multiple-choice question) against the shared image prefix without recomputing it.
   """

@@ -127,6 +127,11 @@ def test_cached_greedy_equals_repeated_full_forward_and_prefix_reuse():
                        cache=prefill_prefix(params, cfg, {k: v[:2] for k, v in prefix.items()}).repeat(2),
                        max_new_tokens=steps)
   np.testing.assert_array_equal(np.asarray(tiled.tokens), want_tokens[rows])
+  # uneven sharing (eval: questions per image vary): every row's media moves with its cache row
+  rows = [2, 0, 0, 2]
+  taken = eem.generate(params, cfg, {k: v[rows] for k, v in rest.items()}, cache=cache.take_rows(rows),
+                       max_new_tokens=steps)
+  np.testing.assert_array_equal(np.asarray(taken.tokens), want_tokens[rows])
 
 
 def test_config_rejects_a_depth_that_does_not_divide():

@@ -4,7 +4,7 @@ option likelihoods) -> predictions.jsonl -> metrics.json.
 Questions about one image are batched together; with prefix reuse (the default) each batch
 runs the vision tower and the prefill of [system text; image] once per distinct image
 (`split_at_last_image` / `prefill_prefix`), and every question row continues from its image's
-cache (`cache_rows`). Shapes are fixed: B question rows, G image rows, text widths from a few
+cache (`Cache.take_rows`). Shapes are fixed: B question rows, G image rows, text widths from a few
 buckets, so jit compiles a handful of programs. Rows are sharded over the mesh's data axes.
 
 predictions.jsonl is appended after every batch (one JSON object per question), so a re-run
@@ -25,7 +25,6 @@ import time
 from typing import Any, Iterable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -37,7 +36,7 @@ from ee_mllm_jax.evaluation import metrics as metrics_lib
 from ee_mllm_jax.evaluation import prompts as prompts_lib
 from ee_mllm_jax.evaluation.model import EvalModel
 from ee_mllm_jax.evaluation.readers import Question
-from ee_mllm_jax.generate import cache_rows, generate, labelled_logprobs, prefill_prefix, split_at_last_image
+from ee_mllm_jax.generate import generate, labelled_logprobs, prefill_prefix, split_at_last_image
 
 log = logging.getLogger(__name__)
 PREDICTIONS, METRICS = "predictions.jsonl", "metrics.json"
@@ -177,7 +176,7 @@ class Runner:
 
   def _prefix_cache(self, prefix: dict, image_of_row: np.ndarray):
     cache = prefill_prefix(self.params, self.model.cfg, self._shard(batch_lib.model_inputs(prefix)))
-    return cache_rows(cache, jnp.asarray(image_of_row))
+    return cache.take_rows(image_of_row)
 
   def _generate(self, items: list[_Item], pixels: list[np.ndarray], image_of_row: list[int]) -> list[str]:
     s, cfg = self.settings, self.model.cfg
