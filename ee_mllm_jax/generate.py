@@ -201,7 +201,6 @@ def split_at_last_image(batch: dict[str, Any]) -> tuple[dict[str, np.ndarray], d
 # ----------------------------------------------------------------------------- evaluation helpers
 
 
-@jax.jit
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _labelled_logprobs(params, cfg, batch, cache):
   model = EEMLLM(cfg)
