@@ -108,7 +108,7 @@ def main(argv=None):
     for mode in modes:
       cfg = base.replace(**MODES[mode])
       p_mode = cross_params if mode == "flamingo" else params
-      slots = (0 if mode == "flamingo" else v) + t + n - 1  # cross mode: text slots only
+      slots = batch_lib.prefill_slots(cfg, batch) + n - 1
 
       def first_token():
         logits, cache = prefill(p_mode, cfg, batch, cache_size=slots)

@@ -224,6 +224,13 @@ def visual_valid(image_valid, visual_len: int):
   return xp.repeat(image_valid, visual_len // i, axis=1)
 
 
+def prefill_slots(cfg, batch: Mapping[str, Any]) -> int:
+  """Cache slots the prefill of `batch` fills: [visual; text], or text only in cross mode, whose
+  images become the cross blocks' keys/values instead (`Cache.cross_k`). `cfg` is a ModelConfig."""
+  text = batch["input_ids"].shape[1]
+  return text if cfg.attention == "cross" else batch["visual_positions"].shape[1] + text
+
+
 def last_valid_index(pos_t: jax.Array, valid_t: jax.Array) -> jax.Array:
   """(B, T) text positions/validity -> (B,) column of each row's last (highest-position) valid token."""
   return jnp.argmax(jnp.where(valid_t, pos_t, jnp.iinfo(jnp.int32).min), axis=1)

@@ -162,10 +162,7 @@ def generate(params, cfg: ModelConfig, batch: dict[str, Any], *, max_new_tokens:
   batch_lib.check_prompts_end_with_text(batch, cache)
   text = batch_lib.text_inputs(batch)
   if cache is None:
-    # cross mode: the images are the blocks' keys/values, not cache slots
-    v = 0 if cfg.attention == "cross" else batch["visual_positions"].shape[1]
-    t = text["input_ids"].shape[1]
-    logits, cache = prefill(params, cfg, batch, cache_size=v + t + max_new_tokens - 1)
+    logits, cache = prefill(params, cfg, batch, cache_size=batch_lib.prefill_slots(cfg, batch) + max_new_tokens - 1)
   else:
     size = cache.size + text["input_ids"].shape[1] + max_new_tokens - 1
     logits, cache = _extend_prompt(params, cfg, text, cache, size)
