@@ -8,6 +8,9 @@ decoder); `ModelConfig` ties them together with the switches that define the mod
   updated by the aligner ``o_proj(v_proj(input_layernorm(x_v)))`` and pass the FFN only
   when ``visual_ffn`` is set (EE-MLLM-F: a LLaVA checkpoint run in composite mode keeps it
   on, because its weights were trained with it).
+  With ``composite_from_layer=n`` only layers [n, depth) are composite and the first n are
+  self-attention (LLaVA) layers: visual tokens see each other early, the rest is saved
+  (0: every layer composite; depth: the self mode). One checkpoint runs with any n.
 * ``attention="cross"``     Flamingo: visual tokens stay out of the decoder; a gated
   cross-attention block (`models/cross.py`) sits before every `cross_every`-th layer, its
   keys/values the projected visual tokens or, with `resampler_latents` > 0, a perceiver
@@ -215,8 +218,12 @@ class ModelConfig(_Replaceable):
   llm: LLMConfig = LLMConfig()
   projector: Literal["linear", "mlp2x_gelu"] = "mlp2x_gelu"
   attention: AttentionMode = "composite"
-  # Composite mode only: do visual tokens pass each layer's FFN? (self mode always does.)
+  # Composite mode only: do visual tokens pass the FFN of the composite layers? (self-attention
+  # layers always run it.)
   visual_ffn: bool = False
+  # Composite mode only: layers [0, n) are self-attention layers, [n, depth) composite (see
+  # `layer_schedule`). Changes no parameter: any n runs the same checkpoint.
+  composite_from_layer: int = 0
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
   remat: Literal["none", "full", "dots"] = "none"
@@ -249,6 +256,9 @@ class ModelConfig(_Replaceable):
       if self.resampler_latents < 0 or (self.resampler_latents and self.resampler_depth < 1):
         raise ValueError(f"resampler_latents must be >= 0 (0: no resampler) and resampler_depth >= 1, got "
                          f"{self.resampler_latents} / {self.resampler_depth}")
+    if not (isinstance(self.composite_from_layer, int) and 0 <= self.composite_from_layer <= self.llm.depth):
+      raise ValueError(f"composite_from_layer must be an int in [0, llm.depth={self.llm.depth}], got "
+                       f"{self.composite_from_layer!r}")
     if self.projector not in PROJECTORS:
       raise ValueError(f"projector must be one of {PROJECTORS}, got {self.projector!r}")
     if self.remat not in REMAT_POLICIES:
@@ -265,8 +275,24 @@ class ModelConfig(_Replaceable):
 
   @property
   def runs_visual_ffn(self) -> bool:
-    """Do visual tokens pass the decoder's FFN? (In cross mode they are not in the decoder.)"""
+    """Do visual tokens pass the FFN of the layers that run `attention`? (In cross mode they are
+    not in the decoder; the self-attention layers of a composite schedule always run it.)"""
     return self.attention == "self" or (self.attention == "composite" and self.visual_ffn)
+
+  @property
+  def layer_schedule(self) -> tuple[tuple[str, int], ...]:
+    """The decoder's layers as runs of one mode, in order: ((mode, count), ...), no empty run.
+    Composite mode with composite_from_layer=n: (("self", n), ("composite", depth - n)); every
+    other case one run of `attention` over all layers."""
+    depth, n = self.llm.depth, self.composite_from_layer
+    if self.attention != "composite" or n == 0:
+      return ((self.attention, depth),)
+    return tuple((mode, count) for mode, count in (("self", n), ("composite", depth - n)) if count)
+
+  @property
+  def self_layers(self) -> int:
+    """How many decoder layers run self attention (visual queries, V x V scores, visual FFN)."""
+    return sum(count for mode, count in self.layer_schedule if mode == "self")
 
   @property
   def cross_blocks(self) -> int:

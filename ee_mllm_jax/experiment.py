@@ -24,8 +24,8 @@ from ee_mllm_jax.config import CROSS_FIELDS, ModelConfig
 from ee_mllm_jax.train.state import OptimConfig
 
 # Top-level ModelConfig fields an experiment may override (besides llm.* / vision.*).
-MODEL_OVERRIDES = ("attention", "visual_ffn", "projector", "dtype", "param_dtype", "remat", "scan_unroll",
-                   *CROSS_FIELDS)
+MODEL_OVERRIDES = ("attention", "visual_ffn", "composite_from_layer", "projector", "dtype", "param_dtype", "remat",
+                   "scan_unroll", *CROSS_FIELDS)
 # What the data pipeline needs to turn text into the model's input, recorded in checkpoints.
 DATA_FIELDS_RECORDED = ("tokenizer_file", "template", "system_prompt", "max_images", "image_preprocess",
                         "alpha_background", "buckets")

@@ -79,8 +79,9 @@ def resampler_flops(cfg: ModelConfig, *, images: int) -> float:
 
 
 def llm_flops(cfg: ModelConfig, *, visual_len: int, text_len: int, batch: int = 1) -> dict[str, float]:
-  """Decoder forward over V visual and T text tokens in `cfg.attention` mode, as the scanned
-  stack executes it (the last layer's visual update is computed though nothing reads it).
+  """Decoder forward over V visual and T text tokens in `cfg.attention` mode (per layer, along
+  `cfg.layer_schedule`), as the scanned stack executes it (the last layer's visual update is
+  computed though nothing reads it).
   Cross mode: V = I*P visual tokens of I image slots; the cross blocks are counted here, the
   resampler in `forward_flops`."""
   c = cfg.llm
@@ -96,13 +97,17 @@ def llm_flops(cfg: ModelConfig, *, visual_len: int, text_len: int, batch: int = 
            "lm_head": batch * 2 * t * c.width * c.vocab_size}
     out["total"] = sum(out.values())
     return out
-  composite = cfg.attention == "composite"
-  lin, att = _layer_flops(c, queries=t if composite else v + t, keys=v + t,
-                          ffn_tokens=v + t if cfg.runs_visual_ffn else t, aligner_tokens=v if composite else 0)
+  lin = att = 0.0
+  for mode, layers in cfg.layer_schedule:  # self layers, then composite ones (composite_from_layer)
+    composite = mode == "composite"
+    run_lin, run_att = _layer_flops(c, queries=t if composite else v + t, keys=v + t,
+                                    ffn_tokens=t if composite and not cfg.visual_ffn else v + t,
+                                    aligner_tokens=v if composite else 0)
+    lin, att = lin + layers * run_lin, att + layers * run_att
   out = {
-      "llm_linear": batch * c.depth * lin,
-      "attention": batch * c.depth * att,
-      "softmax": batch * c.depth * att * SOFTMAX_FLOPS_PER_SCORE / (4 * c.head_dim),
+      "llm_linear": batch * lin,
+      "attention": batch * att,
+      "softmax": batch * att * SOFTMAX_FLOPS_PER_SCORE / (4 * c.head_dim),
       "lm_head": batch * 2 * t * c.width * c.vocab_size,
   }
   out["total"] = sum(out.values())

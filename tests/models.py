@@ -5,6 +5,7 @@ import functools
 
 import flax.linen as nn
 import jax
+import numpy as np
 
 import ee_mllm_jax as eem
 from ee_mllm_jax import batch as batch_lib
@@ -41,3 +42,24 @@ def _embed_image(cfg):
 def embed_image(cfg, params, pixel_values):
   """Projected visual tokens (B, I*P, D)."""
   return _embed_image(cfg)(params, pixel_values)
+
+
+def greedy_by_full_forward(cfg, params, batch, steps):
+  """The uncached definition: append each row's argmax to its prompt, rerun the whole model."""
+  b = batch["input_ids"].shape[0]
+  grown = {k: v for k, v in batch.items() if k != "labels"}
+  for k, fill in [("input_ids", 0), ("text_positions", 0), ("text_valid", False)]:
+    grown[k] = np.concatenate([batch[k], np.full((b, steps), fill, batch[k].dtype)], axis=1)
+  n_prompt = batch["text_valid"].sum(1)
+  next_pos = np.max(np.where(batch["text_valid"], batch["text_positions"], -1), 1) + 1
+  rows = np.arange(b)
+  tokens, logprobs = np.zeros((b, steps), np.int32), np.zeros((b, steps), np.float32)
+  for i in range(steps):
+    logits = np.asarray(forward(cfg, params, grown))[rows, n_prompt + i - 1]
+    tokens[:, i] = logits.argmax(-1)
+    logprobs[:, i] = np.asarray(jax.nn.log_softmax(logits))[rows, tokens[:, i]]
+    col = n_prompt + i
+    grown["input_ids"][rows, col] = tokens[:, i]
+    grown["text_positions"][rows, col] = next_pos + i
+    grown["text_valid"][rows, col] = True
+  return tokens, logprobs

@@ -3,6 +3,8 @@
 One (V+T) x (V+T) masked attention per layer over the concatenated [visual; text] tokens:
   self:      mask = key valid & pos[key] <= pos[query]
   composite: mask = key valid & pos[key] <= pos[query] & (query is text | key == query)
+With composite_from_layer=n the mask switches from the first to the second at layer n (and the
+visual rows' FFN from on to `visual_ffn`).
 RoPE is applied through explicit 2x2 rotations, GQA by repeating kv heads, everything float64
 in numpy, so a shared bug in the model's helpers cannot hide here.
 
@@ -44,12 +46,13 @@ def naive_llm_logits(llm_params, cfg, x_v, input_ids, pos_v, pos_t, valid_v, val
   valid = np.concatenate([valid_v, valid_t], 1)
   n_vis, n_all = x_v.shape[1], x.shape[1]
   is_text = np.arange(n_all) >= n_vis
-  mask = valid[:, None, :] & (pos[:, None, :] <= pos[:, :, None])
-  if cfg.attention == "composite":
-    mask &= (is_text[:, None] | np.eye(n_all, dtype=bool))[None]
-  ffn_rows = np.ones(n_all, bool) if cfg.runs_visual_ffn else is_text
+  self_mask = valid[:, None, :] & (pos[:, None, :] <= pos[:, :, None])
+  composite_mask = self_mask & (is_text[:, None] | np.eye(n_all, dtype=bool))[None]
   g = c.num_heads // c.num_kv_heads
   for i in range(c.depth):
+    composite = cfg.attention == "composite" and i >= cfg.composite_from_layer
+    mask = composite_mask if composite else self_mask
+    ffn_rows = is_text if composite and not cfg.visual_ffn else np.ones(n_all, bool)
     L = {k[len("layers/"):]: v[i] for k, v in p.items() if k.startswith("layers/")}
     h = _rms(x, L["input_layernorm/scale"], c.rms_norm_eps)
     q = np.einsum("bld,dnh->blnh", h, L["self_attn/q_proj/kernel"])

@@ -21,12 +21,14 @@ def xla_layer_flops(module, *args):
   return xla_flops(lambda v, *a: module.apply(v, *a), variables, *args)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "demo"])
-@pytest.mark.parametrize("attention", ["self", "composite"])
-def test_analytic_forward_flops_match_xla(preset, attention):
+@pytest.mark.parametrize("preset,attention,composite_from_layer", [
+    ("tiny", "self", 0), ("tiny", "composite", 0), ("demo", "self", 0), ("demo", "composite", 0),
+    ("demo", "composite", 1), ("demo", "composite", 2)])
+def test_analytic_forward_flops_match_xla(preset, attention, composite_from_layer):
   """XLA charges a loop body once, so its count for the scanned model is completed with
-  (n - 1) standalone compiles of each scanned layer (both streams returned: nothing dead)."""
-  cfg = eem.ModelConfig.preset(preset, attention=attention)
+  (n - 1) standalone compiles of each scanned layer (both streams returned: nothing dead); a
+  layer schedule has one scan per mode, each completed so."""
+  cfg = eem.ModelConfig.preset(preset, attention=attention, composite_from_layer=composite_from_layer)
   batch = model_inputs(make_batch(cfg, [[3, "img", 40, "img", 20]] * 2))
   b, t = batch["input_ids"].shape
   model = eem.EEMLLM(cfg)
@@ -37,16 +39,17 @@ def test_analytic_forward_flops_match_xla(preset, attention):
   f32 = np.float32
   x_img = np.zeros((b * 2, vc.num_patches + vc.class_token, vc.width), f32)
   total += (vc.num_layers_run - 1) * xla_layer_flops(VisionLayer(vc), x_img)
-  layer = DecoderLayer(c, cfg.attention, cfg.runs_visual_ffn)
   ctx = ForwardContext(pos_v=batch["visual_positions"], pos_t=batch["text_positions"],
                        valid_v=np.ones((b, v), bool), valid_t=batch["text_valid"])
   carry = Streams(x_v=np.zeros((b, v, c.width), f32), x_t=np.zeros((b, t, c.width), f32))
-  total += (c.depth - 1) * xla_layer_flops(layer, carry, None, ctx)
+  for mode, layers in cfg.layer_schedule:
+    layer = DecoderLayer(c, mode, mode == "self" or cfg.visual_ffn)
+    total += (layers - 1) * xla_layer_flops(layer, carry, None, ctx)
 
   analytic = flops.forward_flops(cfg, batch=b, num_images=2, text_len=t)["total"]
   # XLA also counts norms, RoPE and activations, which the analytic count leaves out (<= 2.9% here)
   assert 0 <= total / analytic - 1 < 0.03, f"XLA {total:.4g} vs analytic {analytic:.4g}: {total / analytic:.3f}"
-  print(f"{preset} {attention}: XLA/analytic = {total / analytic:.3f}")
+  print(f"{preset} {attention} from layer {composite_from_layer}: XLA/analytic = {total / analytic:.3f}")
 
 
 def test_composite_flop_saving_grows_with_visual_tokens():

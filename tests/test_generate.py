@@ -9,7 +9,7 @@ import pytest
 import ee_mllm_jax as eem
 from batches import MIXED_PLANS, make_batch
 from jaxpr_shapes import shapes_in_jaxpr
-from models import forward, init_params
+from models import forward, greedy_by_full_forward, init_params
 from ee_mllm_jax.generate import prefill_prefix, sample_token, split_at_last_image
 
 # (attention, visual_ffn): LLaVA, EE-MLLM, EE-MLLM-F; all run the same LLaVA-style parameters
@@ -26,27 +26,6 @@ def setup(mode, plans=MIXED_PLANS):
   attention, visual_ffn = MODES[mode]
   cfg = eem.ModelConfig.preset("tiny", attention=attention, visual_ffn=visual_ffn)
   return cfg, make_batch(cfg, plans), llava_params()
-
-
-def greedy_by_full_forward(cfg, params, batch, steps):
-  """The uncached definition: append each row's argmax to its prompt, rerun the whole model."""
-  b = batch["input_ids"].shape[0]
-  grown = {k: v for k, v in batch.items() if k != "labels"}
-  for k, fill in [("input_ids", 0), ("text_positions", 0), ("text_valid", False)]:
-    grown[k] = np.concatenate([batch[k], np.full((b, steps), fill, batch[k].dtype)], axis=1)
-  n_prompt = batch["text_valid"].sum(1)
-  next_pos = np.max(np.where(batch["text_valid"], batch["text_positions"], -1), 1) + 1
-  rows = np.arange(b)
-  tokens, logprobs = np.zeros((b, steps), np.int32), np.zeros((b, steps), np.float32)
-  for i in range(steps):
-    logits = np.asarray(forward(cfg, params, grown))[rows, n_prompt + i - 1]
-    tokens[:, i] = logits.argmax(-1)
-    logprobs[:, i] = np.asarray(jax.nn.log_softmax(logits))[rows, tokens[:, i]]
-    col = n_prompt + i
-    grown["input_ids"][rows, col] = tokens[:, i]
-    grown["text_positions"][rows, col] = next_pos + i
-    grown["text_valid"][rows, col] = True
-  return tokens, logprobs
 
 
 @pytest.mark.parametrize("mode", list(MODES))

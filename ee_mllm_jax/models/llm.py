@@ -13,6 +13,12 @@ A layer runs in one of two phases, told by the type of its context:
   layer's slot, so a decode step copies no cache. Text queries attend to all earlier keys in
   every mode, so this phase has no mode switch.
 
+A layer schedule (composite mode with `composite_from_layer=n`, `ModelConfig.layer_schedule`):
+the forward phase runs two scans, n self-attention layers then depth - n composite layers, each
+applied, as a module of its own, to its slice of the one `layers/` stack (L, ...); the extend
+phase, the same in every mode, stays one scan over all layers. So the parameters, the HF
+checkpoint and the cache do not depend on n.
+
 Cross mode (Flamingo, `models/cross.py`): the decoder layers run over text only (their
 self-attention keys are text keys; the visual stream is empty), and a gated cross-attention
 block before every k-th layer reads the media. One `nn.scan` over the L/k groups, each a cross
@@ -140,6 +146,15 @@ def _decoder_stack(length: int, remat: str, unroll):
   return scan_layers(DecoderLayer, length=length, remat=remat, unroll=unroll, in_axes=(0, nn.broadcast))
 
 
+def detached_stack(cfg: LLMConfig, length: int, mode: AttentionMode, visual_ffn: bool, *, remat: str, unroll,
+                   dtype, param_dtype):
+  """`length` scanned decoder layers as a module of their own (no parent), to be applied to a
+  slice (length, ...) of LLM's `layers/` parameters: the runs of a layer schedule, the layers of
+  a cross-mode group."""
+  return _decoder_stack(length, remat, unroll)(cfg, mode, visual_ffn, parent=None, dtype=dtype,
+                                               param_dtype=param_dtype)
+
+
 class CrossGroup(GatedCrossBlock):
   """One group of cross mode: the gated cross-attention block (whose parameters it owns), then
   `every` decoder layers.
@@ -153,8 +168,8 @@ class CrossGroup(GatedCrossBlock):
 
   def _decoder(self):
     """The group's k decoder layers, detached: applied to this group's slice of `layers/`."""
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    return _decoder_stack(self.every, self.remat, self.unroll)(self.cfg, "self", False, parent=None, **kw)
+    return detached_stack(self.cfg, self.every, "self", False, remat=self.remat, unroll=self.unroll,
+                          dtype=self.dtype, param_dtype=self.param_dtype)
 
   def __call__(self, carry, xs, media_ctx: MediaContext, ctx):
     layer_params = xs[0]
@@ -183,6 +198,8 @@ class LLM(nn.Module):
   cross_every: int = 4
   cross_media: CrossMedia = "previous"
   cross_ffn_mult: int = 4
+  # ModelConfig.layer_schedule: ((mode, count), ...); None: one run of `mode` over all layers.
+  schedule: tuple[tuple[str, int], ...] | None = None
 
   def setup(self):
     c = self.cfg
@@ -190,8 +207,10 @@ class LLM(nn.Module):
     self.embed_tokens = nn.Embed(c.vocab_size, c.width, embedding_init=logical(nn.initializers.normal(0.02),
                                                                                ("vocab", "embed")), **kw)
     cross = self.mode == "cross"
-    self.layers = _decoder_stack(c.depth, self.remat, self.unroll)(c, "self" if cross else self.mode,
-                                                                 self.visual_ffn and not cross, **kw)
+    # With a two-run schedule this stack creates the parameters and runs the extend phase (neither
+    # depends on the mode); the forward phase applies one detached stack per run to its slice.
+    mode = "self" if cross else self._runs()[-1][0]
+    self.layers = _decoder_stack(c.depth, self.remat, self.unroll)(c, mode, self._runs_visual_ffn(mode), **kw)
     if cross:
       groups = scan_layers(CrossGroup, length=c.depth // self.cross_every, remat="none", unroll=self.unroll,
                            in_axes=(0, nn.broadcast, nn.broadcast))
@@ -200,6 +219,27 @@ class LLM(nn.Module):
     self.norm = RMSNorm(c.rms_norm_eps, **kw)
     if not c.tie_embeddings:
       self.lm_head = Linear((c.width,), (c.vocab_size,), ("embed", "vocab"), **kw)
+
+  def _runs(self) -> tuple[tuple[str, int], ...]:
+    return self.schedule or ((self.mode, self.cfg.depth),)
+
+  def _runs_visual_ffn(self, mode: str) -> bool:
+    """Whether visual tokens pass the FFN in a run of `mode` (self layers always; cross: no visual stream)."""
+    return mode == "self" and self.mode != "cross" or (mode == "composite" and self.visual_ffn)
+
+  def _scheduled_layers(self, carry: Streams, ctx: ForwardContext):
+    """The forward phase through a multi-run schedule: one detached scan per run over its slice
+    of `layers/`, the carry handed on; -> final carry and (k, v) stacked over all L layers."""
+    params = nn.meta.unbox(self.variables["params"]["layers"])
+    kvs, start = [], 0
+    for mode, count in self._runs():
+      run = detached_stack(self.cfg, count, mode, self._runs_visual_ffn(mode), remat=self.remat, unroll=self.unroll,
+                           dtype=self.dtype, param_dtype=self.param_dtype)
+      piece = jax.tree.map(lambda a, s=start, n=count: jax.lax.slice_in_dim(a, s, s + n, axis=0), params)
+      carry, kv = run.apply({"params": piece}, carry, None, ctx)
+      kvs.append(kv)
+      start += count
+    return carry, jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *kvs)
 
   def embed(self, input_ids):
     return self.embed_tokens(input_ids)
@@ -224,7 +264,11 @@ class LLM(nn.Module):
     x_t = self.embed(input_ids)
     if self.mode != "cross":
       ctx = ForwardContext(pos_v=pos_v, pos_t=pos_t, valid_v=valid_v, valid_t=valid_t)
-      carry, kv = self.layers(Streams(x_v=x_v.astype(self.dtype), x_t=x_t), None, ctx)
+      carry = Streams(x_v=x_v.astype(self.dtype), x_t=x_t)
+      if len(self._runs()) > 1 and not self.is_initializing():
+        carry, kv = self._scheduled_layers(carry, ctx)
+      else:
+        carry, kv = self.layers(carry, None, ctx)
       return carry.x_t, kv, None
     b = x_t.shape[0]
     ctx = ForwardContext(pos_v=jnp.zeros((b, 0), pos_t.dtype), pos_t=pos_t, valid_v=jnp.zeros((b, 0), bool),

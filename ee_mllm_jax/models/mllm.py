@@ -32,7 +32,8 @@ class EEMLLM(nn.Module):
     self.vision = VisionTower(cfg.vision, remat=cfg.remat, unroll=cfg.scan_unroll, **kw)
     self.projector = Projector(cfg.projector, cfg.vision.width, cfg.llm.width, **kw)
     self.llm = LLM(cfg.llm, cfg.attention, cfg.runs_visual_ffn, remat=cfg.remat, unroll=cfg.scan_unroll,
-                   cross_every=cfg.cross_every, cross_media=cfg.cross_media, cross_ffn_mult=cfg.cross_ffn_mult, **kw)
+                   cross_every=cfg.cross_every, cross_media=cfg.cross_media, cross_ffn_mult=cfg.cross_ffn_mult,
+                   schedule=cfg.layer_schedule, **kw)
     if cfg.attention == "cross" and cfg.resampler_latents:
       self.resampler = PerceiverResampler(cfg.llm, cfg.resampler_latents, cfg.resampler_depth, remat=cfg.remat,
                                           unroll=cfg.scan_unroll, **kw)

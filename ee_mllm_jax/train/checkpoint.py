@@ -34,7 +34,7 @@ from ee_mllm_jax.config import CROSS_FIELDS, ModelConfig
 RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_unroll", "vision.attention_impl", "vision.attention_block",
                   "llm.attention_impl", "llm.attention_block")
 # The interaction mode: the same parameters run another way (EE-MLLM-F fine-tuning): warned.
-MODE_FIELDS = ("attention", "visual_ffn")
+MODE_FIELDS = ("attention", "visual_ffn", "composite_from_layer")
 
 
 class ConfigMismatchError(ValueError):
