@@ -224,8 +224,8 @@ def test_export_reads_the_name_map_backwards_sharded_and_in_bf16(tiny_llava_dir,
                          max_shard_bytes=40_000)
     index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
     assert len(set(index["weight_map"].values())) > 2
-    assert json.load(open(os.path.join(out, "config.json")))["ee_mllm"] == {"attention": "composite",
-                                                                             "visual_ffn": False}
+    assert json.load(open(os.path.join(out, "config.json")))["ee_mllm"] == {
+        "attention": "composite", "visual_ffn": False, "composite_from_layer": 0}
     back_cfg, back = convert.load_hf_llava(out, dtype=dtype)
     assert back_cfg == composite
     for k, v in params_lib.flatten(params).items():
@@ -233,6 +233,40 @@ def test_export_reads_the_name_map_backwards_sharded_and_in_bf16(tiny_llava_dir,
       assert got.dtype == np.dtype(dtype), k
       np.testing.assert_array_equal(got, np.asarray(v).astype(dtype), err_msg=k)
   assert convert.load_hf_llava(out, attention="self", visual_ffn=True)[0].attention == "self"
+
+
+def test_a_layer_schedule_exports_and_comes_back_and_older_exports_load_unscheduled(tiny_llava_dir, tmp_path):
+  """composite_from_layer travels in config.json's "ee_mllm" (overrides win); an export written
+  before the key existed loads as every layer composite; a bad value is refused by name."""
+  _, path = tiny_llava_dir
+  cfg, params = convert.load_hf_llava(path)
+  assert cfg.llm.depth == 2 and cfg.composite_from_layer == 0
+  scheduled = cfg.replace(attention="composite", visual_ffn=False, composite_from_layer=1)
+  out = str(tmp_path / "scheduled")
+  export_lib.export_hf(scheduled, params, out, tokenizer_json=_tokenizer(), template="chatml")
+  with open(os.path.join(out, "config.json")) as f:
+    hf = json.load(f)
+  assert hf["ee_mllm"] == {"attention": "composite", "visual_ffn": False, "composite_from_layer": 1}
+  back_cfg, back = convert.load_hf_llava(out)
+  assert back_cfg == scheduled and back_cfg.layer_schedule == (("self", 1), ("composite", 1))
+  batch = batch_lib.from_plans(cfg, [[3, "img", 5]])
+  logits = np.asarray(forward(back_cfg, back, batch))
+  np.testing.assert_array_equal(logits, np.asarray(forward(scheduled, params, batch)))
+  assert convert.load_hf_llava(out, composite_from_layer=2)[0].layer_schedule == (("self", 2),)
+  assert convert.load_hf_llava(out, composite_from_layer=0)[0].layer_schedule == (("composite", 2),)
+  # a self model records 0, whatever its (unread) field holds
+  assert hf_config.config_to_hf(cfg.replace(composite_from_layer=2), image_token_index=1)["ee_mllm"] == {
+      "attention": "self", "visual_ffn": True, "composite_from_layer": 0}
+
+  def with_mode(mode):
+    with open(os.path.join(out, "config.json"), "w") as f:
+      json.dump({**hf, "ee_mllm": mode}, f)
+    return convert.load_hf_llava(out)[0]
+  older = with_mode({"attention": "composite", "visual_ffn": False})  # as exports wrote it before the schedule
+  assert older == scheduled.replace(composite_from_layer=0) and older.layer_schedule == (("composite", 2),)
+  for bad in (3, -1, "1", True, 1.0):
+    with pytest.raises(ValueError, match=r'"ee_mllm": composite_from_layer must be an int in \[0, 2\]'):
+      with_mode({"attention": "composite", "visual_ffn": False, "composite_from_layer": bad})
 
 
 def _tokenizer() -> str:

@@ -3,8 +3,8 @@
     python -m ee_mllm_jax.convert.export --checkpoint RUN_DIR[/checkpoints/STEP] --out DIR
 
 writes `model*.safetensors` (sharded above --max_shard_gb), a complete `config.json`
-(LlavaConfig; our mode under "ee_mllm": {"attention", "visual_ffn"}), `generation_config.json`,
-the run's `tokenizer.json` with `tokenizer_config.json`, and the processor files
+(LlavaConfig; our mode under "ee_mllm": {"attention", "visual_ffn", "composite_from_layer"}),
+`generation_config.json`, the run's `tokenizer.json` with `tokenizer_config.json`, and the processor files
 (`preprocessor_config.json`, `processor_config.json`, `chat_template.jinja`), so that
 `LlavaForConditionalGeneration.from_pretrained(DIR)` and `AutoProcessor.from_pretrained(DIR)`
 work. The chat template is the run's (plain / vicuna_v1 / chatml, with its system prompt):

@@ -135,7 +135,8 @@ def load_hf_llava(path: str, *, dtype=np.float32, place: Place | None = None, **
   """A saved HF LLaVA directory (config.json + *.safetensors) -> (ModelConfig, params).
 
   The mode is the one config.json records under "ee_mllm" (an export of ours), else LLaVA's
-  (self attention, visual FFN); pass `attention="composite"` for EE-MLLM-F (overrides win).
+  (self attention, visual FFN); pass `attention="composite"` for EE-MLLM-F (overrides win), and
+  `composite_from_layer=n` to keep layers [0, n) self attention.
   """
   cfg = hf_config.config_from_hf(read_config(path), **overrides)
   return cfg, params_from_hf(TensorReader(path), cfg, dtype, place=place)

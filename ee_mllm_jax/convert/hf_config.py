@@ -121,10 +121,17 @@ def vision_config_from_hf(v: dict, feature_layer: int = -1) -> VisionConfig:
       image_mean=SIGLIP_MEAN if siglip else CLIP_MEAN, image_std=SIGLIP_STD if siglip else CLIP_STD)
 
 
-def mode_from_hf(hf: dict) -> dict:
-  """Our interaction mode recorded in an exported config.json (absent: stock LLaVA, self)."""
+def mode_from_hf(hf: dict, depth: int | None = None) -> dict:
+  """Our interaction mode recorded in an exported config.json (absent: stock LLaVA, self; no
+  "composite_from_layer": 0, every layer in the recorded mode, as exports before the schedule).
+  `depth`, when given, bounds composite_from_layer (the decoder's layer count)."""
   mode = hf.get("ee_mllm") or {}
-  return dict(attention=mode.get("attention", "self"), visual_ffn=bool(mode.get("visual_ffn", True)))
+  n = mode.get("composite_from_layer", 0)
+  if isinstance(n, bool) or not isinstance(n, int) or n < 0 or (depth is not None and n > depth):
+    bound = f"[0, {depth}] (the decoder's layers)" if depth is not None else ">= 0"
+    raise ValueError(f'config.json "ee_mllm": composite_from_layer must be an int in {bound}, got {n!r}')
+  return dict(attention=mode.get("attention", "self"), visual_ffn=bool(mode.get("visual_ffn", True)),
+              composite_from_layer=n)
 
 
 def config_from_hf(hf: dict, **overrides) -> ModelConfig:
@@ -150,7 +157,7 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
   if hf["tie_word_embeddings"] and not llm.tie_embeddings:
     llm = llm.replace(tie_embeddings=True)
   cfg = ModelConfig(vision=vision_config_from_hf(vision_dict, layer), llm=llm, projector="mlp2x_gelu",
-                    **mode_from_hf(hf))
+                    **mode_from_hf(hf, llm.depth))
   return cfg.replace(**overrides) if overrides else cfg
 
 
@@ -188,7 +195,9 @@ def vision_config_to_hf(c: VisionConfig) -> dict:
 
 
 def config_to_hf(cfg: ModelConfig, *, image_token_index: int, pad_token_id: int | None = None) -> dict:
-  """A complete LlavaConfig dict for `cfg`, with our mode under the top-level "ee_mllm" key."""
+  """A complete LlavaConfig dict for `cfg`, with our mode under the top-level "ee_mllm" key: what
+  runs, as `mode_from_hf` reads it back (visual_ffn of the `attention` layers; composite_from_layer
+  always written, 0 unless a composite schedule)."""
   if cfg.attention not in ("self", "composite"):
     raise ValueError(f"attention={cfg.attention!r} has no HF LLaVA equivalent; only self and composite models "
                      "export to the LLaVA layout")
@@ -204,5 +213,6 @@ def config_to_hf(cfg: ModelConfig, *, image_token_index: int, pad_token_id: int 
       "vision_feature_layer": cfg.vision.feature_layer,
       "vision_feature_select_strategy": "full" if cfg.vision.kind == "siglip" else "default",
       "tie_word_embeddings": cfg.llm.tie_embeddings, "pad_token_id": pad_token_id,
-      "ee_mllm": {"attention": cfg.attention, "visual_ffn": cfg.runs_visual_ffn},
+      "ee_mllm": {"attention": cfg.attention, "visual_ffn": cfg.runs_visual_ffn,
+                  "composite_from_layer": cfg.composite_from_layer if cfg.attention == "composite" else 0},
   }
