@@ -3,7 +3,8 @@
 Two families (CLIP + LLaMA with feature layer -2; SigLIP + Qwen2 with GQA 4:1 and qkv bias), random
 tiny checkpoints saved with `save_pretrained`. Inputs come from LLaVA's processor and real PNGs: one
 left-padded batch with a system prompt before the image and a question after it, an image first,
-and a row without an image.
+and a row without an image. The layer schedule (composite_from_layer) runs on a DEPTH-layer decoder
+of each family, deep enough that n=1 and n=DEPTH-1 are different functions.
 """
 
 import json
@@ -27,6 +28,7 @@ FAMILIES = ("clip-llama", "siglip-qwen2")
 PROMPTS = ("w3 w7 w1 <image> w4 w5 w6 w8 w9 w10", "<image> w11 w12 w13 w14", "w1 w2 w3 w4 w5 w6 w7")
 IMAGE_SIZES = ((40, 48), (37, 30))  # (H, W) of the PNGs of the first two prompts
 NEW_TOKENS = 6
+DEPTH = 4  # the scheduled families' decoder (at 2 layers, n=1 = depth-1 reads the same text logits as n=depth)
 
 
 def tiny_processor(config) -> transformers.LlavaProcessor:
@@ -59,14 +61,24 @@ def processor_inputs(config, directory, prompts=PROMPTS):
   return dict(tiny_processor(config)(images=images, text=list(prompts), return_tensors="pt", padding=True))
 
 
+def _family(name, tmp_path_factory, text_layers=2):
+  """(name, stock LLaVA, its directory, processor inputs)."""
+  hf = tiny_hf_llava(name, text_layers)
+  hf.generation_config.eos_token_id = None  # generate exactly NEW_TOKENS in both frameworks
+  path = tmp_path_factory.mktemp(f"{name}-{text_layers}")
+  hf.save_pretrained(path)
+  return name, hf, path, processor_inputs(hf.config, path)
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request, tmp_path_factory):
-  """(name, stock LLaVA, its directory, processor inputs)."""
-  hf = tiny_hf_llava(request.param)
-  hf.generation_config.eos_token_id = None  # generate exactly NEW_TOKENS in both frameworks
-  path = tmp_path_factory.mktemp(request.param)
-  hf.save_pretrained(path)
-  return request.param, hf, path, processor_inputs(hf.config, path)
+  return _family(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def deep_family(request, tmp_path_factory):
+  """A family with a DEPTH-layer decoder, for the layer schedule."""
+  return _family(request.param, tmp_path_factory, DEPTH)
 
 
 def tokens_per_image(config):
@@ -98,12 +110,13 @@ def jax_batch(inputs, p):
   return out, text
 
 
-@pytest.mark.parametrize("visual_ffn", [True, False], ids=["EE-MLLM-F", "EE-MLLM"])
-def test_composite_equals_jax_in_logits_and_cached_greedy_tokens(family, visual_ffn):
+def assert_equals_jax(family, **mode):
+  """The torch model in `mode` and the JAX model loaded with it give the same text logits and the
+  same cached greedy tokens; returns the torch logits."""
   name, _, path, inputs = family
-  model = EEMLLMForConditionalGeneration.from_pretrained(path, attention="composite", visual_ffn=visual_ffn).eval()
-  assert model.mode == {"attention": "composite", "visual_ffn": visual_ffn}
-  cfg, params = load_hf_llava(str(path), attention="composite", visual_ffn=visual_ffn)
+  model = EEMLLMForConditionalGeneration.from_pretrained(path, attention="composite", **mode).eval()
+  assert model.mode == {"attention": "composite", "composite_from_layer": 0, **mode}
+  cfg, params = load_hf_llava(str(path), attention="composite", **mode)
   batch, text = jax_batch(inputs, cfg.tokens_per_image)
   with torch.no_grad():
     want = model(**inputs).logits.numpy()
@@ -112,15 +125,52 @@ def test_composite_equals_jax_in_logits_and_cached_greedy_tokens(family, visual_
   for row in range(want.shape[0]):
     n = int(text[row].sum())
     err = np.max(np.abs(got[row, :n] - want[row, text[row]])) / np.max(np.abs(want[row, text[row]]))
-    assert err < 1e-4, f"{name} row {row}: max relative error {err:.2e}"
+    assert err < 1e-4, f"{name} {mode} row {row}: max relative error {err:.2e}"
   jax_tokens = np.asarray(generate(params, cfg, batch, max_new_tokens=NEW_TOKENS).tokens)
   np.testing.assert_array_equal(tokens.numpy(), jax_tokens)
+  return want
+
+
+@pytest.mark.parametrize("visual_ffn", [True, False], ids=["EE-MLLM-F", "EE-MLLM"])
+def test_composite_equals_jax_in_logits_and_cached_greedy_tokens(family, visual_ffn):
+  assert_equals_jax(family, visual_ffn=visual_ffn)
+
+
+@pytest.mark.parametrize("visual_ffn", [True, False], ids=["EE-MLLM-F", "EE-MLLM"])
+@pytest.mark.parametrize("n", [1, DEPTH - 1])
+def test_layer_schedule_equals_jax_in_logits_and_cached_greedy_tokens(deep_family, n, visual_ffn):
+  """Layers [0, n) self attention, [n, DEPTH) composite, in both frameworks. Guard: the same
+  weights with every layer composite answer differently after the image."""
+  scheduled = assert_equals_jax(deep_family, visual_ffn=visual_ffn, composite_from_layer=n)
+  _, _, path, inputs = deep_family
+  model = EEMLLMForConditionalGeneration.from_pretrained(path, attention="composite", visual_ffn=visual_ffn).eval()
+  with torch.no_grad():
+    unscheduled = model(**inputs).logits.numpy()
+  assert np.max(np.abs(scheduled[0, -6:] - unscheduled[0, -6:])) > 1e-3
+
+
+def test_schedule_over_every_layer_equals_stock_llava(deep_family):
+  """composite_from_layer=depth runs the composite decoder with self attention in every layer: stock
+  LLaVA's logits on every real token (visual ones too) and its greedy tokens."""
+  _, hf, path, inputs = deep_family
+  model = EEMLLMForConditionalGeneration.from_pretrained(path, attention="composite", composite_from_layer=DEPTH)
+  valid = inputs["attention_mask"].bool()
+  with torch.no_grad():
+    got, want = model.eval()(**inputs).logits, hf(**inputs).logits
+    torch.testing.assert_close(got[valid], want[valid], rtol=1e-5, atol=1e-5)
+    generated = [m.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False) for m in (model, hf)]
+  np.testing.assert_array_equal(*generated)
+  # guard: the last two layers composite change the text logits (the last one alone would not: its
+  # visual update is read by no one)
+  with torch.no_grad():
+    one_composite = model.set_mode(composite_from_layer=DEPTH - 2)(**inputs).logits
+  assert torch.max(torch.abs(one_composite[0, -6:] - want[0, -6:])) > 1e-3
 
 
 def test_self_mode_equals_stock_llava(family):
   _, hf, path, inputs = family
   ours = EEMLLMForConditionalGeneration.from_pretrained(path).eval()
-  assert ours.mode == {"attention": "self", "visual_ffn": True}  # no ee_mllm key: stock LLaVA
+  assert ours.mode == {"attention": "self", "visual_ffn": True, "composite_from_layer": 0}  # no ee_mllm key: stock
   with torch.no_grad():
     np.testing.assert_array_equal(ours(**inputs).logits.numpy(), hf(**inputs).logits.numpy())
     generated = [m.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False) for m in (ours, hf)]
@@ -183,6 +233,32 @@ def test_composite_computes_no_visual_query_and_no_visual_ffn(family, visual_ffn
   assert seen["q"] == [b * n_text, b, b] and seen["k"] == [b * length, b, b]
 
 
+@pytest.mark.parametrize("visual_ffn", [True, False], ids=["EE-MLLM-F", "EE-MLLM"])
+def test_schedule_computes_visual_queries_before_layer_n_only(deep_family, visual_ffn, tmp_path):
+  """Hooks on every layer's q_proj / mlp: layers [0, n) compute every row's query and FFN, layers
+  [n, DEPTH) text queries only and visual FFN rows only with visual_ffn; k/v see every row
+  everywhere. Decode steps compute one query per row in every layer."""
+  _, hf, path, _ = deep_family
+  n = 2
+  model = EEMLLMForConditionalGeneration.from_pretrained(path, attention="composite", visual_ffn=visual_ffn,
+                                                         composite_from_layer=n).eval()
+  inputs = processor_inputs(hf.config, tmp_path, PROMPTS[:2])  # every row holds an image
+  b, length = inputs["input_ids"].shape
+  n_text = length - tokens_per_image(hf.config)
+  layers = model.model.language_model.layers
+  modules = {f"{kind}{i}": getattr(layer.self_attn, f"{kind}_proj") for i, layer in enumerate(layers)
+             for kind in "qk"} | {f"ffn{i}": layer.mlp for i, layer in enumerate(layers)}
+  seen = _rows_seen(model, inputs, modules)
+  for i in range(DEPTH):
+    both_streams = [b * n_text, b * (length - n_text)]  # the FFN runs on each stream apart
+    assert seen[f"k{i}"] == [b * length]
+    assert seen[f"q{i}"] == ([b * length] if i < n else [b * n_text]), i
+    assert seen[f"ffn{i}"] == (both_streams if i < n or visual_ffn else [b * n_text]), i
+  seen = _rows_seen(model, inputs, modules, max_new_tokens=3, do_sample=False)
+  assert [seen[f"q{i}"] for i in range(DEPTH)] == [[b * length, b, b]] * n + [[b * n_text, b, b]] * (DEPTH - n)
+  assert all(seen[f"k{i}"] == [b * length, b, b] for i in range(DEPTH))  # the cache holds every prompt token
+
+
 def test_mode_is_read_from_config_and_saved(family, tmp_path):
   """A directory whose config.json records "ee_mllm" loads in that mode (no custom code); keyword
   arguments override it; save_pretrained writes the mode and the same tensors as stock LLaVA."""
@@ -190,11 +266,12 @@ def test_mode_is_read_from_config_and_saved(family, tmp_path):
   model = EEMLLMForConditionalGeneration.from_pretrained(path, attention="composite", visual_ffn=False)
   model.save_pretrained(tmp_path)
   with open(tmp_path / "config.json") as f:
-    assert json.load(f)["ee_mllm"] == {"attention": "composite", "visual_ffn": False}
+    assert json.load(f)["ee_mllm"] == {"attention": "composite", "visual_ffn": False, "composite_from_layer": 0}
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   keys = lambda d: set(safe_open(str(d / "model.safetensors"), "pt").keys())
   assert keys(tmp_path) == keys(path)
-  assert EEMLLMForConditionalGeneration.from_pretrained(tmp_path).mode == {"attention": "composite", "visual_ffn": False}
+  assert EEMLLMForConditionalGeneration.from_pretrained(tmp_path).mode == {
+      "attention": "composite", "visual_ffn": False, "composite_from_layer": 0}
   assert EEMLLMForConditionalGeneration.from_pretrained(tmp_path, visual_ffn=True).mode["visual_ffn"]
   # stock transformers loads the same directory (it ignores the key) and runs it as LLaVA
   stock = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path)
@@ -203,6 +280,31 @@ def test_mode_is_read_from_config_and_saved(family, tmp_path):
     EEMLLMForConditionalGeneration(hf.config, attention="cross")
   with pytest.raises(ValueError, match="visual_ffn=False needs 'composite'"):
     EEMLLMForConditionalGeneration(hf.config, visual_ffn=False)
+
+
+def test_layer_schedule_is_read_from_config_and_saved(family, tmp_path):
+  """composite_from_layer: absent (an older export) is 0; the JAX export's record loads as it is;
+  save_pretrained writes it; a keyword overrides it; switching to self resets it; a bad value is
+  refused by name."""
+  from ee_mllm_jax.convert import hf_config  # pylint: disable=g-import-not-at-top
+  _, hf, path, _ = family
+  model = EEMLLMForConditionalGeneration.from_pretrained(path, attention="composite", visual_ffn=False)
+  assert model.mode["composite_from_layer"] == 0  # the directory records no "ee_mllm"
+  cfg, _ = load_hf_llava(str(path), attention="composite", visual_ffn=False, composite_from_layer=1)
+  model.config.ee_mllm = hf_config.config_to_hf(cfg, image_token_index=IMAGE_TOKEN)["ee_mllm"]
+  assert model.mode == {"attention": "composite", "visual_ffn": False, "composite_from_layer": 1}
+  model.save_pretrained(tmp_path)
+  with open(tmp_path / "config.json") as f:
+    assert json.load(f)["ee_mllm"]["composite_from_layer"] == 1
+  assert EEMLLMForConditionalGeneration.from_pretrained(tmp_path).mode["composite_from_layer"] == 1
+  assert EEMLLMForConditionalGeneration.from_pretrained(tmp_path, composite_from_layer=2).mode == {
+      "attention": "composite", "visual_ffn": False, "composite_from_layer": 2}
+  assert model.set_mode(attention="self").mode == {"attention": "self", "visual_ffn": True, "composite_from_layer": 0}
+  for bad in (3, -1, "1", True):
+    with pytest.raises(ValueError, match=r"composite_from_layer must be an int in \[0, 2\]"):
+      EEMLLMForConditionalGeneration(hf.config, attention="composite", composite_from_layer=bad)
+  with pytest.raises(ValueError, match="composite_from_layer=1 needs 'composite'"):
+    EEMLLMForConditionalGeneration(hf.config, composite_from_layer=1)
 
 
 def test_the_package_imports_torch_only_in_its_torch_subpackage():

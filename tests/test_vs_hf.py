@@ -18,18 +18,21 @@ from ee_mllm_jax.convert import load_hf_llava  # noqa: E402
 IMAGE_TOKEN = 250
 
 
-def tiny_hf_llava(family):
+def tiny_hf_llava(family, text_layers=2):
+  """A random tiny LLaVA of `family` (its decoder `text_layers` deep), norms and biases perturbed."""
   if family == "clip-llama":
     vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                                            num_attention_heads=2, image_size=32, patch_size=8)
-    text = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5)
+    text = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                    num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2,
+                                    head_dim=16, rms_norm_eps=1e-5)
     extra = dict(vision_feature_layer=-2, vision_feature_select_strategy="default")
   else:
     vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                              num_attention_heads=2, image_size=30, patch_size=7)
-    text = transformers.Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=1, rope_theta=1e6, rms_norm_eps=1e-6)
+    text = transformers.Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                    num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=1,
+                                    rope_theta=1e6, rms_norm_eps=1e-6)
     extra = dict(vision_feature_layer=-1, vision_feature_select_strategy="full")
   cfg = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
                                  projector_hidden_act="gelu", **extra)

@@ -4,11 +4,13 @@
 checkpoint keys, same `generate()`) whose decoder, in composite mode, computes queries and
 attention scores for text tokens only and updates visual tokens with the aligner. It loads a
 stock LLaVA directory or one exported by `ee_mllm_jax.convert` (whose `config.json` records
-`"ee_mllm": {"attention": ..., "visual_ffn": ...}`), with no custom code in the directory:
+`"ee_mllm": {"attention": ..., "visual_ffn": ..., "composite_from_layer": ...}`), with no custom code
+in the directory:
 
     from ee_mllm_jax.torch import EEMLLMForConditionalGeneration
     model = EEMLLMForConditionalGeneration.from_pretrained(DIR)                          # its recorded mode
     model = EEMLLMForConditionalGeneration.from_pretrained(DIR, attention="composite")   # EE-MLLM-F
+    model.set_mode(composite_from_layer=2)                # layers 0-1 self attention, the rest composite
     out = model.generate(**processor(images=image, text=prompt, return_tensors="pt"), max_new_tokens=32)
 
 This subpackage imports torch and transformers (an optional extra); `import ee_mllm_jax` never does.

@@ -17,6 +17,11 @@ sequence (`split_rows`); every layer of `lm` (a `LlamaModel` / `Qwen2Model`) run
 So the score matrix is (T, S), never (V, S), and with `visual_ffn=False` the FFN never sees a
 visual row. Images may sit anywhere in the sequence and rows may hold different numbers of visual
 tokens: a stream slot past its row's own count points at a scratch row L that is dropped.
+
+A layer schedule (`composite_from_layer=n`) runs layers [0, n) as ordinary self-attention layers in
+the same loop: the queries are every row, q = rope(q_proj(h)), the mask causal over all L, and the
+output updates both streams (no aligner); the FFN runs on visual rows too. Keys/values and the
+cache are written alike in both kinds of layer.
 """
 
 from __future__ import annotations
@@ -76,9 +81,10 @@ def split_rows(is_visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _attention_mask(query_index: torch.Tensor, key_valid: torch.Tensor, impl: str, dtype) -> torch.Tensor:
-  """(B, 1, T, S) mask of text queries at sequence indices query_index (B, T) over S keys: causal by
-  index, padded keys out. A query always sees itself, so that no row is empty (a padded query's
-  output is discarded, as in transformers, but must not be NaN)."""
+  """(B, 1, T, S) mask of queries (text rows, or every row in a self-attention layer) at sequence
+  indices query_index (B, T) over S keys: causal by index, padded keys out. A query always sees
+  itself, so that no row is empty (a padded query's output is discarded, as in transformers, but
+  must not be NaN)."""
   keys = torch.arange(key_valid.shape[1], device=key_valid.device)
   q = query_index[:, :, None]
   allowed = (keys <= q) & (key_valid[:, None, :] | (keys == q))
@@ -100,12 +106,15 @@ def _attention_fn(impl: str) -> Callable:
 def composite_decoder(lm, inputs_embeds: torch.Tensor, is_visual: torch.Tensor, *,
                       attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                       cache: Cache | None = None, use_cache: bool | None = None,
-                      visual_ffn: bool = False) -> BaseModelOutputWithPast:
+                      visual_ffn: bool = False, composite_from_layer: int = 0) -> BaseModelOutputWithPast:
   """`lm.forward` (a LlamaModel / Qwen2Model) in composite mode: inputs_embeds (B, L, D), is_visual (B, L),
   attention_mask (B, S) 1 = real token (S = cached + L), position_ids (B, L) (default: the sequence
-  index). Writes every token's keys/values (visual included) to `cache` and returns the final-norm
-  hidden states (B, L, D); visual rows hold their aligner-updated states."""
+  index); layers before `composite_from_layer` run self attention. Writes every token's keys/values
+  (visual included) to `cache` and returns the final-norm hidden states (B, L, D); visual rows hold
+  their aligner-updated states."""
   cfg = lm.config
+  if not 0 <= composite_from_layer <= cfg.num_hidden_layers:
+    raise ValueError(f"composite_from_layer must lie in [0, {cfg.num_hidden_layers}], got {composite_from_layer}")
   if cfg.model_type not in SUPPORTED_DECODERS:
     raise NotImplementedError(f"composite attention supports {SUPPORTED_DECODERS} decoders, not {cfg.model_type!r}")
   if getattr(cfg, "use_sliding_window", False):
@@ -127,30 +136,41 @@ def composite_decoder(lm, inputs_embeds: torch.Tensor, is_visual: torch.Tensor, 
     raise ValueError(f"composite attention takes a 2D attention_mask (B, {past + length}), got {tuple(attention_mask.shape)}")
 
   text_index, visual_index = split_rows(is_visual)
-  t = text_index.shape[1]
   impl = cfg._attn_implementation or "eager"
   attend = _attention_fn(impl)
   mask = _attention_mask(text_index.clamp(max=length - 1) + past, key_valid, impl, inputs_embeds.dtype)
+  mask_every = None  # a self-attention layer's: every row is a query
+  if composite_from_layer:
+    mask_every = _attention_mask(torch.arange(length, device=device)[None].expand(b, length) + past, key_valid, impl,
+                                 inputs_embeds.dtype)
 
   cos, sin = lm.rotary_emb(inputs_embeds, position_ids=position_ids.expand(b, length))  # (B, L, H)
   cos_t, sin_t = _gather(cos, text_index), _gather(sin, text_index)
   x_t, x_v = _gather(inputs_embeds, text_index), _gather(inputs_embeds, visual_index)
-  for layer in lm.layers[:cfg.num_hidden_layers]:
+  for i, layer in enumerate(lm.layers[:cfg.num_hidden_layers]):
+    visual_queries = i < composite_from_layer  # a self-attention layer of the schedule
     attn = layer.self_attn
     h_t = layer.input_layernorm(x_t)
     h = _interleave(length, (text_index, h_t), (visual_index, layer.input_layernorm(x_v)))
     k = _rope(attn.k_proj(h).view(b, length, -1, attn.head_dim).transpose(1, 2), cos, sin)  # (B, K, L, H)
     v_rows = attn.v_proj(h)  # (B, L, K*H)
     v = v_rows.view(b, length, -1, attn.head_dim).transpose(1, 2)  # (B, K, L, H)
-    q = _rope(attn.q_proj(h_t).view(b, t, -1, attn.head_dim).transpose(1, 2), cos_t, sin_t)  # (B, N, T, H)
+    h_q, cos_q, sin_q, mask_q = (h, cos, sin, mask_every) if visual_queries else (h_t, cos_t, sin_t, mask)
+    rows = h_q.shape[1]  # L or T
+    q = _rope(attn.q_proj(h_q).view(b, rows, -1, attn.head_dim).transpose(1, 2), cos_q, sin_q)  # (B, N, rows, H)
     if cache is not None:
       k, v = cache.update(k, v, attn.layer_idx)
-    out_t, _ = attend(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)  # (B, T, N, H)
-    x_t = x_t + attn.o_proj(out_t.reshape(b, t, -1))
-    # Aligner: softmax over the single key a visual query may see is 1, so its output is its own value.
-    x_v = x_v + attn.o_proj(_expand_kv_heads(_gather(v_rows, visual_index), attn.num_key_value_groups, attn.head_dim))
+    out, _ = attend(attn, q, k, v, mask_q, dropout=0.0, scaling=attn.scaling)  # (B, rows, N, H)
+    out = attn.o_proj(out.reshape(b, rows, -1))
+    if visual_queries:
+      x_t, x_v = x_t + _gather(out, text_index), x_v + _gather(out, visual_index)
+    else:
+      x_t = x_t + out
+      # Aligner: softmax over the single key a visual query may see is 1, so its output is its own value.
+      x_v = x_v + attn.o_proj(_expand_kv_heads(_gather(v_rows, visual_index), attn.num_key_value_groups,
+                                               attn.head_dim))
     x_t = x_t + layer.mlp(layer.post_attention_layernorm(x_t))
-    if visual_ffn:
+    if visual_ffn or visual_queries:
       x_v = x_v + layer.mlp(layer.post_attention_layernorm(x_v))
   hidden = lm.norm(_interleave(length, (text_index, x_t), (visual_index, x_v)))
   return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache if use_cache else None)

@@ -1,10 +1,11 @@
 """`EEMLLMForConditionalGeneration`: transformers' LLaVA with EE-MLLM's attention modes.
 
-The mode lives in the config as `config.ee_mllm = {"attention": "self" | "composite", "visual_ffn": bool}`
-(what `ee_mllm_jax.convert`'s export writes to `config.json`; absent = stock LLaVA: self attention,
-visual FFN on), so `save_pretrained` records it and `from_pretrained` restores it. Constructor
-(and so `from_pretrained`) keywords override it: `attention="composite"` on a stock LLaVA directory
-is EE-MLLM-F (visual FFN kept, since those weights were trained with it).
+The mode lives in the config as `config.ee_mllm = {"attention": "self" | "composite", "visual_ffn": bool,
+"composite_from_layer": int}` (what `ee_mllm_jax.convert`'s export writes to `config.json`; absent =
+stock LLaVA: self attention, visual FFN on; no composite_from_layer = 0), so `save_pretrained` records
+it and `from_pretrained` restores it. Constructor (and so `from_pretrained`) keywords override it:
+`attention="composite"` on a stock LLaVA directory is EE-MLLM-F (visual FFN kept, since those weights
+were trained with it); `composite_from_layer=n` keeps decoder layers [0, n) self attention.
 
 A forward whose tokens include image placeholders runs, in composite mode, the composite decoder
 (`composite.composite_decoder`); every other forward (self mode, and every decode step of
@@ -24,24 +25,35 @@ from transformers.utils.deprecation import deprecate_kwarg
 from ee_mllm_jax.torch.composite import composite_decoder
 
 ATTENTION_MODES = ("self", "composite")
+MODE_KEYS = ("attention", "visual_ffn", "composite_from_layer")
 
 
-def check_mode(mode: dict) -> dict:
-  """`mode` ({"attention", "visual_ffn"}) if it is one the model runs, else a ValueError saying why."""
-  if set(mode) != {"attention", "visual_ffn"}:
-    raise ValueError(f"an ee_mllm mode has the keys attention and visual_ffn, got {sorted(mode)}")
+def check_mode(mode: dict, depth: int | None = None) -> dict:
+  """`mode` ({"attention", "visual_ffn"[, "composite_from_layer"]}, the last 0 when absent) if it is
+  one the model runs, else a ValueError saying why. `depth`: the decoder's layers, composite_from_layer's bound."""
+  mode = {"composite_from_layer": 0, **mode}
+  if set(mode) != set(MODE_KEYS):
+    raise ValueError(f"an ee_mllm mode has the keys {', '.join(MODE_KEYS)}, got {sorted(mode)}")
   if mode["attention"] not in ATTENTION_MODES:
     raise ValueError(f"ee_mllm attention must be one of {ATTENTION_MODES}, got {mode['attention']!r}")
   if not isinstance(mode["visual_ffn"], bool):
     raise ValueError(f"ee_mllm visual_ffn must be true or false, got {mode['visual_ffn']!r}")
   if mode["attention"] == "self" and not mode["visual_ffn"]:
     raise ValueError("self attention always runs the FFN on visual tokens (visual_ffn=False needs 'composite')")
+  n = mode["composite_from_layer"]
+  if isinstance(n, bool) or not isinstance(n, int) or n < 0 or (depth is not None and n > depth):
+    raise ValueError(f"ee_mllm composite_from_layer must be an int in [0, {'depth' if depth is None else depth}], "
+                     f"got {n!r}")
+  if mode["attention"] == "self" and n:
+    raise ValueError(f"self attention runs every layer as self attention (composite_from_layer={n} needs "
+                     "'composite')")
   return mode
 
 
 def mode_of(config: LlavaConfig) -> dict:
   """The mode recorded in a LLaVA config's `ee_mllm` (stock LLaVA when absent), checked."""
-  return check_mode({"attention": "self", "visual_ffn": True, **(getattr(config, "ee_mllm", None) or {})})
+  return check_mode({"attention": "self", "visual_ffn": True, **(getattr(config, "ee_mllm", None) or {})},
+                    config.text_config.num_hidden_layers)
 
 
 # Keywords a composite forward may receive and has no use for (the output is always a dataclass;
@@ -89,38 +101,43 @@ class EEMLLMModel(LlavaModel):
     inputs_embeds = inputs_embeds.masked_scatter(placeholders, features)
     out = composite_decoder(self.language_model, inputs_embeds, is_visual, attention_mask=attention_mask,
                             position_ids=position_ids, cache=cache, use_cache=use_cache,
-                            visual_ffn=mode["visual_ffn"])
+                            visual_ffn=mode["visual_ffn"], composite_from_layer=mode["composite_from_layer"])
     return LlavaModelOutputWithPast(last_hidden_state=out.last_hidden_state, cache=out.cache, image_outputs=image)
 
 
 class EEMLLMForConditionalGeneration(LlavaForConditionalGeneration):
   """transformers' LLaVA (same checkpoint keys, `generate()`, processor) with the EE-MLLM modes.
 
-  `attention` / `visual_ffn` override the config's recorded mode; `visual_ffn` defaults to the
-  recorded value, else True (EE-MLLM-F on LLaVA weights)."""
+  `attention` / `visual_ffn` / `composite_from_layer` override the config's recorded mode; `visual_ffn`
+  defaults to the recorded value, else True (EE-MLLM-F on LLaVA weights)."""
 
-  def __init__(self, config: LlavaConfig, attention: str | None = None, visual_ffn: bool | None = None):
+  def __init__(self, config: LlavaConfig, attention: str | None = None, visual_ffn: bool | None = None,
+               composite_from_layer: int | None = None):
     LlavaPreTrainedModel.__init__(self, config)  # LlavaForConditionalGeneration's body, with our inner model
     self.model = EEMLLMModel(config)
     self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
     self.post_init()
-    self.set_mode(attention=attention, visual_ffn=visual_ffn)
+    self.set_mode(attention=attention, visual_ffn=visual_ffn, composite_from_layer=composite_from_layer)
 
   @property
   def mode(self) -> dict:
     return mode_of(self.config)
 
-  def set_mode(self, attention: str | None = None, visual_ffn: bool | None = None) -> "EEMLLMForConditionalGeneration":
+  def set_mode(self, attention: str | None = None, visual_ffn: bool | None = None,
+               composite_from_layer: int | None = None) -> "EEMLLMForConditionalGeneration":
     """Switch the mode in place (the same weights; e.g. self -> composite is EE-MLLM-F); None keeps
-    the current value. Recorded in `config.ee_mllm`, so `save_pretrained` writes it."""
+    the current value (switching to self resets the others). Recorded in `config.ee_mllm`, so
+    `save_pretrained` writes it."""
     mode = mode_of(self.config)
     if attention is not None:
       mode["attention"] = attention
       if attention == "self":
-        mode["visual_ffn"] = True
+        mode.update(visual_ffn=True, composite_from_layer=0)
     if visual_ffn is not None:
       mode["visual_ffn"] = bool(visual_ffn)
-    self.config.ee_mllm = check_mode(mode)
+    if composite_from_layer is not None:
+      mode["composite_from_layer"] = composite_from_layer
+    self.config.ee_mllm = check_mode(mode, self.config.text_config.num_hidden_layers)
     return self
 
 
