@@ -7,7 +7,8 @@
 
 Writes OUT/predictions.jsonl (resumable: a re-run skips what it holds) and OUT/metrics.json,
 and prints a summary that names the mode that ran (`--config.attention=composite` on a
-self-trained checkpoint is EE-MLLM-F).
+self-trained checkpoint is EE-MLLM-F; `--config.composite_from_layer=N` with it keeps layers
+[0, N) self attention, a layer schedule).
 """
 
 import sys
@@ -22,6 +23,7 @@ def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       attention=unset(str),  # None: as trained; "composite" on a self checkpoint = EE-MLLM-F
       visual_ffn=unset(bool),  # None: as trained
+      composite_from_layer=unset(int),  # None: as trained; n: composite layers [n, depth), self before (composite only)
       preset=unset(str),  # when set, the checkpoint must be this architecture
       template=unset(str),  # None: the checkpoint's (HF: vicuna_v1)
       dtype=unset(str),

@@ -24,7 +24,7 @@ from ee_mllm_jax.data import synthetic
 from ee_mllm_jax.evaluation import circular, model as model_lib, prompts as prompts_lib, readers, runner as runner_lib
 from ee_mllm_jax.train import checkpoint as ckpt_lib
 import conftest
-from models import init_params
+from models import forward, init_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 384
@@ -269,6 +269,51 @@ def test_composite_on_a_self_checkpoint_is_ee_mllm_f_and_a_wrong_preset_is_named
     model_lib.from_checkpoint(checkpoint, preset="tiny")
 
 
+def _eval_py_config():
+  """eval.py's default_config() (the module defines its absl flags once per process)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("eval_py", os.path.join(ROOT, "eval.py"))
+  module = sys.modules.get("eval_py") or importlib.util.module_from_spec(spec)
+  if "eval_py" not in sys.modules:
+    spec.loader.exec_module(module)
+    sys.modules["eval_py"] = module
+  return module.default_config()
+
+
+def test_a_layer_schedule_on_a_self_checkpoint_runs_that_config_and_names_it(checkpoint):
+  """eval.py's --config.attention=composite --config.composite_from_layer=n: the checkpoint's weights
+  run as the config with that schedule (the same logits as the model called with it directly), the
+  mode names the self layers after the EE-MLLM-F prefix, and a schedule that cannot run is refused.
+  Guard: the same weights without the schedule give other logits."""
+  from ee_mllm_jax.evaluation import cli  # pylint: disable=g-import-not-at-top
+  config = _eval_py_config()
+  assert config.composite_from_layer is None  # as trained
+  config.attention, config.composite_from_layer = "composite", 1
+  scheduled = cli.load_model(config, checkpoint=checkpoint, hf=None)
+  direct_cfg = CFG.replace(attention="composite", composite_from_layer=1)
+  assert scheduled.cfg == direct_cfg and scheduled.cfg.layer_schedule == (("self", 1), ("composite", 1))
+  assert scheduled.mode == ("EE-MLLM-F: composite with visual FFN from layer 1 (layer 0 self) on self-trained "
+                            "weights")
+  batch = eem.batch.from_plans(CFG, [[3, "img", 5], [2, "img", 7]])
+  got = np.asarray(forward(scheduled.cfg, scheduled.params, batch))[batch["text_valid"]]
+  np.testing.assert_array_equal(got, np.asarray(forward(direct_cfg, init_params(CFG), batch))[batch["text_valid"]])
+  unscheduled = np.asarray(forward(CFG.replace(attention="composite"), init_params(CFG), batch))[batch["text_valid"]]
+  assert np.max(np.abs(got - unscheduled)) > 1e-3 * np.max(np.abs(got))
+  two = model_lib.from_checkpoint(checkpoint, attention="composite", visual_ffn=False, composite_from_layer=2)
+  assert two.mode == "EE-MLLM-F: composite (EE-MLLM) from layer 2 (layers 0-1 self) on self-trained weights"
+  assert model_lib.from_checkpoint(checkpoint, attention="composite").mode == (
+      "EE-MLLM-F: composite with visual FFN on self-trained weights")  # n=0 names no schedule
+  for n, message in ((3, r"composite_from_layer must be an int in \[0, llm.depth=2\], got 3"),
+                     (-1, "--config.composite_from_layer must be >= 0, got -1")):
+    config.composite_from_layer = n
+    with pytest.raises(cli.UsageError, match=message):
+      cli.load_model(config, checkpoint=checkpoint, hf=None)
+  config.attention, config.composite_from_layer = None, 1  # the checkpoint runs self attention: said, not ignored
+  with pytest.raises(cli.UsageError, match=r"composite_from_layer=1 schedules composite attention; this model runs "
+                     r"'self' \(add --config.attention=composite\)"):
+    cli.load_model(config, checkpoint=checkpoint, hf=None)
+
+
 def test_ask_about_one_image_from_the_command_line(checkpoint, bench, tmp_path):
   image = os.path.join(bench.root, "images", "val", "000000.png")
   env = {**os.environ, "XLA_FLAGS": conftest.TEST_XLA_FLAGS, "JAX_PLATFORMS": "cpu"}  # one device, fast compiles
@@ -296,6 +341,9 @@ def test_an_hf_llava_directory_loads_with_its_tokenizer_and_mode_overrides(tmp_p
   assert llava.mode == "self (LLaVA)" and llava.template.name == "vicuna_v1"
   f = model_lib.from_hf(str(tmp_path), attention="composite", visual_ffn=False)
   assert f.mode == "EE-MLLM-F: composite (EE-MLLM) on self-trained weights" and not f.cfg.runs_visual_ffn
+  scheduled = model_lib.from_hf(str(tmp_path), attention="composite", composite_from_layer=1)
+  assert scheduled.cfg.layer_schedule == (("self", 1), ("composite", 1))
+  assert "from layer 1 (layer 0 self)" in scheduled.mode
   layout = prompts_lib.Encoder(llava.tokenizer, llava.template, llava.cfg.tokens_per_image).prompt("what colour ?")
   assert layout.input_ids[0] == 1 and len(layout.image_starts) == 1  # <s> first, one image
   with pytest.raises(FileNotFoundError, match="has no tokenizer.json"):

@@ -28,15 +28,23 @@ def load_model(config, *, checkpoint: str | None, hf: str | None) -> model_lib.E
     raise UsageError("give exactly one of --checkpoint and --hf")
   if config.attention is not None and config.attention not in ("self", "composite"):
     raise UsageError(f"--config.attention must be 'self' or 'composite', got {config.attention!r}")
-  mode = dict(attention=config.attention, visual_ffn=config.visual_ffn, template=config.template, dtype=config.dtype)
-  if checkpoint:
-    try:
-      return model_lib.from_checkpoint(checkpoint, preset=config.preset, **mode)
-    except ValueError as e:  # no recorded config, an unknown preset, ...
-      if isinstance(e, ckpt_lib.ConfigMismatchError):
-        raise
-      raise UsageError(str(e)) from None
-  return model_lib.from_hf(hf, **mode)
+  if config.composite_from_layer is not None and config.composite_from_layer < 0:
+    raise UsageError(f"--config.composite_from_layer must be >= 0, got {config.composite_from_layer}")
+  mode = dict(attention=config.attention, visual_ffn=config.visual_ffn,
+              composite_from_layer=config.composite_from_layer, template=config.template, dtype=config.dtype)
+  try:
+    if checkpoint:
+      model = model_lib.from_checkpoint(checkpoint, preset=config.preset, **mode)
+    else:
+      model = model_lib.from_hf(hf, **mode)
+  except ValueError as e:  # no recorded config, an unknown preset, composite_from_layer past the depth, ...
+    if isinstance(e, ckpt_lib.ConfigMismatchError):
+      raise
+    raise UsageError(str(e)) from None
+  if config.composite_from_layer and model.cfg.attention != "composite":  # ignored in self mode: say so
+    raise UsageError(f"--config.composite_from_layer={config.composite_from_layer} schedules composite attention; "
+                     f"this model runs {model.cfg.attention!r} (add --config.attention=composite)")
+  return model
 
 
 def settings(config) -> runner_lib.EvalSettings:
