@@ -684,6 +684,19 @@ def write_report(out: str, r: dict):
     f.write("\n".join(lines))
 
 
+def shown_args(argv: list[str]) -> list[str]:
+  """The command's arguments without --note (a remark about this run, not a setting)."""
+  out, skip = [], False
+  for a in argv:
+    if skip:
+      skip = False
+    elif a == "--note":
+      skip = True
+    elif not a.startswith("--note="):
+      out.append(a)
+  return out
+
+
 def machine() -> str:
   dev = jax.devices()[0]
   cpu = platform.processor() or platform.machine()
@@ -798,8 +811,8 @@ def main(argv=None):
   with open(ds.val_file) as f:
     val_records = [r for r in json.load(f) if r["question_type"] in OPEN_TYPES]
   report = dict(
-      scale=args.scale, command=" ".join(["python", "benchmarks/data_efficiency.py"] + [shlex.quote(a) for a in
-                                                                                          (argv or sys.argv[1:])]),
+      scale=args.scale, command=" ".join(["python", "benchmarks/data_efficiency.py"] + [
+          shlex.quote(a) for a in shown_args(argv or sys.argv[1:])]),
       machine=machine(), wall_minutes=(time.perf_counter() - t_start) / 60, timing=timing, compute=compute,
       note=args.note, sizes=list(scale.sizes),
       val=scale.val, seeds=list(scale.seeds), spread_size=scale.spread_size, schedule_size=max(scale.sizes),
