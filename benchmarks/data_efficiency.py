@@ -44,9 +44,7 @@ import json
 import math
 import os
 import platform
-import re
 import shlex
-import subprocess
 import sys
 import time
 
@@ -493,7 +491,7 @@ def prefill_flops(cfg: eem.ModelConfig, text_len: int) -> float:
   return flops_lib.forward_flops(cfg, batch=1, num_images=1, text_len=text_len)["total"]
 
 
-def typical_text_len(ds, files) -> int:
+def typical_text_len(ds) -> int:
   """The median tokenized length of the val questions' prompts (template and answer included)."""
   tok = data_lib.load_tokenizer(ds.tokenizer_file)
   with open(ds.val_file) as f:
@@ -734,7 +732,7 @@ def main(argv=None):
   parts, parts_info = pretrained_parts(scale, ds, files, work, vocab)
   timing["pretrain"] = (time.perf_counter() - t) / 60
 
-  text_len = typical_text_len(ds, files)
+  text_len = typical_text_len(ds)
   depth = scale.llm["depth"]
   timing.update(align=0.0, eval=0.0)
 
