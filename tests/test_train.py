@@ -9,12 +9,14 @@ import pytest
 
 import ee_mllm_jax as eem
 from batches import make_batch
+from tolerances import assert_grads_close, assert_params_within_update_bound
 from ee_mllm_jax import sharding
 from ee_mllm_jax.train import checkpoint as ckpt_lib
 from ee_mllm_jax.train.state import OptimConfig, create_sharded_state, make_init_fn, make_optimizer
-from ee_mllm_jax.train.step import make_train_step
+from ee_mllm_jax.train.step import make_gradient_fn, make_train_step
 
 CFG = eem.ModelConfig.preset("tiny")
+LR = 1e-2
 PLANS = [[3, "img", 5], [2, "img", 7], [9], ["img", 4], [1, "img", 6], [4, "img", 2], [6], ["img", 8]]
 
 
@@ -27,7 +29,7 @@ def _batch(seed=0):
 
 
 @functools.cache  # tests that run the same step on the same mesh share one compilation
-def _setup(mesh, trainable=".*", accum=1, lr=1e-2):
+def _setup(mesh, trainable=".*", accum=1, lr=LR):
   model = eem.EEMLLM(CFG)
   tx, schedule = make_optimizer(OptimConfig(learning_rate=lr, total_steps=10, warmup_steps=1, trainable=trainable))
   init, shardings, abstract = create_sharded_state(make_init_fn(model, tx, trainable), mesh)
@@ -52,27 +54,40 @@ def single_device_run():
   return _run(sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
 
 
-def _assert_trees_close(a, b, rtol):
-  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=1e-6,  # Adam amplifies ~1e-7 noise where grads ~0
-                               err_msg=jax.tree_util.keystr(path))
+@functools.cache
+def _gradients(mesh, accum=1):
+  """The first step's gradients on `mesh`: the same function the train step differentiates."""
+  init, _, _ = _setup(mesh, accum=accum)
+  grad = jax.jit(make_gradient_fn(eem.EEMLLM(CFG), ".*", accum))
+  state = init()
+  grads, loss_sum, tokens = grad(state["params"], sharding.shard_batch(_batch(0), mesh),
+                                 jax.random.fold_in(state["rng"], 0))
+  return jax.device_get(grads), float(loss_sum / tokens)
+
+
+def _assert_same_training(state, losses, ref_state, ref_losses, grads, ref_grads):
+  """Same loss and gradients to rounding (tolerances.py), parameters within the update bound."""
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  assert_grads_close(grads[0], ref_grads[0])
+  np.testing.assert_allclose(grads[1], ref_grads[1], rtol=1e-5)
+  schedule = make_optimizer(OptimConfig(learning_rate=LR, total_steps=10, warmup_steps=1))[1]
+  assert_params_within_update_bound(state["params"], ref_state["params"], [schedule(i) for i in range(len(losses))])
 
 
 def test_sharded_step_equals_single_device_step(single_device_run):
   mesh = sharding.make_mesh((2, 2, 2))
   state, losses = _run(mesh)
-  ref_state, ref_losses = single_device_run
   q = state["params"]["llm"]["layers"]["self_attn"]["q_proj"]["kernel"]
   assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
-  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-  _assert_trees_close(state["params"], ref_state["params"], rtol=1e-5)
+  single = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  _assert_same_training(state, losses, *single_device_run, _gradients(mesh), _gradients(single))
 
 
 def test_gradient_accumulation_equals_one_big_batch(single_device_run):
-  state, losses = _run(sharding.make_mesh((2, 2, 2)), accum=2)
-  ref_state, ref_losses = single_device_run
-  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-  _assert_trees_close(state["params"], ref_state["params"], rtol=1e-5)
+  mesh = sharding.make_mesh((2, 2, 2))
+  state, losses = _run(mesh, accum=2)
+  single = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  _assert_same_training(state, losses, *single_device_run, _gradients(mesh, accum=2), _gradients(single))
 
 
 def test_frozen_parameters_stay_bit_identical_and_have_no_optimizer_state():

@@ -42,9 +42,11 @@ def _microbatches(batch: dict[str, jax.Array], accum: int) -> dict[str, jax.Arra
   return jax.tree.map(split, batch)
 
 
-def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                    trainable: str, accum_steps: int = 1, rules=LOGICAL_AXIS_RULES) -> Callable:
-  """(state, batch) -> (new state, metrics); to be jitted with the state donated."""
+def make_gradient_fn(model: nn.Module, trainable: str, accum_steps: int = 1,
+                     rules=LOGICAL_AXIS_RULES) -> Callable:
+  """(params, batch, rng) -> (gradients of the mean loss over the trainable parameters,
+  summed loss, labelled-token count). With `accum_steps` > 1 the batch is split into that
+  many micro-batches whose summed losses and gradients are added up, then divided once."""
 
   def summed_loss(train_params, frozen_params, batch, rng):
     params = merge_params(train_params, frozen_params)
@@ -54,9 +56,8 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
 
   grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
 
-  def step(state: dict[str, Any], batch: dict[str, jax.Array]):
-    train_params, frozen_params = split_params(state["params"], trainable)
-    rng = jax.random.fold_in(state["rng"], state["step"])
+  def gradients(params, batch, rng):
+    train_params, frozen_params = split_params(params, trainable)
     if accum_steps == 1:
       (loss_sum, tokens), grads = grad_fn(train_params, frozen_params, batch, rng)
     else:
@@ -69,7 +70,21 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
           accumulate, (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros((), jnp.int32)),
           _microbatches(batch, accum_steps))
     denom = jnp.maximum(tokens, 1.0)
-    grads = jax.tree.map(lambda g: g / denom, grads)
+    return jax.tree.map(lambda g: g / denom, grads), loss_sum, tokens
+
+  return gradients
+
+
+def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                    trainable: str, accum_steps: int = 1, rules=LOGICAL_AXIS_RULES) -> Callable:
+  """(state, batch) -> (new state, metrics); to be jitted with the state donated."""
+  gradients = make_gradient_fn(model, trainable, accum_steps, rules)
+
+  def step(state: dict[str, Any], batch: dict[str, jax.Array]):
+    train_params, frozen_params = split_params(state["params"], trainable)
+    rng = jax.random.fold_in(state["rng"], state["step"])
+    grads, loss_sum, tokens = gradients(state["params"], batch, rng)
+    denom = jnp.maximum(tokens, 1.0)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], train_params)
     new_params = optax.apply_updates(train_params, updates)
