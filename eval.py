@@ -19,13 +19,16 @@ from ml_collections import config_flags
 
 
 def default_config() -> ml_collections.ConfigDict:
+  from ee_mllm_jax import mode as mode_lib  # pylint: disable=g-import-not-at-top
   unset = lambda kind: ml_collections.FieldReference(None, field_type=kind)
+  # Every mode flag, None: as trained. attention="composite" on a self checkpoint is EE-MLLM-F (the
+  # visual FFN kept unless visual_ffn=false); composite_from_layer=n keeps layers [0, n) self.
+  mode = {f.metadata["flag"]: unset(type(f.default)) for m in mode_lib.MODES.values() for f in m.fields()}
   return ml_collections.ConfigDict(dict(
-      attention=unset(str),  # None: as trained; "composite" on a self checkpoint = EE-MLLM-F
-      visual_ffn=unset(bool),  # None: as trained
-      composite_from_layer=unset(int),  # None: as trained; n: composite layers [n, depth), self before (composite only)
+      attention=unset(str), **mode,
       preset=unset(str),  # when set, the checkpoint must be this architecture
-      template=unset(str),  # None: the checkpoint's (HF: vicuna_v1)
+      template=unset(str),  # None: the checkpoint's (HF: the exported one, else vicuna_v1)
+      system_prompt=unset(str),  # None: the checkpoint's (HF: the exported one, else the template's default)
       dtype=unset(str),
       batch_size=16, images_per_batch=0, max_new_tokens=16, reuse_prefix=True, likelihood=True,
       on_bad_image="raise",  # or "skip"

@@ -24,6 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from ee_mllm_jax.config import LLMConfig, ModelConfig
+from ee_mllm_jax.mode import Self
 from ee_mllm_jax.convert import hf_config, names, safetensors_io
 
 SHARD_BYTES = 1 << 30
@@ -80,7 +81,7 @@ def load_child(path: str, dtype: str, export_dir: str):
     import tokenizers  # pylint: disable=g-import-not-at-top
     from ee_mllm_jax import params as params_lib  # pylint: disable=g-import-not-at-top
     tower = ModelConfig.preset("tiny").vision.replace(feature_layer=-2)
-    cfg = ModelConfig(vision=tower, llm=llm, attention="self", visual_ffn=True, param_dtype=dtype)
+    cfg = ModelConfig(vision=tower, llm=llm, mode=Self(), param_dtype=dtype)
     abstract = params_lib.abstract_params(cfg)  # shapes only; the tower and projector are zeros
     rest = {k: jax.tree.map(lambda s: np.zeros(s.shape, kept), abstract[k]) for k in ("vision", "projector")}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2, "<image>": 3},

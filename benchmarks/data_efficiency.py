@@ -264,10 +264,8 @@ def run_config(cfg: eem.ModelConfig, *, workdir: str, train_file: str, ds, steps
   c.workdir = workdir
   c.seed = seed
   m = c.model
-  for k in ("attention", "visual_ffn", "projector"):
-    m[k] = getattr(cfg, k)
-  if cfg.attention == "cross":
-    m.update({k: getattr(cfg, k) for k in ("cross_every", "resampler_latents", "resampler_depth")})
+  m.projector = cfg.projector
+  m.update(cfg.mode.flags())  # the mode as its flat flags, read back by experiment.model_config
   m.llm = ml_collections.ConfigDict({k: v for k, v in cfg.llm.to_dict().items() if k != "rope_scaling"})
   m.vision = ml_collections.ConfigDict({k: v for k, v in cfg.vision.to_dict().items()
                                         if k not in ("image_mean", "image_std")})

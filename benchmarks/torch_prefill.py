@@ -24,6 +24,7 @@ import transformers
 import ee_mllm_jax as eem
 from common import median_ms, scaled_llava
 from ee_mllm_jax import flops
+from ee_mllm_jax.mode import Composite
 from ee_mllm_jax.torch import composite_decoder
 from prefill import llm_prefill
 
@@ -96,7 +97,7 @@ def main():
       return head(hidden[:, v:])
 
     def composite():
-      hidden = composite_decoder(lm, x, is_visual, use_cache=True, visual_ffn=False).last_hidden_state
+      hidden = composite_decoder(lm, x, is_visual, use_cache=True, mode=Composite()).last_hidden_state
       return head(hidden[:, v:])
 
     timed = {("torch", "self"): lambda: torch_ms(stock, args.repeats),

@@ -11,9 +11,7 @@ and the accuracy with blank (mean-colour) images, which should fall back to abou
 
 import ml_collections
 
-
-def _unset(kind):
-  return ml_collections.FieldReference(None, field_type=kind)
+from ee_mllm_jax.experiment import model_section
 
 
 def get_config():
@@ -21,12 +19,11 @@ def get_config():
   c.workdir = "runs/demo"
   c.seed = 0
 
-  c.model = ml_collections.ConfigDict(dict(
-      preset="demo", attention="composite", visual_ffn=False,
-      dtype="float32", param_dtype="float32", remat="none"))
-  # Field overrides of the preset's LLMConfig / VisionConfig (None keeps the preset's value).
-  c.model.llm = ml_collections.ConfigDict(dict(vocab_size=_unset(int), depth=_unset(int)))
-  c.model.vision = ml_collections.ConfigDict(dict(image_size=_unset(int), depth=_unset(int)))
+  # The preset (composite attention, no visual FFN: EE-MLLM); every mode flag and top-level field
+  # can be overridden (`--config.model.attention=self`, `...attention=cross --config.model.cross_every=2`),
+  # and these LLMConfig / VisionConfig fields (None keeps the preset's value).
+  c.model = model_section("demo", attention="composite", dtype="float32", param_dtype="float32", remat="none",
+                          llm=("vocab_size", "depth"), vision=("image_size", "depth"))
 
   # Generated on first use (ee_mllm_jax.data.synthetic.ensure_dataset arguments).
   c.synthetic = ml_collections.ConfigDict(dict(

@@ -228,7 +228,7 @@ def prefill_slots(cfg, batch: Mapping[str, Any]) -> int:
   """Cache slots the prefill of `batch` fills: [visual; text], or text only in cross mode, whose
   images become the cross blocks' keys/values instead (`Cache.cross_k`). `cfg` is a ModelConfig."""
   text = batch["input_ids"].shape[1]
-  return text if cfg.attention == "cross" else batch["visual_positions"].shape[1] + text
+  return batch["visual_positions"].shape[1] + text if cfg.mode.visual_in_decoder else text
 
 
 def last_valid_index(pos_t: jax.Array, valid_t: jax.Array) -> jax.Array:

@@ -1,20 +1,13 @@
 """Model configuration: small frozen dataclasses, one per module, plus named presets.
 
 Each module receives only its own config (`VisionConfig` for the tower, `LLMConfig` for the
-decoder); `ModelConfig` ties them together with the switches that define the model family:
+decoder); `ModelConfig` ties them together with the interaction mode (`ee_mllm_jax.mode`: `Self()`
+LLaVA, `Composite(visual_ffn, from_layer)` EE-MLLM, `Cross(every, ...)` Flamingo), the one typed
+value every tool asks about mode questions, and `trained_mode`, the mode the weights were trained
+in when it differs (EE-MLLM-F: `Composite(visual_ffn=True)` on `Self()`-trained weights).
 
-* ``attention="self"``      LLaVA: every token is a query, visual tokens pass the FFN.
-* ``attention="composite"`` EE-MLLM: text tokens are the only queries; visual tokens are
-  updated by the aligner ``o_proj(v_proj(input_layernorm(x_v)))`` and pass the FFN only
-  when ``visual_ffn`` is set (EE-MLLM-F: a LLaVA checkpoint run in composite mode keeps it
-  on, because its weights were trained with it).
-  With ``composite_from_layer=n`` only layers [n, depth) are composite and the first n are
-  self-attention (LLaVA) layers: visual tokens see each other early, the rest is saved
-  (0: every layer composite; depth: the self mode). One checkpoint runs with any n.
-* ``attention="cross"``     Flamingo: visual tokens stay out of the decoder; a gated
-  cross-attention block (`models/cross.py`) sits before every `cross_every`-th layer, its
-  keys/values the projected visual tokens or, with `resampler_latents` > 0, a perceiver
-  resampler's latents per image. Tanh gates start at 0: untrained, it is the text-only LLM.
+Fields marked `runtime` change neither the parameters nor what they mean (dtypes, remat,
+attention implementations): a checkpoint resumes with any value of them.
 """
 
 from __future__ import annotations
@@ -24,13 +17,14 @@ import json
 import typing
 from typing import Literal
 
+from ee_mllm_jax import mode as mode_lib
+from ee_mllm_jax.mode import Composite, Mode, Self
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
 
-AttentionMode = Literal["self", "composite", "cross"]
-ATTENTION_MODES: tuple[str, ...] = typing.get_args(AttentionMode)
 # How attention is computed (`ee_mllm_jax.models.attention.attend`); the same function in every
 # case: "xla" dense einsum (the reference), "chunked" online softmax over key blocks (memory
 # linear in the keys, any backend), "cudnn" fused GPU kernel, "auto" the best that runs here.
@@ -38,12 +32,11 @@ AttentionImpl = Literal["xla", "chunked", "cudnn", "auto"]
 ATTENTION_IMPLS: tuple[str, ...] = typing.get_args(AttentionImpl)
 PROJECTORS = ("linear", "mlp2x_gelu")
 REMAT_POLICIES = ("none", "full", "dots")
-# Cross mode: which images a text token cross-attends to: only the immediately preceding one
-# (Flamingo) or all preceding ones.
-CrossMedia = Literal["previous", "all"]
-CROSS_MEDIA: tuple[str, ...] = typing.get_args(CrossMedia)
-# ModelConfig fields that only cross mode reads (they change no parameter of the other modes).
-CROSS_FIELDS = ("cross_every", "cross_media", "cross_ffn_mult", "resampler_latents", "resampler_depth")
+
+
+def runtime(default):
+  """A field that changes neither the parameters nor their meaning (free to differ on resume)."""
+  return dataclasses.field(default=default, metadata=dict(runtime=True))
 
 
 class _Replaceable:
@@ -58,6 +51,7 @@ class _Replaceable:
   def from_dict(cls, d: dict):
     """The config a `to_dict` dict describes; unknown fields are an error naming them, missing
     ones take the defaults (a config written by an older version of this package)."""
+    d = cls._upgrade(dict(d))
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(fields))
     if unknown:
@@ -66,7 +60,9 @@ class _Replaceable:
     hints = typing.get_type_hints(cls)
     for name, value in d.items():
       default = getattr(cls, name, None)
-      if isinstance(default, _Replaceable):
+      if name in ("mode", "trained_mode") and value is not None:
+        value = mode_lib.from_record(value)
+      elif isinstance(default, _Replaceable):
         value = type(default).from_dict(value)
       elif isinstance(value, dict):  # an optional nested config (default None): its type from the annotation
         nested = [t for t in typing.get_args(hints[name]) if isinstance(t, type) and issubclass(t, _Replaceable)]
@@ -77,6 +73,11 @@ class _Replaceable:
         value = tuple(value)
       kwargs[name] = value
     return cls(**kwargs)
+
+  @classmethod
+  def _upgrade(cls, d: dict) -> dict:
+    """A dict written by an older version, in today's fields (the identity by default)."""
+    return d
 
   def diff(self, other) -> dict[str, tuple]:
     """{"llm.depth": (mine, other's), ...} for every field that differs (nested paths)."""
@@ -124,8 +125,8 @@ class VisionConfig(_Replaceable):
   feature_layer: int = -2
   image_mean: tuple[float, float, float] = CLIP_MEAN
   image_std: tuple[float, float, float] = CLIP_STD
-  attention_impl: AttentionImpl = "xla"
-  attention_block: int = 512  # keys per block of the "chunked" implementation
+  attention_impl: AttentionImpl = runtime("xla")
+  attention_block: int = runtime(512)  # keys per block of the "chunked" implementation
 
   def __post_init__(self):
     _check_attention(self)
@@ -201,8 +202,8 @@ class LLMConfig(_Replaceable):
   rms_norm_eps: float = 1e-5
   qkv_bias: bool = False
   tie_embeddings: bool = False
-  attention_impl: AttentionImpl = "xla"
-  attention_block: int = 512  # keys per block of the "chunked" implementation
+  attention_impl: AttentionImpl = runtime("xla")
+  attention_block: int = runtime(512)  # keys per block of the "chunked" implementation
 
   def __post_init__(self):
     _check_attention(self)
@@ -217,52 +218,84 @@ class ModelConfig(_Replaceable):
   vision: VisionConfig = VisionConfig()
   llm: LLMConfig = LLMConfig()
   projector: Literal["linear", "mlp2x_gelu"] = "mlp2x_gelu"
-  attention: AttentionMode = "composite"
-  # Composite mode only: do visual tokens pass the FFN of the composite layers? (self-attention
-  # layers always run it.)
-  visual_ffn: bool = False
-  # Composite mode only: layers [0, n) are self-attention layers, [n, depth) composite (see
-  # `layer_schedule`). Changes no parameter: any n runs the same checkpoint.
-  composite_from_layer: int = 0
-  dtype: str = "float32"  # compute dtype
-  param_dtype: str = "float32"
-  remat: Literal["none", "full", "dots"] = "none"
+  mode: Mode = Composite()  # how visual tokens meet the decoder (ee_mllm_jax.mode)
+  # The mode the weights were trained in, where it is not `mode` (None: the same). Set by
+  # `run_as`; names what runs ("EE-MLLM-F: ... on self-trained weights") and travels to exports.
+  trained_mode: Mode | None = None
+  dtype: str = runtime("float32")  # compute dtype
+  param_dtype: str = runtime("float32")
+  remat: Literal["none", "full", "dots"] = runtime("none")
   # Unrolling of the scanned layers; `True` unrolls fully (XLA's cost analysis counts a
   # loop body once, so the FLOP check compiles unrolled).
-  scan_unroll: int | bool = 1
-  # Cross mode only (CROSS_FIELDS): a gated cross-attention block before every `cross_every`-th
-  # decoder layer (layers 0, k, 2k, ...; depth must divide by it), FFN width cross_ffn_mult x D;
-  # a perceiver resampler of `resampler_depth` layers maps each image to `resampler_latents`
-  # latents (0: off, the blocks read the projected visual tokens).
-  cross_every: int = 4
-  cross_media: CrossMedia = "previous"
-  cross_ffn_mult: int = 4
-  resampler_latents: int = 0
-  resampler_depth: int = 6
+  scan_unroll: int | bool = runtime(1)
 
   def __post_init__(self):
-    if self.attention not in ATTENTION_MODES:
-      raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
-    if self.attention == "cross":
-      if not (isinstance(self.cross_every, int) and self.cross_every > 0):
-        raise ValueError(f"cross_every must be a positive int, got {self.cross_every!r}")
-      if self.llm.depth % self.cross_every:
-        raise ValueError(f"llm.depth {self.llm.depth} is not a multiple of cross_every {self.cross_every}: "
-                         "cross mode places a cross-attention block before every cross_every-th layer")
-      if self.cross_media not in CROSS_MEDIA:
-        raise ValueError(f"cross_media must be one of {CROSS_MEDIA}, got {self.cross_media!r}")
-      if self.cross_ffn_mult < 1:
-        raise ValueError(f"cross_ffn_mult must be >= 1, got {self.cross_ffn_mult}")
-      if self.resampler_latents < 0 or (self.resampler_latents and self.resampler_depth < 1):
-        raise ValueError(f"resampler_latents must be >= 0 (0: no resampler) and resampler_depth >= 1, got "
-                         f"{self.resampler_latents} / {self.resampler_depth}")
-    if not (isinstance(self.composite_from_layer, int) and 0 <= self.composite_from_layer <= self.llm.depth):
-      raise ValueError(f"composite_from_layer must be an int in [0, llm.depth={self.llm.depth}], got "
-                       f"{self.composite_from_layer!r}")
+    for name in ("mode", "trained_mode"):
+      value = getattr(self, name)
+      if not (isinstance(value, Mode) or (value is None and name == "trained_mode")):
+        raise ValueError(f"ModelConfig.{name} must be an ee_mllm_jax.mode.Mode (Self(), Composite(...), "
+                         f"Cross(...)), got {value!r}; flat flags go through replace(attention=..., ...)")
+    self.mode.validate(self.llm.depth)
+    if self.trained_mode is not None:
+      self.trained_mode.validate(self.llm.depth)
     if self.projector not in PROJECTORS:
       raise ValueError(f"projector must be one of {PROJECTORS}, got {self.projector!r}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+
+  def replace(self, **changes) -> "ModelConfig":
+    """dataclasses.replace, also taking the mode's flat flags (`attention="composite"`,
+    `visual_ffn=...`, `composite_from_layer=...`, `cross_every=...`; `mode_lib.parse` reads them
+    against the current mode: `attention="composite"` on a self config keeps the visual FFN)."""
+    flags = {k: changes.pop(k) for k in list(changes) if k in mode_lib.FLAGS}
+    if flags:
+      changes["mode"] = mode_lib.parse(flags, base=changes.get("mode", self.mode))
+    return dataclasses.replace(self, **changes)
+
+  def run_as(self, **flags) -> "ModelConfig":
+    """These weights run in the mode `flags` ask (read against the mode that runs now), the training
+    mode recorded:
+    `run_as(attention="composite")` on a self-trained config is EE-MLLM-F (visual FFN kept unless
+    `visual_ffn=False`). Cross weights run only as cross."""
+    trained = self.weights_mode
+    mode = mode_lib.parse(flags, base=self.mode)
+    mode_lib.check_runs(trained, mode)
+    return dataclasses.replace(self, mode=mode, trained_mode=None if mode == trained else trained)
+
+  @property
+  def weights_mode(self) -> Mode:
+    """The mode the weights were trained in."""
+    return self.trained_mode or self.mode
+
+  @property
+  def mode_name(self) -> str:
+    """What runs, in words, naming the training mode where it differs."""
+    return mode_lib.describe(self.mode, self.llm.depth, self.trained_mode)
+
+  @classmethod
+  def runtime_fields(cls) -> tuple[str, ...]:
+    """Dotted names of every `runtime` field (nested configs included)."""
+    out = []
+    for f in dataclasses.fields(cls):
+      if f.metadata.get("runtime"):
+        out.append(f.name)
+      elif isinstance(f.default, _Replaceable):
+        out += [f"{f.name}.{g.name}" for g in dataclasses.fields(f.default) if g.metadata.get("runtime")]
+    return tuple(out)
+
+  @classmethod
+  def _upgrade(cls, d):
+    # Before the typed mode, the mode's flags were top-level fields (attention, visual_ffn, ...).
+    flat = {k: d.pop(k) for k in list(d) if k in mode_lib.FLAGS}
+    if flat and "mode" not in d:
+      d["mode"] = flat
+    return d
+
+  def to_dict(self) -> dict:
+    d = super().to_dict()
+    d["mode"] = self.mode.flags()
+    d["trained_mode"] = self.trained_mode.flags() if self.trained_mode is not None else None
+    return d
 
   def with_attention_impl(self, impl: str, block: int | None = None) -> "ModelConfig":
     """The same model with `attention_impl` (and `attention_block`) set in the tower and the LLM."""
@@ -270,39 +303,33 @@ class ModelConfig(_Replaceable):
     return self.replace(vision=self.vision.replace(**kw), llm=self.llm.replace(**kw))
 
   @property
+  def attention(self) -> str:
+    """The mode's name ("self", "composite", "cross"): the `attention` flag."""
+    return self.mode.name
+
+  @property
   def tokens_per_image(self) -> int:
     return self.vision.num_patches
 
   @property
-  def runs_visual_ffn(self) -> bool:
-    """Do visual tokens pass the FFN of the layers that run `attention`? (In cross mode they are
-    not in the decoder; the self-attention layers of a composite schedule always run it.)"""
-    return self.attention == "self" or (self.attention == "composite" and self.visual_ffn)
-
-  @property
   def layer_schedule(self) -> tuple[tuple[str, int], ...]:
-    """The decoder's layers as runs of one mode, in order: ((mode, count), ...), no empty run.
-    Composite mode with composite_from_layer=n: (("self", n), ("composite", depth - n)); every
-    other case one run of `attention` over all layers."""
-    depth, n = self.llm.depth, self.composite_from_layer
-    if self.attention != "composite" or n == 0:
-      return ((self.attention, depth),)
-    return tuple((mode, count) for mode, count in (("self", n), ("composite", depth - n)) if count)
+    """The decoder's layers as runs of one kind: ((kind, count), ...) (`Mode.schedule`)."""
+    return self.mode.schedule(self.llm.depth)
 
   @property
   def self_layers(self) -> int:
-    """How many decoder layers run self attention (visual queries, V x V scores, visual FFN)."""
-    return sum(count for mode, count in self.layer_schedule if mode == "self")
+    """How many decoder layers run self attention over the visual tokens (V x V scores, visual FFN)."""
+    return self.mode.self_layers(self.llm.depth)
 
   @property
   def cross_blocks(self) -> int:
     """Cross mode: the number of gated cross-attention blocks (one per group of cross_every layers)."""
-    return self.llm.depth // self.cross_every if self.attention == "cross" else 0
+    return self.mode.blocks(self.llm.depth) if isinstance(self.mode, mode_lib.Cross) else 0
 
   @property
   def media_tokens_per_image(self) -> int:
     """Cross mode: the keys/values per image the blocks read (resampler latents, or P)."""
-    return self.resampler_latents or self.tokens_per_image
+    return getattr(self.mode, "resampler_latents", 0) or self.tokens_per_image
 
   @classmethod
   def preset(cls, name: str, **overrides) -> "ModelConfig":
@@ -330,14 +357,14 @@ PRESETS: dict[str, ModelConfig] = {
     ),
     # LLaVA-1.5-7B: CLIP ViT-L/14 at 336 px (feature layer -2, 576 tokens), mlp2x_gelu,
     # Vicuna-7B v1.5. A released self-attention checkpoint: run with
-    # `.replace(attention="composite")` for EE-MLLM-F, or
+    # `.run_as(attention="composite")` for EE-MLLM-F, or
     # `.replace(attention="composite", visual_ffn=False)` to train EE-MLLM.
     "llava-1.5-7b": ModelConfig(
         vision=VisionConfig(kind="clip", image_size=336, patch_size=14, width=1024, depth=24,
                             num_heads=16, mlp_dim=4096, layer_norm_eps=1e-5, feature_layer=-2),
         llm=LLMConfig(vocab_size=32000, width=4096, depth=32, num_heads=32, num_kv_heads=32,
                       head_dim=128, mlp_dim=11008, rope_theta=10000.0, rms_norm_eps=1e-5),
-        projector="mlp2x_gelu", attention="self", visual_ffn=True,
+        projector="mlp2x_gelu", mode=Self(),
     ),
     # Qwen2-7B + SigLIP-so400m/14 at 384 px (729 tokens), as LLaVA-OneVision-7B ships it
     # (the tower's last layer removed, features from the new last layer).
@@ -348,6 +375,6 @@ PRESETS: dict[str, ModelConfig] = {
         llm=LLMConfig(vocab_size=152064, width=3584, depth=28, num_heads=28, num_kv_heads=4,
                       head_dim=128, mlp_dim=18944, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
                       qkv_bias=True),
-        projector="mlp2x_gelu", attention="self", visual_ffn=True,
+        projector="mlp2x_gelu", mode=Self(),
     ),
 }

@@ -18,28 +18,58 @@ import os
 from typing import Any
 
 import jax
+import ml_collections
 
 from ee_mllm_jax import data as data_lib
-from ee_mllm_jax.config import CROSS_FIELDS, ModelConfig
+from ee_mllm_jax import mode as mode_lib
+from ee_mllm_jax.config import ModelConfig
 from ee_mllm_jax.train.state import OptimConfig
 
-# Top-level ModelConfig fields an experiment may override (besides llm.* / vision.*).
-MODEL_OVERRIDES = ("attention", "visual_ffn", "composite_from_layer", "projector", "dtype", "param_dtype", "remat",
-                   "scan_unroll", *CROSS_FIELDS)
+# Top-level ModelConfig fields an experiment may set (besides llm.* / vision.* and the mode's flags).
+MODEL_FIELDS = {"projector": str, "dtype": str, "param_dtype": str, "remat": str, "scan_unroll": int}
 # What the data pipeline needs to turn text into the model's input, recorded in checkpoints.
 DATA_FIELDS_RECORDED = ("tokenizer_file", "template", "system_prompt", "max_images", "image_preprocess",
                         "alpha_background", "buckets")
 
 
+def model_section(preset: str, *, llm=(), vision=(), **values) -> ml_collections.ConfigDict:
+  """`config.model` of an experiment config: the preset, and every field a command line may
+  override (`--config.model.attention=cross --config.model.cross_every=2`, `...llm.depth=4`),
+  unset (None: the preset's) unless `values` sets it. `llm` / `vision`: the nested fields offered."""
+  unset = lambda kind: ml_collections.FieldReference(None, field_type=kind)
+  kinds = dict(MODEL_FIELDS, attention=str, **{f.metadata["flag"]: type(f.default)
+                                               for m in mode_lib.MODES.values() for f in m.fields()})
+  unknown = sorted(set(values) - set(kinds))
+  if unknown:
+    raise ValueError(f"model_section: unknown field(s) {unknown}; known: {sorted(kinds)}")
+  section = {k: values[k] if values.get(k) is not None else unset(kind) for k, kind in kinds.items()}
+  section["preset"] = preset
+  for part, names in (("llm", llm), ("vision", vision)):
+    kinds = {f.name: f.type for f in dataclasses.fields(getattr(ModelConfig, part))}
+    section[part] = ml_collections.ConfigDict({n: unset({"int": int, "float": float, "str": str, "bool": bool}.get(
+        kinds[n], object)) for n in names})
+  return ml_collections.ConfigDict(section)
+
+
 def model_config(config) -> ModelConfig:
-  """The preset, with top-level overrides and optional `llm` / `vision` field overrides."""
+  """The preset with the experiment's overrides: `llm` / `vision` fields, top-level fields and
+  the mode's flags (read against the preset's mode by `mode.parse`), validated once, on the
+  final config."""
   m = config.model
-  cfg = ModelConfig.preset(m.preset, **{k: m[k] for k in MODEL_OVERRIDES if k in m})
+  preset = ModelConfig.preset(m.preset)
+  set_ = lambda d: {k: v for k, v in dict(d or {}).items() if v is not None}
+  unknown = sorted(set(set_(m)) - set(MODEL_FIELDS) - set(mode_lib.FLAGS) - {"preset", "llm", "vision"})
+  if unknown:
+    raise ValueError(f"config.model has no field(s) {unknown}")
+  changes = {k: v for k, v in set_(m).items() if k in MODEL_FIELDS}
+  flags = {k: v for k, v in set_(m).items() if k in mode_lib.FLAGS}
   for part in ("llm", "vision"):
-    changes = {k: v for k, v in dict(m.get(part) or {}).items() if v is not None}
-    if changes:
-      cfg = cfg.replace(**{part: getattr(cfg, part).replace(**changes)})
-  return cfg
+    parts = set_(m.get(part))
+    if parts:
+      changes[part] = dataclasses.replace(getattr(preset, part), **parts)
+  if flags:
+    changes["mode"] = mode_lib.parse(flags, base=preset.mode)
+  return dataclasses.replace(preset, **changes)  # one construction: checks see the final config
 
 
 def synthetic_dataset(config):
@@ -132,7 +162,10 @@ class Experiment:
 
 def resolve(config) -> Experiment:
   """Everything a run derives from its config, with the train records read once."""
-  model = model_config(config)
+  try:
+    model = model_config(config)
+  except ValueError as e:  # a mode flag that does not apply, a depth cross_every does not divide, ...
+    raise ConfigError(f"config.model: {e}") from None
   synthetic = synthetic_dataset(config)
   data = data_config(config, model, synthetic)
   check_vocabulary(model, data)

@@ -62,31 +62,31 @@ def cross_block_flops(cfg: ModelConfig, *, queries: int, media: int) -> tuple[fl
   d, nh = c.width, c.num_heads * c.head_dim
   linear = (2 * queries * d * nh * 2  # q_proj, o_proj
             + 2 * media * d * nh * 2  # k_proj, v_proj over the media
-            + 2 * queries * 2 * d * cfg.cross_ffn_mult * d)  # FFN up, down
+            + 2 * queries * 2 * d * cfg.mode.ffn_mult * d)  # FFN up, down
   attention = 2 * 2 * queries * media * nh
   return linear, attention, SOFTMAX_FLOPS_PER_SCORE * queries * media * c.num_heads
 
 
 def resampler_flops(cfg: ModelConfig, *, images: int) -> float:
   """Perceiver resampler over `images` images (0 when off)."""
-  if not (cfg.attention == "cross" and cfg.resampler_latents):
+  r, p, c = getattr(cfg.mode, "resampler_latents", 0), cfg.tokens_per_image, cfg.llm
+  if not r:
     return 0.0
-  r, p, c = cfg.resampler_latents, cfg.tokens_per_image, cfg.llm
   d, nh = c.width, c.num_heads * c.head_dim
   per_layer = (2 * r * d * nh * 2 + 2 * (p + r) * d * nh * 2 + 2 * r * 2 * d * 4 * d
                + 2 * 2 * r * (p + r) * nh + SOFTMAX_FLOPS_PER_SCORE * r * (p + r) * c.num_heads)
-  return images * cfg.resampler_depth * per_layer
+  return images * cfg.mode.resampler_depth * per_layer
 
 
 def llm_flops(cfg: ModelConfig, *, visual_len: int, text_len: int, batch: int = 1) -> dict[str, float]:
-  """Decoder forward over V visual and T text tokens in `cfg.attention` mode (per layer, along
-  `cfg.layer_schedule`), as the scanned stack executes it (the last layer's visual update is
+  """Decoder forward over V visual and T text tokens in `cfg.mode` (per layer, along
+  its schedule), as the scanned stack executes it (the last layer's visual update is
   computed though nothing reads it).
   Cross mode: V = I*P visual tokens of I image slots; the cross blocks are counted here, the
   resampler in `forward_flops`."""
   c = cfg.llm
   v, t = visual_len, text_len
-  if cfg.attention == "cross":
+  if not cfg.mode.visual_in_decoder:
     lin, att = _layer_flops(c, queries=t, keys=t, ffn_tokens=t, aligner_tokens=0)
     media = v // cfg.tokens_per_image * cfg.media_tokens_per_image
     x_lin, x_att, x_soft = cross_block_flops(cfg, queries=t, media=media)
@@ -98,10 +98,10 @@ def llm_flops(cfg: ModelConfig, *, visual_len: int, text_len: int, batch: int = 
     out["total"] = sum(out.values())
     return out
   lin = att = 0.0
-  for mode, layers in cfg.layer_schedule:  # self layers, then composite ones (composite_from_layer)
-    composite = mode == "composite"
+  for kind, layers in cfg.layer_schedule:  # self layers, then composite ones (a schedule)
+    composite = kind == "composite"
     run_lin, run_att = _layer_flops(c, queries=t if composite else v + t, keys=v + t,
-                                    ffn_tokens=t if composite and not cfg.visual_ffn else v + t,
+                                    ffn_tokens=v + t if cfg.mode.visual_ffn_in(kind) else t,
                                     aligner_tokens=v if composite else 0)
     lin, att = lin + layers * run_lin, att + layers * run_att
   out = {
@@ -119,7 +119,7 @@ def forward_flops(cfg: ModelConfig, *, batch: int, num_images: int, text_len: in
   images = batch * num_images
   out = {"vision": vision_flops(cfg.vision, images=images),
          "projector": projector_flops(cfg, images=images)}
-  if cfg.attention == "cross" and cfg.resampler_latents:
+  if getattr(cfg.mode, "resampler_latents", 0):
     out["resampler"] = resampler_flops(cfg, images=images)
   llm = llm_flops(cfg, visual_len=num_images * cfg.tokens_per_image, text_len=text_len, batch=batch)
   out.update({k: v for k, v in llm.items() if k != "total"})
@@ -135,7 +135,7 @@ def decode_step_flops(cfg: ModelConfig, *, cache_len: int, batch: int = 1, media
   d, f, n, k, h = c.width, c.mlp_dim, c.num_heads, c.num_kv_heads, c.head_dim
   per_layer = 2 * d * (n + 2 * k) * h + 2 * n * h * d + 2 * 3 * d * f + 2 * 2 * cache_len * n * h
   cross = 0.0
-  if cfg.attention == "cross":
+  if not cfg.mode.visual_in_decoder:
     x_lin, _, _ = cross_block_flops(cfg, queries=1, media=0)
     cross = cfg.cross_blocks * (x_lin + 2 * 2 * media_len * n * h)
   return batch * (c.depth * per_layer + cross + 2 * d * c.vocab_size)

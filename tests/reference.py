@@ -50,9 +50,9 @@ def naive_llm_logits(llm_params, cfg, x_v, input_ids, pos_v, pos_t, valid_v, val
   composite_mask = self_mask & (is_text[:, None] | np.eye(n_all, dtype=bool))[None]
   g = c.num_heads // c.num_kv_heads
   for i in range(c.depth):
-    composite = cfg.attention == "composite" and i >= cfg.composite_from_layer
+    composite = cfg.attention == "composite" and i >= cfg.mode.from_layer
     mask = composite_mask if composite else self_mask
-    ffn_rows = is_text if composite and not cfg.visual_ffn else np.ones(n_all, bool)
+    ffn_rows = is_text if composite and not cfg.mode.visual_ffn else np.ones(n_all, bool)
     L = {k[len("layers/"):]: v[i] for k, v in p.items() if k.startswith("layers/")}
     h = _rms(x, L["input_layernorm/scale"], c.rms_norm_eps)
     q = np.einsum("bld,dnh->blnh", h, L["self_attn/q_proj/kernel"])
@@ -113,7 +113,7 @@ def naive_resampler(params, cfg, media):
   b, i, n, d = media.shape
   x = np.asarray(media, np.float64).reshape(b * i, n, d)
   lat = np.broadcast_to(p["latents"], (b * i,) + p["latents"].shape)
-  for layer in range(cfg.resampler_depth):
+  for layer in range(cfg.mode.resampler_depth):
     L = {k[len("layers/"):]: v[layer] for k, v in p.items() if k.startswith("layers/")}
     h_m, h_l = _layer_norm(x, L, "media_norm"), _layer_norm(lat, L, "latent_norm")
     lat = lat + _mha(h_l, np.concatenate([h_m, h_l], 1), L, None)
@@ -127,12 +127,12 @@ def naive_cross_logits(params, cfg, x_v, input_ids, pos_v, pos_t, image_valid, v
   c = cfg.llm
   b, n_img = image_valid.shape
   media = np.asarray(x_v, np.float64).reshape(b, n_img, -1, c.width)
-  if cfg.resampler_latents:
+  if cfg.mode.resampler_latents:
     media = naive_resampler(params["resampler"], cfg, media)
   m = media.shape[2]
   image_end = np.asarray(pos_v).reshape(b, n_img, -1).max(-1)  # (B, I): last position of each image
   seen = image_valid[:, None, :] & (image_end[:, None, :] < pos_t[:, :, None])  # (B, T, I)
-  if cfg.cross_media == "previous":  # only the image with the largest position among the seen ones
+  if cfg.mode.media == "previous":  # only the image with the largest position among the seen ones
     latest = np.argmax(np.where(seen, image_end[:, None, :], -1), -1)
     seen = seen & (np.arange(n_img)[None, None, :] == latest[..., None])
   media_mask = np.repeat(seen, m, axis=2)  # (B, T, I*M)
@@ -142,8 +142,8 @@ def naive_cross_logits(params, cfg, x_v, input_ids, pos_v, pos_t, image_valid, v
   mask = valid_t[:, None, :] & (pos_t[:, None, :] <= pos_t[:, :, None])
   g = c.num_heads // c.num_kv_heads
   for i in range(c.depth):
-    if i % cfg.cross_every == 0:
-      X = {k[len("cross/"):]: v[i // cfg.cross_every] for k, v in p.items() if k.startswith("cross/")}
+    if i % cfg.mode.every == 0:
+      X = {k[len("cross/"):]: v[i // cfg.mode.every] for k, v in p.items() if k.startswith("cross/")}
       x = x + np.tanh(X["attn_gate"]) * _mha(_layer_norm(x, X, "norm"), media, X, media_mask)
       x = x + np.tanh(X["ff_gate"]) * _ffn(x, X, "ffn")
     L = {k[len("layers/"):]: v[i] for k, v in p.items() if k.startswith("layers/")}

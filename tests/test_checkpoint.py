@@ -87,7 +87,8 @@ def test_restoring_a_checkpoint_of_another_model_names_the_fields(run, caplog):
   # a mode switch on the same weights is allowed, and said
   with caplog.at_level(logging.WARNING):
     ckpt_lib.check_model_config(cfg, cfg.replace(attention="self", remat="full"), "ckpt")
-  assert "ckpt was trained with attention='composite'; running it with attention='self'" in caplog.text
+  assert "ckpt was trained in mode {'attention': 'composite', 'visual_ffn': False, 'composite_from_layer': 0}; " \
+         "running it as self (LLaVA)" in caplog.text
 
 
 def test_checkpoints_without_a_recorded_config_still_load_their_parameters(tmp_path):

@@ -27,6 +27,7 @@ from ee_mllm_jax import params as params_lib  # noqa: E402
 from ee_mllm_jax.config import LLMConfig, ModelConfig  # noqa: E402
 from ee_mllm_jax.convert import export as export_lib  # noqa: E402
 from ee_mllm_jax.convert import hf_config  # noqa: E402
+from ee_mllm_jax.mode import Self  # noqa: E402
 from ee_mllm_jax.models.llm import LLM  # noqa: E402
 from ee_mllm_jax.models.vision import VisionTower  # noqa: E402
 from models import forward  # noqa: E402
@@ -95,7 +96,7 @@ def _llm_logits(cfg: LLMConfig):
     b, t = ids.shape
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     x_v, pos_v, valid_v = jnp.zeros((b, 0, cfg.width)), jnp.zeros((b, 0), jnp.int32), jnp.zeros((b, 0), bool)
-    return LLM(cfg, "self", True).apply({"params": params}, x_v, ids, pos_v, pos, valid_v, jnp.ones((b, t), bool))[0]
+    return LLM(cfg, Self()).apply({"params": params}, x_v, ids, pos_v, pos, valid_v, jnp.ones((b, t), bool))[0]
   return jax.jit(run)
 
 
@@ -224,7 +225,8 @@ def test_export_reads_the_name_map_backwards_sharded_and_in_bf16(tiny_llava_dir,
                          max_shard_bytes=40_000)
     index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
     assert len(set(index["weight_map"].values())) > 2
-    assert json.load(open(os.path.join(out, "config.json")))["ee_mllm"] == {
+    record = json.load(open(os.path.join(out, "config.json")))["ee_mllm"]
+    assert {k: record[k] for k in ("attention", "visual_ffn", "composite_from_layer")} == {
         "attention": "composite", "visual_ffn": False, "composite_from_layer": 0}
     back_cfg, back = convert.load_hf_llava(out, dtype=dtype)
     assert back_cfg == composite
@@ -240,13 +242,14 @@ def test_a_layer_schedule_exports_and_comes_back_and_older_exports_load_unschedu
   before the key existed loads as every layer composite; a bad value is refused by name."""
   _, path = tiny_llava_dir
   cfg, params = convert.load_hf_llava(path)
-  assert cfg.llm.depth == 2 and cfg.composite_from_layer == 0
+  assert cfg.llm.depth == 2 and cfg.self_layers == 2  # stock LLaVA: self attention throughout
   scheduled = cfg.replace(attention="composite", visual_ffn=False, composite_from_layer=1)
   out = str(tmp_path / "scheduled")
   export_lib.export_hf(scheduled, params, out, tokenizer_json=_tokenizer(), template="chatml")
   with open(os.path.join(out, "config.json")) as f:
     hf = json.load(f)
-  assert hf["ee_mllm"] == {"attention": "composite", "visual_ffn": False, "composite_from_layer": 1}
+  assert {k: hf["ee_mllm"][k] for k in ("attention", "visual_ffn", "composite_from_layer")} == {
+      "attention": "composite", "visual_ffn": False, "composite_from_layer": 1}
   back_cfg, back = convert.load_hf_llava(out)
   assert back_cfg == scheduled and back_cfg.layer_schedule == (("self", 1), ("composite", 1))
   batch = batch_lib.from_plans(cfg, [[3, "img", 5]])
@@ -254,9 +257,12 @@ def test_a_layer_schedule_exports_and_comes_back_and_older_exports_load_unschedu
   np.testing.assert_array_equal(logits, np.asarray(forward(scheduled, params, batch)))
   assert convert.load_hf_llava(out, composite_from_layer=2)[0].layer_schedule == (("self", 2),)
   assert convert.load_hf_llava(out, composite_from_layer=0)[0].layer_schedule == (("composite", 2),)
-  # a self model records 0, whatever its (unread) field holds
-  assert hf_config.config_to_hf(cfg.replace(composite_from_layer=2), image_token_index=1)["ee_mllm"] == {
-      "attention": "self", "visual_ffn": True, "composite_from_layer": 0}
+  # a self model records the flags its mode implies; a schedule on it is refused, not ignored
+  assert hf_config.config_to_hf(cfg, image_token_index=1)["ee_mllm"] == {
+      "attention": "self", "visual_ffn": True, "composite_from_layer": 0,
+      "trained": {"attention": "self", "visual_ffn": True, "composite_from_layer": 0}}
+  with pytest.raises(ValueError, match="composite_from_layer=2 does not apply to attention='self'"):
+    cfg.replace(composite_from_layer=2)
 
   def with_mode(mode):
     with open(os.path.join(out, "config.json"), "w") as f:
@@ -265,7 +271,7 @@ def test_a_layer_schedule_exports_and_comes_back_and_older_exports_load_unschedu
   older = with_mode({"attention": "composite", "visual_ffn": False})  # as exports wrote it before the schedule
   assert older == scheduled.replace(composite_from_layer=0) and older.layer_schedule == (("composite", 2),)
   for bad in (3, -1, "1", True, 1.0):
-    with pytest.raises(ValueError, match=r'"ee_mllm": composite_from_layer must be an int in \[0, 2\]'):
+    with pytest.raises(ValueError, match=r'composite_from_layer must be an int in \[0, 2\]'):
       with_mode({"attention": "composite", "visual_ffn": False, "composite_from_layer": bad})
 
 
@@ -290,7 +296,7 @@ def trained_export(hf_dirs, tiny_dataset, tmp_path_factory):
   from ee_mllm_jax.train import loop  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path_factory.mktemp("run"))
   config = tiny_config(tiny_dataset, workdir, 2, **{
-      "model.attention": "self", "model.visual_ffn": True, "model.vision.depth": 3, "model.vision.feature_layer": -2,
+      "model.attention": "self", "model.vision.depth": 3, "model.vision.feature_layer": -2,  # as the README's LLaVA
       "init_from.kind": "hf_parts", "init_from.vision_path": hf_dirs["clip"][1],
       "init_from.llm_path": hf_dirs["llama"][1]})
   try:
@@ -357,6 +363,100 @@ def test_assembled_trained_export_answers_the_same_in_transformers(trained_expor
   np.testing.assert_array_equal(np.asarray(got.tokens[0, :length]), hf_tokens[:length])
   assert len(hf_tokens) == length  # transformers stops at the same end-of-turn token
 
+  # EE-MLLM-F: the same weights run as composite are one model through eval.py's --checkpoint and
+  # --hf roads and the PyTorch class (the visual FFN kept: the weights were trained with it), and
+  # --hf prompts with the template and system prompt the run trained with, as --checkpoint does.
+  from ee_mllm_jax.evaluation import model as model_lib  # pylint: disable=g-import-not-at-top
+  from ee_mllm_jax.mode import Composite, Self  # pylint: disable=g-import-not-at-top
+  from ee_mllm_jax.torch import EEMLLMForConditionalGeneration  # pylint: disable=g-import-not-at-top
+  by_checkpoint = model_lib.from_checkpoint(workdir, attention="composite")
+  by_hf = model_lib.from_hf(out, attention="composite")
+  torch_f = EEMLLMForConditionalGeneration.from_pretrained(out, attention="composite").eval()
+  assert by_checkpoint.cfg.mode == by_hf.cfg.mode == torch_f.mode == Composite(visual_ffn=True)
+  assert by_checkpoint.cfg.trained_mode == by_hf.cfg.trained_mode == Self()
+  assert by_checkpoint.mode == by_hf.mode == torch_f.mode_name == (
+      "EE-MLLM-F: composite, visual FFN, on self-trained weights")
+  assert (by_hf.template.name, by_hf.template.system) == (by_checkpoint.template.name, by_checkpoint.template.system)
+  assert by_hf.template.name == run["data"]["template"] == "chatml"
+  f_logits = np.asarray(forward(by_checkpoint.cfg, by_checkpoint.params, batch)[0])
+  np.testing.assert_array_equal(f_logits, np.asarray(forward(by_hf.cfg, by_hf.params, batch)[0]))
+  with torch.no_grad():
+    assert rel_err(f_logits, torch_f(**inputs).logits.numpy()[0][~is_image]) < 1e-4
+  assert rel_err(f_logits, want) > 1e-3  # guard: EE-MLLM-F is another function than the self model
+
+
+def test_reexport_refuses_a_non_empty_directory_and_overwrite_leaves_no_stale_weights(tiny_llava_dir, tmp_path):
+  """Export single-file then sharded into one directory: refused without --overwrite; with it, the
+  weight files the new export does not write are gone, so transformers and we read the same
+  tensors. A directory mixed by hand (both layouts) is refused by our loader."""
+  _, path = tiny_llava_dir
+  cfg, params = convert.load_hf_llava(path)
+  out = str(tmp_path / "out")
+  export_lib.export_hf(cfg, params, out, tokenizer_json=_tokenizer())
+  single = open(os.path.join(out, "model.safetensors"), "rb").read()
+  with pytest.raises(export_lib.ExportError, match="is not empty; pass --overwrite"):
+    export_lib.export_hf(cfg, params, out, tokenizer_json=_tokenizer(), max_shard_bytes=40_000)
+  changed = {**params, "projector": jax.tree.map(lambda a: a + 1, params["projector"])}
+  export_lib.export_hf(cfg, changed, out, tokenizer_json=_tokenizer(), max_shard_bytes=40_000, overwrite=True)
+  files = sorted(os.listdir(out))
+  assert "model.safetensors" not in files and "model.safetensors.index.json" in files
+  back = convert.load_hf_llava(out)[1]
+  np.testing.assert_array_equal(back["projector"]["linear_1"]["bias"], changed["projector"]["linear_1"]["bias"])
+  hf = transformers.LlavaForConditionalGeneration.from_pretrained(out)
+  np.testing.assert_array_equal(hf.model.multi_modal_projector.linear_1.bias.detach().numpy(),
+                                np.asarray(changed["projector"]["linear_1"]["bias"]))
+  with open(os.path.join(out, "model.safetensors"), "wb") as f:  # an older single-file export left beside
+    f.write(single)
+  with pytest.raises(ValueError, match="holds both model.safetensors and model.safetensors.index.json"):
+    convert.load_hf_llava(out)
+  export_lib.export_hf(cfg, params, out, tokenizer_json=_tokenizer(), overwrite=True)  # back to one file
+  assert not [f for f in os.listdir(out) if f.startswith("model-") or f.endswith(".index.json")]
+
+
+def test_a_composite_export_is_no_silent_llava_for_stock_transformers(tiny_llava_dir, tmp_path):
+  """A composite export is `model_type` "ee_mllm": transformers' stock LLaVA class warns that it is
+  another model type, its Auto classes refuse it unless ee_mllm_jax.torch registered it, and our
+  class loads it as it was exported. A self export stays a plain "llava" directory."""
+  from transformers.utils import logging as hf_logging  # pylint: disable=g-import-not-at-top
+  _, path = tiny_llava_dir
+  cfg, params = convert.load_hf_llava(path)
+  out = str(tmp_path / "composite")
+  export_lib.export_hf(cfg.replace(attention="composite", visual_ffn=False), params, out, tokenizer_json=_tokenizer())
+  assert json.load(open(os.path.join(out, "config.json")))["model_type"] == "ee_mllm"
+  records = []
+  handler = type("H", (__import__("logging").Handler,), {"emit": lambda self, r: records.append(r.getMessage())})()
+  logger = hf_logging.get_logger("transformers.configuration_utils")
+  logger.addHandler(handler)
+  try:
+    transformers.LlavaForConditionalGeneration.from_pretrained(out)
+  finally:
+    logger.removeHandler(handler)
+  assert any("model of type `ee_mllm` to instantiate a model of type `llava`" in r for r in records), records
+  from ee_mllm_jax.torch import EEMLLMForConditionalGeneration  # pylint: disable=g-import-not-at-top
+  ours = EEMLLMForConditionalGeneration.from_pretrained(out)
+  assert ours.mode.to_hf() == {"attention": "composite", "visual_ffn": False, "composite_from_layer": 0}
+  np.testing.assert_array_equal(ours.lm_head.weight.detach().numpy().T, np.asarray(params["llm"]["lm_head"]["kernel"]))
+  assert isinstance(transformers.AutoModelForImageTextToText.from_pretrained(out), EEMLLMForConditionalGeneration)
+  export_lib.export_hf(cfg, params, str(tmp_path / "self"), tokenizer_json=_tokenizer())
+  assert json.load(open(tmp_path / "self" / "config.json"))["model_type"] == "llava"
+
+
+def test_the_export_command_line_says_what_is_wrong_in_one_line(tmp_path, monkeypatch):
+  from ee_mllm_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  for argv, message in (([str(tmp_path / "nowhere")], "error: checkpoint {} does not exist"),
+                        ([str(tmp_path)], "error: {}: {} is neither a checkpoint nor a directory of checkpoints")):
+    with pytest.raises(SystemExit) as e:
+      export_lib.main(["--checkpoint", *argv, "--out", str(tmp_path / "out")])
+    assert e.value.code == message.format(argv[0], argv[0])
+  monkeypatch.setattr(ckpt_lib, "read_run_config", lambda _: {"model": {"attention": "cross", "cross_every": 1},
+                                                              "tokenizer": "{}"})
+  with pytest.raises(SystemExit) as e:
+    export_lib.main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "out")])
+  assert e.value.code.startswith("error: ") and "has no HF LLaVA equivalent" in e.value.code
+  assert export_lib._dtype("bf16") == export_lib._dtype("bfloat16") and export_lib._dtype("fp32") == np.float32
+  with pytest.raises(export_lib.ExportError, match="unknown dtype 'bf17'"):
+    export_lib._dtype("bf17")
+
 
 def test_older_rope_scaling_forms_parse():
   from ee_mllm_jax.config import RopeScaling  # pylint: disable=g-import-not-at-top
@@ -391,7 +491,8 @@ def test_export_refuses_cross_attention_and_an_image_token_without_an_id(monkeyp
 
   from ee_mllm_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(ckpt_lib, "read_run_config", lambda _: {"model": {"attention": "cross"}, "tokenizer": "{}"})
-  with pytest.raises(ValueError, match="attention='cross' has no HF LLaVA equivalent"):
+  monkeypatch.setattr(os.path, "exists", lambda p, exists=os.path.exists: p == "run" or exists(p))
+  with pytest.raises(ValueError, match=r"cross \(Flamingo\).* has no HF LLaVA equivalent"):
     export_lib.export_checkpoint("run", "out")
   tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<unk>": 0, "a": 1, "b": 2}, unk_token="<unk>"))
   with_image, idx = export_lib._with_image_token(tok.to_str(), vocab_size=4)  # room for one more: added

@@ -162,7 +162,7 @@ def test_7b_cross_every_4_new_parameter_count_without_allocating():
   cfg = eem.ModelConfig.preset("llava-1.5-7b", attention="cross", cross_every=4, resampler_latents=64,
                                resampler_depth=6)
   shapes = abstract_params(cfg)
-  llava = abstract_params(cfg.replace(attention="self", resampler_latents=0))
+  llava = abstract_params(cfg.replace(attention="self"))
   d, heads = 4096, 32 * 128  # width, N * H
   block = 2 * 2 * d + 4 * d * heads + 2 * d * 4 * d + 2  # norm, q/k/v/o, FFN (its norm + up/down), two gates
   resampler_layer = 3 * 2 * d + 4 * d * heads + 2 * d * 4 * d  # media/latent/FFN norms, q/k/v/o, FFN

@@ -95,5 +95,5 @@ def test_cross_settings_matter_only_between_cross_checkpoints():
   about); between two cross models, a different block layout is a different model."""
   saved = ModelConfig.preset("tiny", attention="self", visual_ffn=True)
   ckpt_lib.check_model_config(saved, CFG, "ckpt")  # differs in attention, cross_every, resampler_*: no error
-  with pytest.raises(ckpt_lib.ConfigMismatchError, match="cross_every"):
+  with pytest.raises(ckpt_lib.ConfigMismatchError, match="mode.cross_every: checkpoint 2 vs run"):
     ckpt_lib.check_model_config(CFG.replace(cross_every=2), CFG, "ckpt")

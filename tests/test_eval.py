@@ -22,6 +22,7 @@ import ee_mllm_jax as eem
 from ee_mllm_jax import sharding
 from ee_mllm_jax.data import synthetic
 from ee_mllm_jax.evaluation import circular, model as model_lib, prompts as prompts_lib, readers, runner as runner_lib
+from ee_mllm_jax.mode import Composite, Self
 from ee_mllm_jax.train import checkpoint as ckpt_lib
 import conftest
 from models import forward, init_params
@@ -263,8 +264,9 @@ def test_a_missing_image_is_an_error_naming_the_question_and_skip_mode_counts_it
 
 def test_composite_on_a_self_checkpoint_is_ee_mllm_f_and_a_wrong_preset_is_named(checkpoint):
   f = model_lib.from_checkpoint(checkpoint, attention="composite")
-  assert f.cfg.attention == "composite" and f.cfg.visual_ffn and f.mode.startswith("EE-MLLM-F")
-  assert not model_lib.from_checkpoint(checkpoint, attention="composite", visual_ffn=False).cfg.runs_visual_ffn
+  assert f.cfg.mode == Composite(visual_ffn=True) and f.cfg.trained_mode == Self()  # the visual FFN kept
+  assert f.mode == "EE-MLLM-F: composite, visual FFN, on self-trained weights"
+  assert not model_lib.from_checkpoint(checkpoint, attention="composite", visual_ffn=False).cfg.mode.runs_visual_ffn
   with pytest.raises(ckpt_lib.ConfigMismatchError, match="llm.vocab_size: checkpoint 384 vs run 256"):
     model_lib.from_checkpoint(checkpoint, preset="tiny")
 
@@ -290,9 +292,9 @@ def test_a_layer_schedule_on_a_self_checkpoint_runs_that_config_and_names_it(che
   assert config.composite_from_layer is None  # as trained
   config.attention, config.composite_from_layer = "composite", 1
   scheduled = cli.load_model(config, checkpoint=checkpoint, hf=None)
-  direct_cfg = CFG.replace(attention="composite", composite_from_layer=1)
+  direct_cfg = CFG.run_as(attention="composite", composite_from_layer=1)
   assert scheduled.cfg == direct_cfg and scheduled.cfg.layer_schedule == (("self", 1), ("composite", 1))
-  assert scheduled.mode == ("EE-MLLM-F: composite with visual FFN from layer 1 (layer 0 self) on self-trained "
+  assert scheduled.mode == ("EE-MLLM-F: composite, visual FFN, from layer 1 (layer 0 self), on self-trained "
                             "weights")
   batch = eem.batch.from_plans(CFG, [[3, "img", 5], [2, "img", 7]])
   got = np.asarray(forward(scheduled.cfg, scheduled.params, batch))[batch["text_valid"]]
@@ -300,17 +302,16 @@ def test_a_layer_schedule_on_a_self_checkpoint_runs_that_config_and_names_it(che
   unscheduled = np.asarray(forward(CFG.replace(attention="composite"), init_params(CFG), batch))[batch["text_valid"]]
   assert np.max(np.abs(got - unscheduled)) > 1e-3 * np.max(np.abs(got))
   two = model_lib.from_checkpoint(checkpoint, attention="composite", visual_ffn=False, composite_from_layer=2)
-  assert two.mode == "EE-MLLM-F: composite (EE-MLLM) from layer 2 (layers 0-1 self) on self-trained weights"
+  assert two.mode == "EE-MLLM-F: composite (EE-MLLM), from layer 2 (layers 0-1 self), on self-trained weights"
   assert model_lib.from_checkpoint(checkpoint, attention="composite").mode == (
-      "EE-MLLM-F: composite with visual FFN on self-trained weights")  # n=0 names no schedule
-  for n, message in ((3, r"composite_from_layer must be an int in \[0, llm.depth=2\], got 3"),
-                     (-1, "--config.composite_from_layer must be >= 0, got -1")):
+      "EE-MLLM-F: composite, visual FFN, on self-trained weights")  # n=0 names no schedule
+  for n, message in ((3, r"composite_from_layer must be an int in \[0, 2\] \(the decoder's layers\), got 3"),
+                     (-1, r"composite_from_layer must be an int in \[0, 2\] \(the decoder's layers\), got -1")):
     config.composite_from_layer = n
     with pytest.raises(cli.UsageError, match=message):
       cli.load_model(config, checkpoint=checkpoint, hf=None)
   config.attention, config.composite_from_layer = None, 1  # the checkpoint runs self attention: said, not ignored
-  with pytest.raises(cli.UsageError, match=r"composite_from_layer=1 schedules composite attention; this model runs "
-                     r"'self' \(add --config.attention=composite\)"):
+  with pytest.raises(cli.UsageError, match=r"composite_from_layer=1 does not apply to attention='self'"):
     cli.load_model(config, checkpoint=checkpoint, hf=None)
 
 
@@ -340,7 +341,7 @@ def test_an_hf_llava_directory_loads_with_its_tokenizer_and_mode_overrides(tmp_p
   llava = model_lib.from_hf(str(tmp_path))
   assert llava.mode == "self (LLaVA)" and llava.template.name == "vicuna_v1"
   f = model_lib.from_hf(str(tmp_path), attention="composite", visual_ffn=False)
-  assert f.mode == "EE-MLLM-F: composite (EE-MLLM) on self-trained weights" and not f.cfg.runs_visual_ffn
+  assert f.mode == "EE-MLLM-F: composite (EE-MLLM), on self-trained weights" and not f.cfg.mode.runs_visual_ffn
   scheduled = model_lib.from_hf(str(tmp_path), attention="composite", composite_from_layer=1)
   assert scheduled.cfg.layer_schedule == (("self", 1), ("composite", 1))
   assert "from layer 1 (layer 0 self)" in scheduled.mode

@@ -43,7 +43,7 @@ def test_analytic_forward_flops_match_xla(preset, attention, composite_from_laye
                        valid_v=np.ones((b, v), bool), valid_t=batch["text_valid"])
   carry = Streams(x_v=np.zeros((b, v, c.width), f32), x_t=np.zeros((b, t, c.width), f32))
   for mode, layers in cfg.layer_schedule:
-    layer = DecoderLayer(c, mode, mode == "self" or cfg.visual_ffn)
+    layer = DecoderLayer(c, mode, cfg.mode.visual_ffn_in(mode))
     total += (layers - 1) * xla_layer_flops(layer, carry, None, ctx)
 
   analytic = flops.forward_flops(cfg, batch=b, num_images=2, text_len=t)["total"]
@@ -83,19 +83,19 @@ def test_analytic_cross_mode_flops_match_xla(preset):
   total += (c.depth - 1) * xla_layer_flops(DecoderLayer(c, "self", False), carry, None, ctx)
   media = np.zeros((b, 2, cfg.media_tokens_per_image, c.width), f32)
   media_pos, media_valid = np.array([[10, 60]] * b, np.int32), np.ones((b, 2), bool)
-  block = GatedCrossBlock(c, cfg.cross_media, cfg.cross_ffn_mult)
+  block = GatedCrossBlock(c, cfg.mode.media, cfg.mode.ffn_mult)
   run_block = lambda m, x, pos, media: m.update(x, pos, m.keys_values(media), media_pos, media_valid)
   variables = jax.eval_shape(lambda: block.init(jax.random.key(0), carry.x_t, batch["text_positions"], media,
                                                 method=run_block))
   total += (cfg.cross_blocks - 1) * xla_flops(lambda v, *a: block.apply(v, *a, method=run_block), variables,
                                               carry.x_t, batch["text_positions"], media)
-  if cfg.resampler_latents:
-    latents = np.zeros((b * 2, cfg.resampler_latents, c.width), f32)
-    total += (cfg.resampler_depth - 1) * xla_layer_flops(ResamplerLayer(c), latents,
+  if cfg.mode.resampler_latents:
+    latents = np.zeros((b * 2, cfg.mode.resampler_latents, c.width), f32)
+    total += (cfg.mode.resampler_depth - 1) * xla_layer_flops(ResamplerLayer(c), latents,
                                                          np.zeros((b * 2, cfg.tokens_per_image, c.width), f32))
 
   analytic = flops.forward_flops(cfg, batch=b, num_images=2, text_len=t)
-  assert analytic["cross_attention"] > 0 and ("resampler" in analytic) == bool(cfg.resampler_latents)
+  assert analytic["cross_attention"] > 0 and ("resampler" in analytic) == bool(cfg.mode.resampler_latents)
   ratio = total / analytic["total"]
   # XLA also counts the blocks' LayerNorms, tanh-GELU and gates (3.1% at the tiny width D = 64)
   assert 0 <= ratio - 1 < 0.04, f"XLA {total:.4g} vs analytic {analytic['total']:.4g}: {ratio:.3f}"

@@ -114,7 +114,7 @@ def test_composite_does_not_compute_what_it_drops(attention, visual_ffn):
   composite = attention == "composite"
   assert bool(shapes & visual_or_all_queries) != composite
   assert bool(shapes & square_scores) != composite
-  assert bool(shapes & visual_ffn_act) == cfg.runs_visual_ffn
+  assert bool(shapes & visual_ffn_act) == cfg.mode.runs_visual_ffn
 
 
 def count(tree):

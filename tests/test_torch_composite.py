@@ -115,7 +115,7 @@ def assert_equals_jax(family, **mode):
   same cached greedy tokens; returns the torch logits."""
   name, _, path, inputs = family
   model = EEMLLMForConditionalGeneration.from_pretrained(path, attention="composite", **mode).eval()
-  assert model.mode == {"attention": "composite", "composite_from_layer": 0, **mode}
+  assert model.mode.to_hf() == {"attention": "composite", "composite_from_layer": 0, **mode}
   cfg, params = load_hf_llava(str(path), attention="composite", **mode)
   batch, text = jax_batch(inputs, cfg.tokens_per_image)
   with torch.no_grad():
@@ -170,7 +170,7 @@ def test_schedule_over_every_layer_equals_stock_llava(deep_family):
 def test_self_mode_equals_stock_llava(family):
   _, hf, path, inputs = family
   ours = EEMLLMForConditionalGeneration.from_pretrained(path).eval()
-  assert ours.mode == {"attention": "self", "visual_ffn": True, "composite_from_layer": 0}  # no ee_mllm key: stock
+  assert ours.mode.to_hf() == {"attention": "self", "visual_ffn": True, "composite_from_layer": 0}  # no ee_mllm key: stock
   with torch.no_grad():
     np.testing.assert_array_equal(ours(**inputs).logits.numpy(), hf(**inputs).logits.numpy())
     generated = [m.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False) for m in (ours, hf)]
@@ -266,20 +266,43 @@ def test_mode_is_read_from_config_and_saved(family, tmp_path):
   model = EEMLLMForConditionalGeneration.from_pretrained(path, attention="composite", visual_ffn=False)
   model.save_pretrained(tmp_path)
   with open(tmp_path / "config.json") as f:
-    assert json.load(f)["ee_mllm"] == {"attention": "composite", "visual_ffn": False, "composite_from_layer": 0}
+    saved = json.load(f)
+  assert saved["ee_mllm"] == {"attention": "composite", "visual_ffn": False, "composite_from_layer": 0,
+                              "trained": {"attention": "self", "visual_ffn": True, "composite_from_layer": 0}}
+  assert saved["model_type"] == "ee_mllm"  # not a model stock LLaVA runs as it is
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   keys = lambda d: set(safe_open(str(d / "model.safetensors"), "pt").keys())
   assert keys(tmp_path) == keys(path)
-  assert EEMLLMForConditionalGeneration.from_pretrained(tmp_path).mode == {
+  assert EEMLLMForConditionalGeneration.from_pretrained(tmp_path).mode.to_hf() == {
       "attention": "composite", "visual_ffn": False, "composite_from_layer": 0}
-  assert EEMLLMForConditionalGeneration.from_pretrained(tmp_path, visual_ffn=True).mode["visual_ffn"]
-  # stock transformers loads the same directory (it ignores the key) and runs it as LLaVA
-  stock = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path)
-  torch.testing.assert_close(stock.lm_head.weight, hf.lm_head.weight, rtol=0, atol=0)
-  with pytest.raises(ValueError, match="attention must be one of"):
+  assert EEMLLMForConditionalGeneration.from_pretrained(tmp_path, visual_ffn=True).mode.to_hf()["visual_ffn"]
+  # stock transformers says the directory holds another model type (and, not knowing its key layout,
+  # reports its weights as not loaded): never a silent LLaVA run of a composite model
+  _stock_load_warns(tmp_path)
+  with pytest.raises(ValueError, match="the PyTorch port runs self and composite attention, not cross"):
     EEMLLMForConditionalGeneration(hf.config, attention="cross")
-  with pytest.raises(ValueError, match="visual_ffn=False needs 'composite'"):
+  with pytest.raises(ValueError, match="visual_ffn=False does not apply to attention='self'"):
     EEMLLMForConditionalGeneration(hf.config, visual_ffn=False)
+  # back to self on self-trained weights: a stock LLaVA directory again
+  EEMLLMForConditionalGeneration.from_pretrained(tmp_path, attention="self").save_pretrained(tmp_path / "self")
+  with open(tmp_path / "self" / "config.json") as f:
+    assert json.load(f)["model_type"] == "llava"
+
+
+def _stock_load_warns(path):
+  """transformers' own LlavaForConditionalGeneration on `path`, asserting that transformers warns
+  that the directory's model type is not LLaVA's."""
+  from transformers.utils import logging as hf_logging  # pylint: disable=g-import-not-at-top
+  records = []
+  handler = type("H", (__import__("logging").Handler,), {"emit": lambda self, r: records.append(r.getMessage())})()
+  logger = hf_logging.get_logger("transformers.configuration_utils")
+  logger.addHandler(handler)
+  try:
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(path)
+  finally:
+    logger.removeHandler(handler)
+  assert any("model of type `ee_mllm` to instantiate a model of type `llava`" in r for r in records), records
+  return model
 
 
 def test_layer_schedule_is_read_from_config_and_saved(family, tmp_path):
@@ -289,21 +312,21 @@ def test_layer_schedule_is_read_from_config_and_saved(family, tmp_path):
   from ee_mllm_jax.convert import hf_config  # pylint: disable=g-import-not-at-top
   _, hf, path, _ = family
   model = EEMLLMForConditionalGeneration.from_pretrained(path, attention="composite", visual_ffn=False)
-  assert model.mode["composite_from_layer"] == 0  # the directory records no "ee_mllm"
+  assert model.mode.to_hf()["composite_from_layer"] == 0  # the directory records no "ee_mllm"
   cfg, _ = load_hf_llava(str(path), attention="composite", visual_ffn=False, composite_from_layer=1)
   model.config.ee_mllm = hf_config.config_to_hf(cfg, image_token_index=IMAGE_TOKEN)["ee_mllm"]
-  assert model.mode == {"attention": "composite", "visual_ffn": False, "composite_from_layer": 1}
+  assert model.mode.to_hf() == {"attention": "composite", "visual_ffn": False, "composite_from_layer": 1}
   model.save_pretrained(tmp_path)
   with open(tmp_path / "config.json") as f:
     assert json.load(f)["ee_mllm"]["composite_from_layer"] == 1
-  assert EEMLLMForConditionalGeneration.from_pretrained(tmp_path).mode["composite_from_layer"] == 1
-  assert EEMLLMForConditionalGeneration.from_pretrained(tmp_path, composite_from_layer=2).mode == {
+  assert EEMLLMForConditionalGeneration.from_pretrained(tmp_path).mode.to_hf()["composite_from_layer"] == 1
+  assert EEMLLMForConditionalGeneration.from_pretrained(tmp_path, composite_from_layer=2).mode.to_hf() == {
       "attention": "composite", "visual_ffn": False, "composite_from_layer": 2}
-  assert model.set_mode(attention="self").mode == {"attention": "self", "visual_ffn": True, "composite_from_layer": 0}
+  assert model.set_mode(attention="self").mode.to_hf() == {"attention": "self", "visual_ffn": True, "composite_from_layer": 0}
   for bad in (3, -1, "1", True):
     with pytest.raises(ValueError, match=r"composite_from_layer must be an int in \[0, 2\]"):
       EEMLLMForConditionalGeneration(hf.config, attention="composite", composite_from_layer=bad)
-  with pytest.raises(ValueError, match="composite_from_layer=1 needs 'composite'"):
+  with pytest.raises(ValueError, match="composite_from_layer=1 does not apply to attention='self'"):
     EEMLLMForConditionalGeneration(hf.config, composite_from_layer=1)
 
 

@@ -3,11 +3,14 @@
     python -m ee_mllm_jax.convert.export --checkpoint RUN_DIR[/checkpoints/STEP] --out DIR
 
 writes `model*.safetensors` (sharded above --max_shard_gb), a complete `config.json`
-(LlavaConfig; our mode under "ee_mllm": {"attention", "visual_ffn", "composite_from_layer"}),
+(LlavaConfig; under "ee_mllm" the mode that runs, the one the weights were trained in ("trained"),
+and the chat template and system prompt; `model_type` "ee_mllm" unless it is a plain self-trained
+LLaVA, so that stock transformers warns instead of silently running another model),
 `generation_config.json`, the run's `tokenizer.json` with `tokenizer_config.json`, and the processor files
 (`preprocessor_config.json`, `processor_config.json`, `chat_template.jinja`), so that
 `LlavaForConditionalGeneration.from_pretrained(DIR)` and `AutoProcessor.from_pretrained(DIR)`
-work. The chat template is the run's (plain / vicuna_v1 / chatml, with its system prompt):
+work. `--out` must be empty or new; `--overwrite` replaces an earlier export, removing every
+weight file and index the new one does not write. The chat template is the run's (plain / vicuna_v1 / chatml, with its system prompt):
 `processor.apply_chat_template(messages, add_generation_prompt=True)` builds the prompt the
 model was trained on; an image item of a user message renders as "<image>\\n" (LLaVA's
 "<image>\\n{question}" form). Tensor names come from the one name map (`convert.names`),
@@ -17,8 +20,10 @@ read backwards; each tensor is produced from the parameters as its shard is writ
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
+import sys
 from typing import Any, Mapping
 
 import numpy as np
@@ -27,6 +32,12 @@ from ee_mllm_jax.config import ModelConfig
 from ee_mllm_jax.convert import hf_config, names, safetensors_io
 
 IMAGE_TOKEN = "<image>"
+# Weight files and indices an earlier export (ours or transformers') may have left in a directory.
+WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth")
+
+
+class ExportError(ValueError):
+  """An export that cannot be written as asked (a one-line error on the command line)."""
 
 
 def planned_tensors(cfg: ModelConfig, params: Mapping[str, Any], dtype=None) -> list[safetensors_io.PlannedTensor]:
@@ -62,7 +73,18 @@ def planned_tensors(cfg: ModelConfig, params: Mapping[str, Any], dtype=None) -> 
 
 def _dtype(d) -> np.dtype:
   import ml_dtypes  # pylint: disable=g-import-not-at-top
-  return np.dtype(ml_dtypes.bfloat16) if str(d) == "bfloat16" else np.dtype(d)
+  if not isinstance(d, str):  # a numpy / ml_dtypes dtype or scalar type
+    return np.dtype(d)
+  name = {"bf16": "bfloat16", "fp16": "float16", "f16": "float16", "fp32": "float32", "f32": "float32"}.get(d, d)
+  if name == "bfloat16":
+    return np.dtype(ml_dtypes.bfloat16)
+  try:
+    dtype = np.dtype(name)
+  except TypeError:
+    raise ExportError(f"unknown dtype {d!r} (bfloat16 / bf16, float16 / fp16, float32 / fp32)") from None
+  if dtype.kind != "f":
+    raise ExportError(f"dtype {d!r} is not a floating-point type")
+  return dtype
 
 
 # ----------------------------------------------------------------------------- tokenizer, processor
@@ -145,8 +167,9 @@ def image_processor_config(cfg: ModelConfig, image_preprocess: str) -> dict:
 
 def export_hf(cfg: ModelConfig, params: Mapping[str, Any], out_dir: str, *, tokenizer_json: str,
               template: str = "vicuna_v1", system_prompt: str | None = None, image_preprocess: str = "pad",
-              dtype=None, max_shard_bytes: int = 5 << 30) -> str:
-  """Writes the LLaVA directory for in-memory `params`; returns `out_dir`."""
+              dtype=None, max_shard_bytes: int = 5 << 30, overwrite: bool = False) -> str:
+  """Writes the LLaVA directory for in-memory `params`; returns `out_dir`. A non-empty `out_dir`
+  is refused unless `overwrite` (then weight files and indices it does not write are removed)."""
   import tokenizers  # pylint: disable=g-import-not-at-top
 
   from ee_mllm_jax.data import text as text_lib  # pylint: disable=g-import-not-at-top
@@ -166,13 +189,20 @@ def export_hf(cfg: ModelConfig, params: Mapping[str, Any], out_dir: str, *, toke
   pad = _special(tok, "<pad>", "<unk>", "<|endoftext|>")
   pad_id = tok.token_to_id(pad) if pad else None
   hf = hf_config.config_to_hf(cfg, image_token_index=image_id, pad_token_id=pad_id)
+  hf["ee_mllm"].update(template=template, system_prompt=system_prompt)  # what eval.py --hf prompts with
   torch_dtype = _dtype(dtype or cfg.param_dtype).name
   hf.update(dtype=torch_dtype)
   hf["text_config"].update(bos_token_id=tok.token_to_id(bos) if bos else None, eos_token_id=eos_id,
                            pad_token_id=pad_id)
 
+  if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+    raise ExportError(f"{out_dir} is not empty; pass --overwrite to replace what it holds")
   os.makedirs(out_dir, exist_ok=True)
-  safetensors_io.write_checkpoint(out_dir, planned_tensors(cfg, params, dtype), max_shard_bytes=max_shard_bytes)
+  written = safetensors_io.write_checkpoint(out_dir, planned_tensors(cfg, params, dtype),
+                                            max_shard_bytes=max_shard_bytes)
+  stale = {f for pattern in WEIGHT_PATTERNS for f in glob.glob(os.path.join(out_dir, pattern))}
+  for f in sorted(stale - {os.path.join(out_dir, name) for name in written}):
+    os.remove(f)
 
   def write(name, obj):
     with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
@@ -206,13 +236,18 @@ def export_checkpoint(checkpoint: str, out_dir: str, **kwargs) -> str:
   the tokenizer, template and system prompt the run recorded."""
   from ee_mllm_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
 
-  run = ckpt_lib.read_run_config(checkpoint)
+  if not os.path.exists(checkpoint):
+    raise ExportError(f"checkpoint {checkpoint} does not exist")
+  try:
+    run = ckpt_lib.read_run_config(checkpoint)
+  except (FileNotFoundError, ValueError) as e:  # no step in it, an unreadable config
+    raise ExportError(f"{checkpoint}: {e}") from None
   if run is None or not run.get("tokenizer"):
-    raise ValueError(f"{checkpoint} records no config/tokenizer (written before checkpoints carried them)")
-  model = run["model"]
-  if model.get("attention") not in ("self", "composite"):
-    raise ValueError(f"{checkpoint}: attention={model.get('attention')!r} has no HF LLaVA equivalent; only self "
-                     "and composite models export to the LLaVA layout")
+    raise ExportError(f"{checkpoint} records no config/tokenizer (written before checkpoints carried them)")
+  trained = ModelConfig.from_dict(run["model"])
+  if not trained.mode.visual_in_decoder:
+    raise ExportError(f"{checkpoint}: a {trained.mode_name} model has no HF LLaVA equivalent; only self and "
+                      "composite models export to the LLaVA layout")
   cfg, params = ckpt_lib.load_model(checkpoint)
   data = run.get("data") or {}
   return export_hf(cfg, params, out_dir, tokenizer_json=run["tokenizer"], template=data.get("template", "vicuna_v1"),
@@ -224,10 +259,15 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--checkpoint", required=True, help="a run dir, its checkpoints/ dir, or one step")
   parser.add_argument("--out", required=True, help="the HF directory to write")
-  parser.add_argument("--dtype", default=None, help="dtype written (default: the parameters'), e.g. bfloat16")
+  parser.add_argument("--dtype", default=None, help="dtype written (default: the parameters'), e.g. bfloat16 / bf16")
   parser.add_argument("--max_shard_gb", type=float, default=5.0)
+  parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
   args = parser.parse_args(argv)
-  out = export_checkpoint(args.checkpoint, args.out, dtype=_dtype(args.dtype) if args.dtype else None, max_shard_bytes=int(args.max_shard_gb * (1 << 30)))
+  try:
+    out = export_checkpoint(args.checkpoint, args.out, dtype=_dtype(args.dtype) if args.dtype else None,
+                            max_shard_bytes=int(args.max_shard_gb * (1 << 30)), overwrite=args.overwrite)
+  except (ExportError, FileNotFoundError) as e:  # user errors: one line, exit 1
+    sys.exit(f"error: {e}")
   print(f"wrote {out}")
 
 

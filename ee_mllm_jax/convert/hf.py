@@ -22,6 +22,7 @@ import numpy as np
 from absl import logging
 
 from ee_mllm_jax.config import LLMConfig, ModelConfig, VisionConfig
+from ee_mllm_jax.mode import Self
 from ee_mllm_jax.convert import hf_config, names
 from ee_mllm_jax.convert.safetensors_io import TensorReader
 
@@ -181,9 +182,8 @@ def assemble(vision_dir: str, llm_dir: str, *, feature_layer: int = -2, dtype=np
 
   vision, vision_params = load_hf_vision(vision_dir, feature_layer=feature_layer, dtype=dtype, place=place)
   llm, llm_params = load_hf_llm(llm_dir, dtype=dtype, place=place)
-  base = dict(vision=vision, llm=llm, projector="mlp2x_gelu", attention="self", visual_ffn=True,
-              param_dtype=np.dtype(dtype).name)
-  cfg = ModelConfig(**{**base, **overrides})
+  cfg = ModelConfig(vision=vision, llm=llm, projector="mlp2x_gelu", mode=Self(),
+                    param_dtype=np.dtype(dtype).name).replace(**overrides)
   projector = init_projector(cfg, jax.random.key(seed))
   if place:
     projector = {k: place(f"projector/{k}", np.asarray(v)) for k, v in params_lib.flatten(projector).items()}

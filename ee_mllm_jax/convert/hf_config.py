@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ee_mllm_jax import mode as mode_lib
 from ee_mllm_jax.config import (CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, LLMConfig, ModelConfig, RopeScaling,
                                 VisionConfig)
 
@@ -121,25 +122,16 @@ def vision_config_from_hf(v: dict, feature_layer: int = -1) -> VisionConfig:
       image_mean=SIGLIP_MEAN if siglip else CLIP_MEAN, image_std=SIGLIP_STD if siglip else CLIP_STD)
 
 
-def mode_from_hf(hf: dict, depth: int | None = None) -> dict:
-  """Our interaction mode recorded in an exported config.json (absent: stock LLaVA, self; no
-  "composite_from_layer": 0, every layer in the recorded mode, as exports before the schedule).
-  `depth`, when given, bounds composite_from_layer (the decoder's layer count)."""
-  mode = hf.get("ee_mllm") or {}
-  n = mode.get("composite_from_layer", 0)
-  if isinstance(n, bool) or not isinstance(n, int) or n < 0 or (depth is not None and n > depth):
-    bound = f"[0, {depth}] (the decoder's layers)" if depth is not None else ">= 0"
-    raise ValueError(f'config.json "ee_mllm": composite_from_layer must be an int in {bound}, got {n!r}')
-  return dict(attention=mode.get("attention", "self"), visual_ffn=bool(mode.get("visual_ffn", True)),
-              composite_from_layer=n)
-
-
 def config_from_hf(hf: dict, **overrides) -> ModelConfig:
-  """ModelConfig from a LLaVA `config.json` dict, complete or partial. `overrides` replace
-  ModelConfig fields (they win over the mode an exported config records)."""
-  hf = with_defaults(hf, "llava")
-  if hf["model_type"] != "llava":
-    raise ValueError(f"model_type {hf['model_type']!r} is not a LLaVA (expected 'llava')")
+  """ModelConfig from a LLaVA `config.json` dict, complete or partial, in the mode its "ee_mllm"
+  record names (stock LLaVA: self), the training mode recorded apart. `overrides`: mode flags
+  switch the mode the weights run in (`ModelConfig.run_as`; attention="composite" on LLaVA
+  weights is EE-MLLM-F), other fields are replaced."""
+  model_type = hf.get("model_type", "llava")
+  if model_type not in ("llava", "ee_mllm"):
+    raise ValueError(f"model_type {model_type!r} is not a LLaVA (expected 'llava', or 'ee_mllm' for an export "
+                     "that runs another mode)")
+  hf = with_defaults({**hf, "model_type": "llava"}, "llava")
   vision_dict, text_dict = hf["vision_config"], hf["text_config"]  # LLaVA's defaults where absent or null
   siglip = vision_dict.get("model_type") == "siglip_vision_model"
   strategy = hf["vision_feature_select_strategy"]
@@ -156,8 +148,12 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
   llm = llm_config_from_hf(text_dict)
   if hf["tie_word_embeddings"] and not llm.tie_embeddings:
     llm = llm.replace(tie_embeddings=True)
-  cfg = ModelConfig(vision=vision_config_from_hf(vision_dict, layer), llm=llm, projector="mlp2x_gelu",
-                    **mode_from_hf(hf, llm.depth))
+  mode, trained = mode_lib.from_hf_record(hf, llm.depth)
+  cfg = ModelConfig(vision=vision_config_from_hf(vision_dict, layer), llm=llm, projector="mlp2x_gelu", mode=mode,
+                    trained_mode=None if trained == mode else trained)
+  flags = {k: overrides.pop(k) for k in list(overrides) if k in mode_lib.FLAGS}
+  if any(v is not None for v in flags.values()):
+    cfg = cfg.run_as(**flags)
   return cfg.replace(**overrides) if overrides else cfg
 
 
@@ -195,10 +191,10 @@ def vision_config_to_hf(c: VisionConfig) -> dict:
 
 
 def config_to_hf(cfg: ModelConfig, *, image_token_index: int, pad_token_id: int | None = None) -> dict:
-  """A complete LlavaConfig dict for `cfg`, with our mode under the top-level "ee_mllm" key: what
-  runs, as `mode_from_hf` reads it back (visual_ffn of the `attention` layers; composite_from_layer
-  always written, 0 unless a composite schedule)."""
-  if cfg.attention not in ("self", "composite"):
+  """A complete LlavaConfig dict for `cfg`, with our mode under the top-level "ee_mllm" key
+  (`mode.to_hf_record`: what runs, and what the weights were trained in), and `model_type`
+  "ee_mllm" unless stock LLaVA runs it as it is (`mode.hf_model_type`)."""
+  if not cfg.mode.visual_in_decoder:
     raise ValueError(f"attention={cfg.attention!r} has no HF LLaVA equivalent; only self and composite models "
                      "export to the LLaVA layout")
   if cfg.projector != "mlp2x_gelu":
@@ -206,13 +202,13 @@ def config_to_hf(cfg: ModelConfig, *, image_token_index: int, pad_token_id: int 
   if not 0 <= image_token_index < cfg.llm.vocab_size:
     raise ValueError(f"image_token_index {image_token_index} is outside the vocabulary of {cfg.llm.vocab_size}")
   return {
-      "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+      "architectures": ["LlavaForConditionalGeneration"],
+      "model_type": mode_lib.hf_model_type(cfg.mode, cfg.weights_mode),
       "vision_config": vision_config_to_hf(cfg.vision), "text_config": llm_config_to_hf(cfg.llm),
       "image_token_index": image_token_index, "image_seq_length": cfg.tokens_per_image,
       "projector_hidden_act": "gelu", "multimodal_projector_bias": True,
       "vision_feature_layer": cfg.vision.feature_layer,
       "vision_feature_select_strategy": "full" if cfg.vision.kind == "siglip" else "default",
       "tie_word_embeddings": cfg.llm.tie_embeddings, "pad_token_id": pad_token_id,
-      "ee_mllm": {"attention": cfg.attention, "visual_ffn": cfg.runs_visual_ffn,
-                  "composite_from_layer": cfg.composite_from_layer if cfg.attention == "composite" else 0},
+      "ee_mllm": mode_lib.to_hf_record(cfg.mode, cfg.weights_mode),
   }

@@ -59,6 +59,10 @@ def checkpoint_files(path: str) -> list[str]:
           f"{path} is not a .safetensors file")
     return [path]
   index = os.path.join(path, INDEX_FILE)
+  if os.path.exists(index) and os.path.exists(os.path.join(path, "model.safetensors")):
+    raise ValueError(f"{path} holds both model.safetensors and {INDEX_FILE}: two exports mixed in one directory "
+                     "(transformers reads one, we would read the other); remove the stale one or export again "
+                     "with --overwrite")
   if os.path.exists(index):
     with open(index) as f:
       files = sorted(set(json.load(f)["weight_map"].values()))

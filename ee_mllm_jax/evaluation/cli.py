@@ -6,6 +6,7 @@ import json
 import os
 
 from ee_mllm_jax import batch as batch_lib
+from ee_mllm_jax import mode as mode_lib
 from ee_mllm_jax import sharding
 from ee_mllm_jax.evaluation import circular
 from ee_mllm_jax.evaluation import model as model_lib
@@ -26,25 +27,16 @@ USER_ERRORS = (UsageError, FileNotFoundError, readers.BenchmarkFormatError, runn
 def load_model(config, *, checkpoint: str | None, hf: str | None) -> model_lib.EvalModel:
   if bool(checkpoint) == bool(hf):
     raise UsageError("give exactly one of --checkpoint and --hf")
-  if config.attention is not None and config.attention not in ("self", "composite"):
-    raise UsageError(f"--config.attention must be 'self' or 'composite', got {config.attention!r}")
-  if config.composite_from_layer is not None and config.composite_from_layer < 0:
-    raise UsageError(f"--config.composite_from_layer must be >= 0, got {config.composite_from_layer}")
-  mode = dict(attention=config.attention, visual_ffn=config.visual_ffn,
-              composite_from_layer=config.composite_from_layer, template=config.template, dtype=config.dtype)
+  mode = {k: config[k] for k in mode_lib.FLAGS if k in config}
+  kw = dict(template=config.template, system_prompt=config.system_prompt, dtype=config.dtype, **mode)
   try:
     if checkpoint:
-      model = model_lib.from_checkpoint(checkpoint, preset=config.preset, **mode)
-    else:
-      model = model_lib.from_hf(hf, **mode)
-  except ValueError as e:  # no recorded config, an unknown preset, composite_from_layer past the depth, ...
+      return model_lib.from_checkpoint(checkpoint, preset=config.preset, **kw)
+    return model_lib.from_hf(hf, **kw)
+  except ValueError as e:  # no recorded config, an unknown preset, a mode flag that does not apply, ...
     if isinstance(e, ckpt_lib.ConfigMismatchError):
       raise
     raise UsageError(str(e)) from None
-  if config.composite_from_layer and model.cfg.attention != "composite":  # ignored in self mode: say so
-    raise UsageError(f"--config.composite_from_layer={config.composite_from_layer} schedules composite attention; "
-                     f"this model runs {model.cfg.attention!r} (add --config.attention=composite)")
-  return model
 
 
 def settings(config) -> runner_lib.EvalSettings:

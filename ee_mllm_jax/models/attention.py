@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from ee_mllm_jax.config import ATTENTION_IMPLS, AttentionImpl, AttentionMode, LLMConfig
+from ee_mllm_jax.config import ATTENTION_IMPLS, AttentionImpl, LLMConfig
+from ee_mllm_jax.mode import LayerKind
 from ee_mllm_jax.models.layers import Linear, rope
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -304,7 +305,7 @@ class Attention(nn.Module):
   """One layer's attention (HF names: q_proj, k_proj, v_proj, o_proj)."""
 
   cfg: LLMConfig
-  mode: AttentionMode  # validated once, by ModelConfig
+  mode: LayerKind  # visual queries ("self") or the aligner ("composite"), from Mode.schedule
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 

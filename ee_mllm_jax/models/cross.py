@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ee_mllm_jax.config import CrossMedia, LLMConfig
+from ee_mllm_jax.config import LLMConfig
 from ee_mllm_jax.models.attention import attend
 from ee_mllm_jax.models.layers import LayerNorm, Linear, logical, scan_layers
 
@@ -39,7 +39,7 @@ def media_visible(q_pos: jax.Array, media_pos: jax.Array, media_valid: jax.Array
 
 
 def cross_attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, media_pos: jax.Array,
-                 media_valid: jax.Array, media: CrossMedia, cfg: LLMConfig) -> jax.Array:
+                 media_valid: jax.Array, media: str, cfg: LLMConfig) -> jax.Array:
   """q (B,T,N,H) text queries, k/v (B,I,M,N,H) media keys/values -> (B,T,N,H), zero where a token
   sees no image."""
   b, i, m = k.shape[:3]
@@ -92,7 +92,7 @@ class GatedCrossBlock(nn.Module):
   sit directly under `llm/cross/`."""
 
   cfg: LLMConfig
-  media: CrossMedia
+  media: str  # Cross.media: "previous" or "all"
   ffn_mult: int
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32

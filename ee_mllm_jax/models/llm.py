@@ -13,7 +13,7 @@ A layer runs in one of two phases, told by the type of its context:
   layer's slot, so a decode step copies no cache. Text queries attend to all earlier keys in
   every mode, so this phase has no mode switch.
 
-A layer schedule (composite mode with `composite_from_layer=n`, `ModelConfig.layer_schedule`):
+A layer schedule (`Composite(from_layer=n)`, `Mode.schedule`):
 the forward phase runs two scans, n self-attention layers then depth - n composite layers, each
 applied, as a module of its own, to its slice of the one `layers/` stack (L, ...); the extend
 phase, the same in every mode, stays one scan over all layers. So the parameters, the HF
@@ -37,7 +37,8 @@ import jax
 import jax.numpy as jnp
 
 from ee_mllm_jax.batch import Cache, last_valid_index
-from ee_mllm_jax.config import AttentionMode, CrossMedia, LLMConfig
+from ee_mllm_jax.config import LLMConfig
+from ee_mllm_jax.mode import Cross, LayerKind, Mode
 from ee_mllm_jax.models.attention import Attention
 from ee_mllm_jax.models.cross import GatedCrossBlock
 from ee_mllm_jax.models.layers import Linear, RMSNorm, SwiGLU, logical, scan_layers
@@ -83,8 +84,8 @@ class ExtendCarry:
 
 class DecoderLayer(nn.Module):
   cfg: LLMConfig
-  mode: AttentionMode
-  visual_ffn: bool
+  mode: LayerKind
+  visual_ffn: bool  # Mode.visual_ffn_in(mode)
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -146,7 +147,7 @@ def _decoder_stack(length: int, remat: str, unroll):
   return scan_layers(DecoderLayer, length=length, remat=remat, unroll=unroll, in_axes=(0, nn.broadcast))
 
 
-def detached_stack(cfg: LLMConfig, length: int, mode: AttentionMode, visual_ffn: bool, *, remat: str, unroll,
+def detached_stack(cfg: LLMConfig, length: int, mode: LayerKind, visual_ffn: bool, *, remat: str, unroll,
                    dtype, param_dtype):
   """`length` scanned decoder layers as a module of their own (no parent), to be applied to a
   slice (length, ...) of LLM's `layers/` parameters: the runs of a layer schedule, the layers of
@@ -188,52 +189,41 @@ class CrossGroup(GatedCrossBlock):
 
 class LLM(nn.Module):
   cfg: LLMConfig
-  mode: AttentionMode
-  visual_ffn: bool
+  mode: Mode  # its schedule, visual FFN per layer kind, and (Cross) the blocks' settings
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   remat: str = "none"
   unroll: int | bool = 1
-  # Cross mode only: a block before every `cross_every`-th layer (see ModelConfig).
-  cross_every: int = 4
-  cross_media: CrossMedia = "previous"
-  cross_ffn_mult: int = 4
-  # ModelConfig.layer_schedule: ((mode, count), ...); None: one run of `mode` over all layers.
-  schedule: tuple[tuple[str, int], ...] | None = None
 
   def setup(self):
     c = self.cfg
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.embed_tokens = nn.Embed(c.vocab_size, c.width, embedding_init=logical(nn.initializers.normal(0.02),
                                                                                ("vocab", "embed")), **kw)
-    cross = self.mode == "cross"
+    cross = isinstance(self.mode, Cross)
     # With a two-run schedule this stack creates the parameters and runs the extend phase (neither
     # depends on the mode); the forward phase applies one detached stack per run to its slice.
-    mode = "self" if cross else self._runs()[-1][0]
-    self.layers = _decoder_stack(c.depth, self.remat, self.unroll)(c, mode, self._runs_visual_ffn(mode), **kw)
+    kind = self._runs()[-1][0]
+    self.layers = _decoder_stack(c.depth, self.remat, self.unroll)(c, kind, self.mode.visual_ffn_in(kind), **kw)
     if cross:
-      groups = scan_layers(CrossGroup, length=c.depth // self.cross_every, remat="none", unroll=self.unroll,
+      groups = scan_layers(CrossGroup, length=self.mode.blocks(c.depth), remat="none", unroll=self.unroll,
                            in_axes=(0, nn.broadcast, nn.broadcast))
-      self.cross = groups(c, self.cross_media, self.cross_ffn_mult, every=self.cross_every, remat=self.remat,
+      self.cross = groups(c, self.mode.media, self.mode.ffn_mult, every=self.mode.every, remat=self.remat,
                           unroll=self.unroll, **kw)
     self.norm = RMSNorm(c.rms_norm_eps, **kw)
     if not c.tie_embeddings:
       self.lm_head = Linear((c.width,), (c.vocab_size,), ("embed", "vocab"), **kw)
 
-  def _runs(self) -> tuple[tuple[str, int], ...]:
-    return self.schedule or ((self.mode, self.cfg.depth),)
-
-  def _runs_visual_ffn(self, mode: str) -> bool:
-    """Whether visual tokens pass the FFN in a run of `mode` (self layers always; cross: no visual stream)."""
-    return mode == "self" and self.mode != "cross" or (mode == "composite" and self.visual_ffn)
+  def _runs(self) -> tuple[tuple[LayerKind, int], ...]:
+    return self.mode.schedule(self.cfg.depth)
 
   def _scheduled_layers(self, carry: Streams, ctx: ForwardContext):
     """The forward phase through a multi-run schedule: one detached scan per run over its slice
     of `layers/`, the carry handed on; -> final carry and (k, v) stacked over all L layers."""
     params = nn.meta.unbox(self.variables["params"]["layers"])
     kvs, start = [], 0
-    for mode, count in self._runs():
-      run = detached_stack(self.cfg, count, mode, self._runs_visual_ffn(mode), remat=self.remat, unroll=self.unroll,
+    for kind, count in self._runs():
+      run = detached_stack(self.cfg, count, kind, self.mode.visual_ffn_in(kind), remat=self.remat, unroll=self.unroll,
                            dtype=self.dtype, param_dtype=self.param_dtype)
       piece = jax.tree.map(lambda a, s=start, n=count: jax.lax.slice_in_dim(a, s, s + n, axis=0), params)
       carry, kv = run.apply({"params": piece}, carry, None, ctx)
@@ -251,8 +241,8 @@ class LLM(nn.Module):
 
   def _grouped_layers(self):
     """Cross mode: the decoder's stacked parameters (L, ...) viewed as (L/k, k, ...), one slice per group."""
-    g = self.cfg.depth // self.cross_every
-    return jax.tree.map(lambda a: a.reshape((g, self.cross_every) + a.shape[1:]),
+    g, every = self.mode.blocks(self.cfg.depth), self.mode.every
+    return jax.tree.map(lambda a: a.reshape((g, every) + a.shape[1:]),
                         nn.meta.unbox(self.variables["params"]["layers"]))
 
   def _forward_layers(self, x_v, input_ids, pos_v, pos_t, valid_v, valid_t):
@@ -262,7 +252,7 @@ class LLM(nn.Module):
     Cross mode: x_v (B, I, M, D) are the media, pos_v / valid_v (B, I) each image's last position
     and validity."""
     x_t = self.embed(input_ids)
-    if self.mode != "cross":
+    if self.mode.visual_in_decoder:
       ctx = ForwardContext(pos_v=pos_v, pos_t=pos_t, valid_v=valid_v, valid_t=valid_t)
       carry = Streams(x_v=x_v.astype(self.dtype), x_t=x_t)
       if len(self._runs()) > 1 and not self.is_initializing():
@@ -300,7 +290,7 @@ class LLM(nn.Module):
     x_t, (k, v), kv_cross = self._forward_layers(x_v, input_ids, pos_v, pos_t, valid_v, valid_t)
     last = last_valid_index(pos_t, valid_t)
     logits = self.logits(jnp.take_along_axis(x_t, last[:, None, None], axis=1)[:, 0])
-    if self.mode == "cross":
+    if not self.mode.visual_in_decoder:
       cache = Cache(k=k, v=v, pos=pos_t.astype(jnp.int32), valid=valid_t, index=jnp.asarray(k.shape[2], jnp.int32),
                     cross_k=kv_cross[0], cross_v=kv_cross[1], media_pos=pos_v.astype(jnp.int32), media_valid=valid_v)
     else:
@@ -313,9 +303,8 @@ class LLM(nn.Module):
     new = cache.with_text(pos_t, valid_t)
     ctx = ExtendContext(pos_t=pos_t, index=cache.index, cache_pos=new.pos, cache_valid=new.valid)
     carry = ExtendCarry(x_t=self.embed(input_ids), k=cache.k, v=cache.v)
-    if self.mode == "cross":
-      g = self.cfg.depth // self.cross_every
-      layers = jnp.arange(self.cfg.depth).reshape(g, self.cross_every)
+    if not self.mode.visual_in_decoder:
+      layers = jnp.arange(self.cfg.depth).reshape(self.mode.blocks(self.cfg.depth), self.mode.every)
       media_ctx = MediaContext(pos_t=pos_t, media_pos=cache.media_pos, media_valid=cache.media_valid)
       xs = (self._grouped_layers(), (cache.cross_k, cache.cross_v), layers)
       carry, _ = self.cross(carry, xs, media_ctx, ctx)

@@ -31,11 +31,9 @@ class EEMLLM(nn.Module):
     kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
     self.vision = VisionTower(cfg.vision, remat=cfg.remat, unroll=cfg.scan_unroll, **kw)
     self.projector = Projector(cfg.projector, cfg.vision.width, cfg.llm.width, **kw)
-    self.llm = LLM(cfg.llm, cfg.attention, cfg.runs_visual_ffn, remat=cfg.remat, unroll=cfg.scan_unroll,
-                   cross_every=cfg.cross_every, cross_media=cfg.cross_media, cross_ffn_mult=cfg.cross_ffn_mult,
-                   schedule=cfg.layer_schedule, **kw)
-    if cfg.attention == "cross" and cfg.resampler_latents:
-      self.resampler = PerceiverResampler(cfg.llm, cfg.resampler_latents, cfg.resampler_depth, remat=cfg.remat,
+    self.llm = LLM(cfg.llm, cfg.mode, remat=cfg.remat, unroll=cfg.scan_unroll, **kw)
+    if getattr(cfg.mode, "resampler_latents", 0):
+      self.resampler = PerceiverResampler(cfg.llm, cfg.mode.resampler_latents, cfg.mode.resampler_depth, remat=cfg.remat,
                                           unroll=cfg.scan_unroll, **kw)
 
   def embed_image(self, pixel_values):
@@ -51,7 +49,7 @@ class EEMLLM(nn.Module):
                             text_positions=text_positions, text_valid=text_valid,
                             visual_positions=visual_positions), self.cfg)
     x_v, valid_v = self.embed_image(pixel_values), batch_lib.visual_valid(image_valid, visual_positions.shape[1])
-    if self.cfg.attention != "cross":
+    if self.cfg.mode.visual_in_decoder:
       return x_v, visual_positions, valid_v
     return self.media(x_v, image_valid, visual_positions)
 
@@ -60,7 +58,7 @@ class EEMLLM(nn.Module):
     configured), each image's last position (B, I) and validity (B, I)."""
     b, i = image_valid.shape
     media = x_v.reshape(b, i, -1, x_v.shape[-1])
-    if self.cfg.resampler_latents:
+    if getattr(self.cfg.mode, "resampler_latents", 0):
       media = self.resampler(media)
     return media, jnp.max(visual_positions.reshape(b, i, -1), axis=-1), image_valid
 

@@ -4,8 +4,9 @@
 checkpoint keys, same `generate()`) whose decoder, in composite mode, computes queries and
 attention scores for text tokens only and updates visual tokens with the aligner. It loads a
 stock LLaVA directory or one exported by `ee_mllm_jax.convert` (whose `config.json` records
-`"ee_mllm": {"attention": ..., "visual_ffn": ..., "composite_from_layer": ...}`), with no custom code
-in the directory:
+`"ee_mllm": {"attention": ..., "visual_ffn": ..., "composite_from_layer": ..., "trained": {...}}` and,
+unless it is a plain self-trained LLaVA, `model_type` "ee_mllm", registered here with the Auto
+classes), with no custom code in the directory:
 
     from ee_mllm_jax.torch import EEMLLMForConditionalGeneration
     model = EEMLLMForConditionalGeneration.from_pretrained(DIR)                          # its recorded mode
@@ -24,6 +25,6 @@ except ImportError as e:  # pragma: no cover - depends on the environment
                     "(`pip install torch==2.13.0`), then `pip install -e '.[torch]'`") from e
 
 from ee_mllm_jax.torch.composite import composite_decoder
-from ee_mllm_jax.torch.llava import ATTENTION_MODES, EEMLLMForConditionalGeneration, EEMLLMModel, check_mode, mode_of
+from ee_mllm_jax.torch.llava import EEMLLMConfig, EEMLLMForConditionalGeneration, EEMLLMModel, mode_of, modes_of
 
-__all__ = ["ATTENTION_MODES", "EEMLLMForConditionalGeneration", "EEMLLMModel", "check_mode", "composite_decoder", "mode_of"]
+__all__ = ["EEMLLMConfig", "EEMLLMForConditionalGeneration", "EEMLLMModel", "composite_decoder", "mode_of", "modes_of"]

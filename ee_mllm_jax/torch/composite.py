@@ -34,6 +34,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
 
+from ee_mllm_jax.mode import Composite
+
 SUPPORTED_DECODERS = ("llama", "qwen2")
 
 
@@ -106,15 +108,16 @@ def _attention_fn(impl: str) -> Callable:
 def composite_decoder(lm, inputs_embeds: torch.Tensor, is_visual: torch.Tensor, *,
                       attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                       cache: Cache | None = None, use_cache: bool | None = None,
-                      visual_ffn: bool = False, composite_from_layer: int = 0) -> BaseModelOutputWithPast:
+                      mode: Composite = Composite()) -> BaseModelOutputWithPast:
   """`lm.forward` (a LlamaModel / Qwen2Model) in composite mode: inputs_embeds (B, L, D), is_visual (B, L),
   attention_mask (B, S) 1 = real token (S = cached + L), position_ids (B, L) (default: the sequence
-  index); layers before `composite_from_layer` run self attention. Writes every token's keys/values
+  index); `mode` (an `ee_mllm_jax.mode.Composite`) gives the layer schedule (layers before its
+  `from_layer` run self attention) and which layers run the visual FFN. Writes every token's keys/values
   (visual included) to `cache` and returns the final-norm hidden states (B, L, D); visual rows hold
   their aligner-updated states."""
   cfg = lm.config
-  if not 0 <= composite_from_layer <= cfg.num_hidden_layers:
-    raise ValueError(f"composite_from_layer must lie in [0, {cfg.num_hidden_layers}], got {composite_from_layer}")
+  mode.validate(cfg.num_hidden_layers)
+  kinds = [kind for kind, count in mode.schedule(cfg.num_hidden_layers) for _ in range(count)]
   if cfg.model_type not in SUPPORTED_DECODERS:
     raise NotImplementedError(f"composite attention supports {SUPPORTED_DECODERS} decoders, not {cfg.model_type!r}")
   if getattr(cfg, "use_sliding_window", False):
@@ -140,7 +143,7 @@ def composite_decoder(lm, inputs_embeds: torch.Tensor, is_visual: torch.Tensor, 
   attend = _attention_fn(impl)
   mask = _attention_mask(text_index.clamp(max=length - 1) + past, key_valid, impl, inputs_embeds.dtype)
   mask_every = None  # a self-attention layer's: every row is a query
-  if composite_from_layer:
+  if "self" in kinds:
     mask_every = _attention_mask(torch.arange(length, device=device)[None].expand(b, length) + past, key_valid, impl,
                                  inputs_embeds.dtype)
 
@@ -148,7 +151,7 @@ def composite_decoder(lm, inputs_embeds: torch.Tensor, is_visual: torch.Tensor, 
   cos_t, sin_t = _gather(cos, text_index), _gather(sin, text_index)
   x_t, x_v = _gather(inputs_embeds, text_index), _gather(inputs_embeds, visual_index)
   for i, layer in enumerate(lm.layers[:cfg.num_hidden_layers]):
-    visual_queries = i < composite_from_layer  # a self-attention layer of the schedule
+    visual_queries = kinds[i] == "self"  # a self-attention layer of the schedule
     attn = layer.self_attn
     h_t = layer.input_layernorm(x_t)
     h = _interleave(length, (text_index, h_t), (visual_index, layer.input_layernorm(x_v)))
@@ -170,7 +173,7 @@ def composite_decoder(lm, inputs_embeds: torch.Tensor, is_visual: torch.Tensor, 
       x_v = x_v + attn.o_proj(_expand_kv_heads(_gather(v_rows, visual_index), attn.num_key_value_groups,
                                                attn.head_dim))
     x_t = x_t + layer.mlp(layer.post_attention_layernorm(x_t))
-    if visual_ffn or visual_queries:
+    if mode.visual_ffn_in(kinds[i]):
       x_v = x_v + layer.mlp(layer.post_attention_layernorm(x_v))
   hidden = lm.norm(_interleave(length, (text_index, x_t), (visual_index, x_v)))
   return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache if use_cache else None)

@@ -1,11 +1,17 @@
 """`EEMLLMForConditionalGeneration`: transformers' LLaVA with EE-MLLM's attention modes.
 
-The mode lives in the config as `config.ee_mllm = {"attention": "self" | "composite", "visual_ffn": bool,
-"composite_from_layer": int}` (what `ee_mllm_jax.convert`'s export writes to `config.json`; absent =
-stock LLaVA: self attention, visual FFN on; no composite_from_layer = 0), so `save_pretrained` records
-it and `from_pretrained` restores it. Constructor (and so `from_pretrained`) keywords override it:
-`attention="composite"` on a stock LLaVA directory is EE-MLLM-F (visual FFN kept, since those weights
-were trained with it); `composite_from_layer=n` keeps decoder layers [0, n) self attention.
+The mode lives in the config as `config.ee_mllm`, the record `ee_mllm_jax.mode.to_hf_record` writes
+(what `ee_mllm_jax.convert`'s export writes to `config.json`: the mode that runs, and under "trained"
+the one the weights were trained in; absent = stock LLaVA, self attention), so `save_pretrained`
+records it and `from_pretrained` restores it. Constructor (and so `from_pretrained`) keywords switch
+it as `ee_mllm_jax.mode.parse` reads flags: `attention="composite"` on a stock LLaVA directory is
+EE-MLLM-F (visual FFN kept, since those weights were trained with it); `composite_from_layer=n`
+keeps decoder layers [0, n) self attention.
+
+An export that runs anything but self attention on self-trained weights has `model_type`
+"ee_mllm": stock transformers warns on it (`LlavaForConditionalGeneration`) or refuses it
+(`AutoConfig`); importing this module registers "ee_mllm" with the Auto classes, so
+`AutoModelForImageTextToText.from_pretrained(DIR)` then builds this class.
 
 A forward whose tokens include image placeholders runs, in composite mode, the composite decoder
 (`composite.composite_decoder`); every other forward (self mode, and every decode step of
@@ -17,43 +23,40 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaModel
+from transformers import AutoConfig, AutoModelForImageTextToText, LlavaConfig, LlavaForConditionalGeneration, LlavaModel
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast, LlavaPreTrainedModel
 from transformers.utils.deprecation import deprecate_kwarg
 
+from ee_mllm_jax import mode as mode_lib
 from ee_mllm_jax.torch.composite import composite_decoder
 
-ATTENTION_MODES = ("self", "composite")
-MODE_KEYS = ("attention", "visual_ffn", "composite_from_layer")
+
+class EEMLLMConfig(LlavaConfig):
+  """LlavaConfig under `model_type` "ee_mllm" (an export that stock LLaVA would run as another
+  model); it writes "llava" back for a plain self-trained LLaVA (`mode.hf_model_type`)."""
+
+  model_type = "ee_mllm"
+
+  def to_dict(self):
+    d = super().to_dict()
+    d["model_type"] = mode_lib.hf_model_type(*modes_of(self))
+    return d
 
 
-def check_mode(mode: dict, depth: int | None = None) -> dict:
-  """`mode` ({"attention", "visual_ffn"[, "composite_from_layer"]}, the last 0 when absent) if it is
-  one the model runs, else a ValueError saying why. `depth`: the decoder's layers, composite_from_layer's bound."""
-  mode = {"composite_from_layer": 0, **mode}
-  if set(mode) != set(MODE_KEYS):
-    raise ValueError(f"an ee_mllm mode has the keys {', '.join(MODE_KEYS)}, got {sorted(mode)}")
-  if mode["attention"] not in ATTENTION_MODES:
-    raise ValueError(f"ee_mllm attention must be one of {ATTENTION_MODES}, got {mode['attention']!r}")
-  if not isinstance(mode["visual_ffn"], bool):
-    raise ValueError(f"ee_mllm visual_ffn must be true or false, got {mode['visual_ffn']!r}")
-  if mode["attention"] == "self" and not mode["visual_ffn"]:
-    raise ValueError("self attention always runs the FFN on visual tokens (visual_ffn=False needs 'composite')")
-  n = mode["composite_from_layer"]
-  if isinstance(n, bool) or not isinstance(n, int) or n < 0 or (depth is not None and n > depth):
-    raise ValueError(f"ee_mllm composite_from_layer must be an int in [0, {'depth' if depth is None else depth}], "
-                     f"got {n!r}")
-  if mode["attention"] == "self" and n:
-    raise ValueError(f"self attention runs every layer as self attention (composite_from_layer={n} needs "
-                     "'composite')")
-  return mode
+def modes_of(config: LlavaConfig) -> tuple[mode_lib.Mode, mode_lib.Mode]:
+  """(mode that runs, mode the weights were trained in) recorded in a LLaVA config, checked; the
+  PyTorch port runs self and composite."""
+  mode, trained = mode_lib.from_hf_record({"ee_mllm": getattr(config, "ee_mllm", None)},
+                                          config.text_config.num_hidden_layers)
+  if not mode.visual_in_decoder:
+    raise ValueError(f"the PyTorch port runs self and composite attention, not {mode.describe(1)}")
+  return mode, trained
 
 
-def mode_of(config: LlavaConfig) -> dict:
-  """The mode recorded in a LLaVA config's `ee_mllm` (stock LLaVA when absent), checked."""
-  return check_mode({"attention": "self", "visual_ffn": True, **(getattr(config, "ee_mllm", None) or {})},
-                    config.text_config.num_hidden_layers)
+def mode_of(config: LlavaConfig) -> mode_lib.Mode:
+  """The mode that runs (`modes_of`)."""
+  return modes_of(config)[0]
 
 
 # Keywords a composite forward may receive and has no use for (the output is always a dataclass;
@@ -71,7 +74,7 @@ class EEMLLMModel(LlavaModel):
               mm_encoder_outputs=None, use_cache=None, **kwargs):
     mode = mode_of(self.config)
     is_visual = None
-    if mode["attention"] == "composite":
+    if isinstance(mode, mode_lib.Composite):
       if input_ids is None:
         raise ValueError("composite attention finds the visual tokens by their image token id: pass input_ids")
       is_visual = input_ids == self.config.image_token_id
@@ -101,45 +104,64 @@ class EEMLLMModel(LlavaModel):
     inputs_embeds = inputs_embeds.masked_scatter(placeholders, features)
     out = composite_decoder(self.language_model, inputs_embeds, is_visual, attention_mask=attention_mask,
                             position_ids=position_ids, cache=cache, use_cache=use_cache,
-                            visual_ffn=mode["visual_ffn"], composite_from_layer=mode["composite_from_layer"])
+                            mode=mode)
     return LlavaModelOutputWithPast(last_hidden_state=out.last_hidden_state, cache=out.cache, image_outputs=image)
 
 
 class EEMLLMForConditionalGeneration(LlavaForConditionalGeneration):
   """transformers' LLaVA (same checkpoint keys, `generate()`, processor) with the EE-MLLM modes.
 
-  `attention` / `visual_ffn` / `composite_from_layer` override the config's recorded mode; `visual_ffn`
-  defaults to the recorded value, else True (EE-MLLM-F on LLaVA weights)."""
+  `attention` / `visual_ffn` / `composite_from_layer` switch the config's recorded mode
+  (`set_mode`); `attention="composite"` on LLaVA weights keeps the visual FFN (EE-MLLM-F)."""
+
+  config_class = EEMLLMConfig
 
   def __init__(self, config: LlavaConfig, attention: str | None = None, visual_ffn: bool | None = None,
                composite_from_layer: int | None = None):
+    if not isinstance(config, EEMLLMConfig):
+      config = EEMLLMConfig.from_dict(config.to_dict())
     LlavaPreTrainedModel.__init__(self, config)  # LlavaForConditionalGeneration's body, with our inner model
     self.model = EEMLLMModel(config)
     self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
     self.post_init()
     self.set_mode(attention=attention, visual_ffn=visual_ffn, composite_from_layer=composite_from_layer)
 
+  @classmethod
+  def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, **kwargs):
+    if config is None:  # a stock "llava" directory or our "ee_mllm" export, read without a type warning
+      config_dict, _ = EEMLLMConfig.get_config_dict(pretrained_model_name_or_path,
+                                                     local_files_only=kwargs.get("local_files_only", False))
+      config = EEMLLMConfig.from_dict({**config_dict, "model_type": "ee_mllm"})
+    return super().from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
+
   @property
-  def mode(self) -> dict:
+  def mode(self) -> mode_lib.Mode:
     return mode_of(self.config)
+
+  @property
+  def mode_name(self) -> str:
+    """What runs, in words, naming the training mode where it differs."""
+    mode, trained = modes_of(self.config)
+    return mode_lib.describe(mode, self.config.text_config.num_hidden_layers, trained)
 
   def set_mode(self, attention: str | None = None, visual_ffn: bool | None = None,
                composite_from_layer: int | None = None) -> "EEMLLMForConditionalGeneration":
-    """Switch the mode in place (the same weights; e.g. self -> composite is EE-MLLM-F); None keeps
-    the current value (switching to self resets the others). Recorded in `config.ee_mllm`, so
-    `save_pretrained` writes it."""
-    mode = mode_of(self.config)
-    if attention is not None:
-      mode["attention"] = attention
-      if attention == "self":
-        mode.update(visual_ffn=True, composite_from_layer=0)
-    if visual_ffn is not None:
-      mode["visual_ffn"] = bool(visual_ffn)
-    if composite_from_layer is not None:
-      mode["composite_from_layer"] = composite_from_layer
-    self.config.ee_mllm = check_mode(mode, self.config.text_config.num_hidden_layers)
+    """Switch the mode in place (the same weights; self -> composite is EE-MLLM-F), reading the
+    flags against the mode that runs now (None keeps a value). Recorded in `config.ee_mllm` with
+    the training mode, so `save_pretrained` writes both."""
+    mode, trained = modes_of(self.config)
+    mode = mode_lib.parse(dict(attention=attention, visual_ffn=visual_ffn, composite_from_layer=composite_from_layer),
+                          base=mode)
+    if not mode.visual_in_decoder:
+      raise ValueError("the PyTorch port runs self and composite attention, not cross")
+    mode.validate(self.config.text_config.num_hidden_layers)
+    mode_lib.check_runs(trained, mode)
+    self.config.ee_mllm = mode_lib.to_hf_record(mode, trained)
     return self
 
+
+AutoConfig.register("ee_mllm", EEMLLMConfig, exist_ok=True)
+AutoModelForImageTextToText.register(EEMLLMConfig, EEMLLMForConditionalGeneration, exist_ok=True)
 
 # transformers renames checkpoint keys (on load, and back on save) only for its own classes; a subclass
 # defined elsewhere counts as custom code, so it is given LLaVA's renamings by name: the same files load

@@ -28,13 +28,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from ee_mllm_jax import params as params_lib
-from ee_mllm_jax.config import CROSS_FIELDS, ModelConfig
-
-# Fields that change neither the parameters nor what they mean: free to differ on resume.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_unroll", "vision.attention_impl", "vision.attention_block",
-                  "llm.attention_impl", "llm.attention_block")
-# The interaction mode: the same parameters run another way (EE-MLLM-F fine-tuning): warned.
-MODE_FIELDS = ("attention", "visual_ffn", "composite_from_layer")
+from ee_mllm_jax import mode as mode_lib
+from ee_mllm_jax.config import ModelConfig
 
 
 class ConfigMismatchError(ValueError):
@@ -43,19 +38,21 @@ class ConfigMismatchError(ValueError):
 
 def check_model_config(saved: ModelConfig, run: ModelConfig, source: str):
   """Raises ConfigMismatchError listing every architecture field in which the checkpoint's
-  model differs from the run's; logs a warning for a changed attention mode."""
-  diff = saved.diff(run)
-  if not saved.attention == run.attention == "cross":  # the cross settings shape only cross parameters
-    diff = {k: v for k, v in diff.items() if k not in CROSS_FIELDS}
-  arch = {k: v for k, v in diff.items() if k not in RUNTIME_FIELDS + MODE_FIELDS}
+  model differs from the run's (runtime fields may differ; of the mode, only the fields that shape
+  the parameters of one mode, `Mode.params_key`); logs a warning when the run's mode is not the
+  one the weights were trained in (EE-MLLM-F, fine-tuning in another mode)."""
+  skip = set(ModelConfig.runtime_fields())
+  arch = {k: v for k, v in saved.diff(run).items()
+          if k not in skip and not k.startswith(("mode.", "trained_mode"))}
+  trained = saved.weights_mode
+  if type(trained) is type(run.mode) and trained.params_key() != run.mode.params_key():
+    arch.update({f"mode.{k}": (a, b) for (k, a), (_, b) in zip(trained.params_key()[1:], run.mode.params_key()[1:])
+                 if a != b})
   if arch:
     fields = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in arch.items())
     raise ConfigMismatchError(f"{source} holds a different model ({fields})")
-  mode = {k: v for k, v in diff.items() if k in MODE_FIELDS}
-  if mode:
-    logging.warning("%s was trained with %s; running it with %s", source,
-                    ", ".join(f"{k}={a!r}" for k, (a, _) in mode.items()),
-                    ", ".join(f"{k}={b!r}" for k, (_, b) in mode.items()))
+  if trained != run.mode:
+    logging.warning("%s was trained in mode %s; running it as %s", source, trained.flags(), run.mode_name)
 
 
 class Checkpointer:
@@ -261,14 +258,14 @@ def load_params(path: str, abstract_params: dict[str, Any]) -> dict[str, Any]:
 
 def load_model(path: str, **overrides) -> tuple[ModelConfig, dict[str, Any]]:
   """(ModelConfig, params) from a checkpoint directory alone: its recorded config rebuilds the
-  model, `overrides` change fields (e.g. attention="composite" for EE-MLLM-F). Parameters are
+  model, `overrides` change fields: mode flags (attention="composite" for EE-MLLM-F) switch the
+  mode the weights run in (`ModelConfig.run_as`), others replace fields (dtype). Parameters are
   placed on the default device, in the config's `param_dtype`."""
   run_config = read_run_config(path)
   if run_config is None:
     raise ValueError(f"{resolve_step_dir(path)} records no model config (written before checkpoints "
                      "carried one); build the ModelConfig yourself and call load_params")
-  cfg = ModelConfig.from_dict(run_config["model"])
-  cfg = cfg.replace(**overrides) if overrides else cfg
+  cfg = with_overrides(ModelConfig.from_dict(run_config["model"]), overrides)
   abstract = params_lib.abstract_params(cfg)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
@@ -277,6 +274,15 @@ def load_model(path: str, **overrides) -> tuple[ModelConfig, dict[str, Any]]:
   if missing:
     raise ValueError(f"{resolve_step_dir(path)} lacks parameters of its own model: {list(missing[:5])}")
   return cfg, params
+
+
+def with_overrides(cfg: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
+  """`cfg` (as loaded: its mode the one its weights were trained in) run as `overrides` ask: mode
+  flags through `run_as` (None: as trained), other fields replaced."""
+  flags = {k: overrides[k] for k in overrides if k in mode_lib.FLAGS}
+  rest = {k: v for k, v in overrides.items() if k not in flags}
+  cfg = cfg.run_as(**flags) if any(v is not None for v in flags.values()) else cfg
+  return cfg.replace(**rest) if rest else cfg
 
 
 def load_tokenizer(path: str):

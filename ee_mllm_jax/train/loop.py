@@ -229,7 +229,7 @@ def train(config) -> dict[str, Any]:
   skipped_updates = {"non-finite loss or gradient": 0, "no labelled token": 0}
   interval = dict(t0=None, flops=0.0, tokens=0.0, steps=0)
   logging.info("Model %s (%s): %.1fM parameters, %.1fM trained; mesh %s; %d steps from %d; %d processes",
-               config.model.preset, model_cfg.attention, n_params / 1e6, n_train / 1e6, dict(mesh.shape),
+               config.model.preset, model_cfg.mode_name, n_params / 1e6, n_train / 1e6, dict(mesh.shape),
                n_steps, start, jax.process_count())
 
   def flush_logs():
