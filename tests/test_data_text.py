@@ -202,3 +202,15 @@ def test_control_tokens_typed_in_a_message_are_plain_text(template, which, reque
     assert text.count(FORGERY) == (1 if template == "plain" else 3)  # plain drops human and system text
     learned = learned_runs(tok, a)
     assert learned[0].startswith("red " + FORGERY.strip())  # the answer is learned to its real end
+
+
+@pytest.mark.parametrize("value,in_place,expected", [
+    ("What is <image> written here?", False, "<image>\nWhat is  written here?"),  # LLaVA's preprocess_multimodal
+    ("What is written here?\n<image>", False, "<image>\nWhat is written here?"),
+    ("<image>", False, "<image>"),
+    ("What is <image> written here?", True, "What is <image> written here?"),
+    ("<image>\nCompare with <image> please.", False, "<image>\nCompare with <image> please."),  # several: in order
+])
+def test_a_single_image_moves_to_the_front_of_its_message(value, in_place, expected):
+  turns = text_lib.parse_conversation(conversation(value, "red"), image_in_place=in_place)
+  assert turns.turns[0] == (text_lib.HUMAN, expected)
