@@ -226,26 +226,29 @@ def _special_tokens(tokenizer: tokenizers.Tokenizer) -> tuple[str, ...]:
   return tuple(t.content for _, t in _special_added_tokens(tokenizer))
 
 
-# Stand-ins for the template's control tokens in text that also holds typed (forged) ones:
-# Unicode noncharacters, never assigned to a character, of the control token's length.
+# The control tokens the templates' markup holds, and their stand-ins in text that also holds
+# typed (forged) ones: Unicode noncharacters (never assigned to a character), of the control
+# token's length so that character offsets stay.
+CONTROL_TOKENS = ("<s>", "</s>", "<|im_start|>", "<|im_end|>")
 _NONCHARACTERS = re.compile("[\ufdd0-\ufdef]")
 
 
-def _stand_in(k: int, special: str) -> str:
-  return chr(0xFDD0 + k) + chr(0xFDEF) * (len(special) - 1)
+def _stand_in(control: str) -> str:
+  return chr(0xFDD0 + CONTROL_TOKENS.index(control)) + chr(0xFDEF) * (len(control) - 1)
 
 
 def as_text(tokenizer: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
   """A copy of `tokenizer` that encodes special-token strings as ordinary text.
 
-  Each special token also gets a stand-in (`_stand_in`): a non-special added token that `encode`
-  writes in place of the template's own control tokens, so that one call tokenises text holding
-  both, splitting at the control tokens exactly where `tokenizer` would."""
+  Each of the templates' control tokens (CONTROL_TOKENS) the tokenizer has also gets a stand-in
+  (`_stand_in`): a non-special added token that `encode` writes in place of the markup's control
+  tokens, so that one call tokenises text holding both, splitting at the control tokens exactly
+  where `tokenizer` would."""
   plain = tokenizers.Tokenizer.from_str(tokenizer.to_str())
   plain.encode_special_tokens = True
-  plain.add_tokens([tokenizers.AddedToken(_stand_in(k, t.content), special=False, normalized=False,
+  plain.add_tokens([tokenizers.AddedToken(_stand_in(t.content), special=False, normalized=False,
                                           single_word=t.single_word, lstrip=t.lstrip, rstrip=t.rstrip)
-                    for k, (_, t) in enumerate(_special_added_tokens(tokenizer))])
+                    for _, t in _special_added_tokens(tokenizer) if t.content in CONTROL_TOKENS])
   return plain
 
 
@@ -283,7 +286,7 @@ def encode(tokenizer: tokenizers.Tokenizer, template: ChatTemplate, turns: Turns
     start += len(part)
   specials = _special_tokens(tokenizer)
   forged = _special_spans(text, content, specials)
-  controls = _special_spans(text, markup, specials)
+  controls = _special_spans(text, markup, [t for t in CONTROL_TOKENS if t in specials])
 
   def tokenize(a: int, b: int):
     """(id, start, end) of text[a:b], special-token strings inside content encoded as text."""
@@ -295,10 +298,10 @@ def encode(tokenizer: tokenizers.Tokenizer, template: ChatTemplate, turns: Turns
                               "(U+FDD0..U+FDEF), which the tokenisation of that text reserves")
     # One call of the plain tokenizer, the template's control tokens written as their stand-ins.
     piece, stand_ins = list(text[a:b]), {}
-    for s, e, k in controls:
+    for s, e, _ in controls:
       if a <= s and e <= b:
-        piece[s - a:e - a] = _stand_in(k, specials[k])
-        stand_ins[_stand_in(k, specials[k])] = specials[k]
+        stand_ins[_stand_in(text[s:e])] = text[s:e]
+        piece[s - a:e - a] = _stand_in(text[s:e])
     plain = plain_tokenizer if plain_tokenizer is not None else as_text(tokenizer)
     to_control = {plain.token_to_id(x): tokenizer.token_to_id(c) for x, c in stand_ins.items()}
     enc = plain.encode("".join(piece), add_special_tokens=False)
