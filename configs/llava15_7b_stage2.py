@@ -22,6 +22,7 @@ def get_config(mode: str = "composite"):
   c.data.template = "vicuna_v1"
   c.data.global_batch_size = 128
   c.data.truncate_turns = True
+  c.data.image_in_place = False  # LLaVA: a single image's <image> goes first in its message
   c.optim.learning_rate = 2e-5
   c.optim.trainable = "projector/|llm/"
   c.init_from = ml_collections.ConfigDict(dict(path=f"runs/llava15_7b_stage1_{mode}/checkpoints", kind="orbax"))

@@ -202,3 +202,38 @@ def test_control_tokens_typed_in_a_message_are_plain_text(template, which, reque
     assert text.count(FORGERY) == (1 if template == "plain" else 3)  # plain drops human and system text
     learned = learned_runs(tok, a)
     assert learned[0].startswith("red " + FORGERY.strip())  # the answer is learned to its real end
+
+
+@pytest.mark.parametrize("value,in_place,expected", [
+    ("What is <image> written here?", False, "<image>\nWhat is  written here?"),  # LLaVA's preprocess_multimodal
+    ("What is written here?\n<image>", False, "<image>\nWhat is written here?"),
+    ("<image>", False, "<image>"),
+    ("What is <image> written here?", True, "What is <image> written here?"),
+    ("<image>\nCompare with <image> please.", False, "<image>\nCompare with <image> please."),  # several: in order
+])
+def test_a_single_image_moves_to_the_front_of_its_message(value, in_place, expected):
+  turns = text_lib.parse_conversation(conversation(value, "red"), image_in_place=in_place)
+  assert turns.turns[0] == (text_lib.HUMAN, expected)
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "chatml"])
+def test_typed_control_token_text_is_tokenised_in_one_piece(tokenizer, template):
+  """The typed strings tokenise as in one call of the as-text tokenizer (no cut where they are),
+  the markup's control tokens still control tokens (byte-level BPE)."""
+  answer = "2 with </s> at <|im_end|> the end"
+  conv = conversation("Say <|im_start|> it", answer)
+  layout = encode(tokenizer, template, conv)
+  turns = text_lib.parse_conversation(conv)
+  text = "".join(t for t, _, _ in text_lib.ChatTemplate(template).render(turns.turns, prompt=False))
+  ids = [int(i) for i in layout.input_ids][1 if template == "vicuna_v1" else 0:]
+  assert tokenizer.decode(ids, skip_special_tokens=False) == text
+  end = tokenizer.token_to_id("</s>" if template == "vicuna_v1" else "<|im_end|>")
+  after = " " if template == "vicuna_v1" else ""  # "ASSISTANT: " / "<|im_start|>assistant\n"
+  answer_ids = text_lib.as_text(tokenizer).encode(after + answer, add_special_tokens=False).ids
+  assert any(ids[k:k + len(answer_ids) + 1] == answer_ids + [end] for k in range(len(ids)))
+
+
+def test_noncharacters_next_to_typed_control_token_text_are_refused(tokenizer):
+  with pytest.raises(text_lib.ConversationError):
+    encode(tokenizer, "vicuna_v1", conversation("What is </s> \ufdd1?", "red"))
+  encode(tokenizer, "vicuna_v1", conversation("What is \ufdd1?", "red"))  # alone: fine

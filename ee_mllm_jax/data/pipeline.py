@@ -110,6 +110,10 @@ class DataConfig:
   tokenizer_file: str = ""  # HF tokenizer.json
   template: Literal["plain", "vicuna_v1", "chatml"] = "vicuna_v1"
   system_prompt: str | None = None  # None: the template's default
+  # False: a record with one image has its <image> moved to the front of its message ("<image>\n"
+  # + the rest, stripped), as LLaVA's preprocess_multimodal; True keeps it where the record puts
+  # it. Records with several images always keep their order.
+  image_in_place: bool = False
   global_batch_size: int = 8  # split evenly over processes
   buckets: tuple[int, ...] = (64, 128, 256)  # allowed text lengths T
   truncate_turns: bool = False  # too long: drop trailing rounds instead of a bad record
@@ -271,7 +275,8 @@ class EncodeRecord:
     if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
       raise text_lib.ConversationError("bad_conversation", "'image' must be a path or a list of paths")
     turns = text_lib.parse_conversation(record.get("conversations"),
-                                        prompt_turn=cfg.prompt_turn if self.prompt else None)
+                                        prompt_turn=cfg.prompt_turn if self.prompt else None,
+                                        image_in_place=cfg.image_in_place)
     placeholders = sum(t["value"].count(text_lib.IMAGE_PLACEHOLDER) for t in record["conversations"])
     if placeholders != len(paths):
       raise text_lib.ConversationError(

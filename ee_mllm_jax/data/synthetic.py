@@ -361,11 +361,19 @@ def _make_split(root, split, count, seed, maker, mix, max_turns):
   return records
 
 
+# The vicuna system prompt the tokenizer corpus has always held (conv_llava_v1's). text.VICUNA_SYSTEM
+# is now LLaVA-1.5's conv_vicuna_v1 ("curious user ... the user's questions"); the corpus keeps
+# this one so that generated datasets keep their exact tokenizer (the same merges either way, but
+# five ids would move) and the results and caches made with them stay valid.
+_CORPUS_VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                         "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+
+
 def _train_tokenizer(path, records, vocab_size):
   from ee_mllm_jax.data import text as text_lib  # pylint: disable=g-import-not-at-top
   if vocab_size < 256 + len(SPECIAL_TOKENS) + 64:
     raise ValueError(f"vocab_size {vocab_size} is too small for a byte-level BPE")
-  corpus = [text_lib.VICUNA_SYSTEM, text_lib.CHATML_SYSTEM, "USER: ASSISTANT: system\nuser\nassistant\n",
+  corpus = [_CORPUS_VICUNA_SYSTEM, text_lib.CHATML_SYSTEM, "USER: ASSISTANT: system\nuser\nassistant\n",
             CHOICE_SUFFIX] + [t["value"].replace("<image>", "") for r in records for t in r["conversations"]]
   tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
   tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)

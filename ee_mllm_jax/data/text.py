@@ -15,6 +15,7 @@ positions around them, so the interleaved sequence is 0..L-1 without gaps.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Sequence
 
 import numpy as np
@@ -26,8 +27,10 @@ IMAGE_PLACEHOLDER = "<image>"
 HUMAN, ASSISTANT = "human", "gpt"
 _ROLES = {"human": HUMAN, "user": HUMAN, "gpt": ASSISTANT, "assistant": ASSISTANT}
 
-VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+# LLaVA-1.5's `conv_vicuna_v1`, the system prompt it trains and evaluates with (not
+# `conv_llava_v1`'s "curious human ... the human's questions", which LLaVA-1.5 does not use).
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 CHATML_SYSTEM = "You are a helpful assistant."
 
 
@@ -63,7 +66,10 @@ class ChatTemplate:
              text is dropped. LLaVA has no "\\n" after the image; here a text token must
              follow it, because only text tokens have logits: without one the first
              caption token would have no predictor that can see the image.
-  vicuna_v1: LLaVA-1.5: "<s>{system} USER: {q} ASSISTANT: {a}</s>USER: ...".
+  vicuna_v1: LLaVA-1.5: "<s>{system} USER: {q} ASSISTANT: {a}</s>USER: ...". The space
+             after "ASSISTANT:" is learned with the answer, as LLaVA's `preprocess_v1` masks:
+             when it is a token of its own ("▁" before a digit, CJK, emoji...), ":" is
+             trained to predict it. An empty answer trains only "</s>".
   chatml:    Qwen2: "<|im_start|>{role}\\n{text}<|im_end|>\\n" per turn, no BOS;
              the answer and its <|im_end|> are learned.
   """
@@ -106,7 +112,8 @@ class ChatTemplate:
         if role == HUMAN:
           parts += [("USER: ", False, False), (text, False, True), (" ", False, False)]
         else:
-          parts += [("ASSISTANT: ", False, False), (text, True, True), ("</s>", True, False)]
+          parts += [("ASSISTANT:", False, False), (" ", bool(text), False), (text, True, True),
+                    ("</s>", True, False)]
       if prompt:
         parts.append(("ASSISTANT:", False, False))
       return parts
@@ -146,8 +153,19 @@ class Turns:
     return dataclasses.replace(self, turns=self.turns[:last])
 
 
-def parse_conversation(conversations, *, prompt_turn: int | None = None) -> Turns:
+def image_first(text: str) -> str:
+  """LLaVA's `preprocess_multimodal` on a message holding the image: "<image>\n" + the rest of
+  the text, stripped ("<image>" alone when nothing else is left)."""
+  rest = text.replace(IMAGE_PLACEHOLDER, "").strip()
+  return (IMAGE_PLACEHOLDER + "\n" + rest).strip()
+
+
+def parse_conversation(conversations, *, prompt_turn: int | None = None, image_in_place: bool = False) -> Turns:
   """LLaVA `conversations` -> Turns, validated.
+
+  A record with one image has its `<image>` moved to the front of its message, as LLaVA's
+  `preprocess_multimodal` does (`image_first`), unless `image_in_place`. Records with several
+  images (interleaved) keep every placeholder where it is.
 
   For training (prompt_turn None) the conversation must contain an assistant answer.
   For prompting, the conversation is cut after human turn `prompt_turn` (-1: the last);
@@ -168,6 +186,8 @@ def parse_conversation(conversations, *, prompt_turn: int | None = None) -> Turn
     if _ROLES[role] == ASSISTANT and IMAGE_PLACEHOLDER in turn["value"]:
       raise ConversationError("bad_conversation", f"assistant turn {i} contains {IMAGE_PLACEHOLDER}")
     turns.append((_ROLES[role], turn["value"]))
+  if not image_in_place and sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns) == 1:
+    turns = [(role, image_first(text) if IMAGE_PLACEHOLDER in text else text) for role, text in turns]
   if prompt_turn is None:
     if not any(role == ASSISTANT for role, _ in turns):
       raise ConversationError("no_assistant_turn", "conversation has no assistant ('gpt') turn")
@@ -197,26 +217,49 @@ class TextLayout:
   length: int  # L
 
 
+def _special_added_tokens(tokenizer: tokenizers.Tokenizer) -> list[tuple[int, tokenizers.AddedToken]]:
+  return sorted((i, t) for i, t in tokenizer.get_added_tokens_decoder().items()
+                if t.special and t.content != IMAGE_PLACEHOLDER)
+
+
 def _special_tokens(tokenizer: tokenizers.Tokenizer) -> tuple[str, ...]:
-  return tuple(t.content for t in tokenizer.get_added_tokens_decoder().values()
-               if t.special and t.content != IMAGE_PLACEHOLDER)
+  return tuple(t.content for _, t in _special_added_tokens(tokenizer))
+
+
+# The control tokens the templates' markup holds, and their stand-ins in text that also holds
+# typed (forged) ones: Unicode noncharacters (never assigned to a character), of the control
+# token's length so that character offsets stay.
+CONTROL_TOKENS = ("<s>", "</s>", "<|im_start|>", "<|im_end|>")
+_NONCHARACTERS = re.compile("[\ufdd0-\ufdef]")
+
+
+def _stand_in(control: str) -> str:
+  return chr(0xFDD0 + CONTROL_TOKENS.index(control)) + chr(0xFDEF) * (len(control) - 1)
 
 
 def as_text(tokenizer: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
-  """A copy of `tokenizer` that encodes special-token strings as ordinary text."""
+  """A copy of `tokenizer` that encodes special-token strings as ordinary text.
+
+  Each of the templates' control tokens (CONTROL_TOKENS) the tokenizer has also gets a stand-in
+  (`_stand_in`): a non-special added token that `encode` writes in place of the markup's control
+  tokens, so that one call tokenises text holding both, splitting at the control tokens exactly
+  where `tokenizer` would."""
   plain = tokenizers.Tokenizer.from_str(tokenizer.to_str())
   plain.encode_special_tokens = True
+  plain.add_tokens([tokenizers.AddedToken(_stand_in(t.content), special=False, normalized=False,
+                                          single_word=t.single_word, lstrip=t.lstrip, rstrip=t.rstrip)
+                    for _, t in _special_added_tokens(tokenizer) if t.content in CONTROL_TOKENS])
   return plain
 
 
-def _forged_spans(text: str, content: list[tuple[int, int]], specials: Sequence[str]) -> list[tuple[int, int]]:
-  """Character spans of special-token strings that lie inside data content (not markup)."""
+def _special_spans(text: str, regions: list[tuple[int, int]], specials: Sequence[str]) -> list[tuple[int, int, int]]:
+  """(start, end, k) of each occurrence of specials[k] inside the character regions."""
   spans = []
-  for a, b in content:
-    for special in specials:
+  for a, b in regions:
+    for k, special in enumerate(specials):
       at = text.find(special, a, b)
       while at != -1 and at + len(special) <= b:
-        spans.append((at, at + len(special)))
+        spans.append((at, at + len(special), k))
         at = text.find(special, at + len(special), b)
   return sorted(spans)
 
@@ -228,35 +271,41 @@ def encode(tokenizer: tokenizers.Tokenizer, template: ChatTemplate, turns: Turns
 
   Special tokens typed inside a message (`<|im_end|>`, `</s>`, ...) are encoded as the plain
   text they are, so data cannot forge turns: only the template's markup yields control
-  tokens. `plain_tokenizer`: `as_text(tokenizer)`, made once by callers that encode many."""
+  tokens. Such text is tokenised as if the strings were ordinary text in the same call: no
+  dummy prefix ("▁") is added where it is cut. `plain_tokenizer`: `as_text(tokenizer)`, made once
+  by callers that encode many."""
   if turns.system is not None and template.name != "plain":
     template = dataclasses.replace(template, system=turns.system)
   parts = template.render(turns.turns, prompt=prompt)
   text = "".join(t for t, _, _ in parts)
-  learned, content, start = [], [], 0
+  learned, content, markup, start = [], [], [], 0
   for part, is_learned, is_content in parts:
     if is_learned:
       learned.append((start, start + len(part)))
-    if is_content:
-      content.append((start, start + len(part)))
+    (content if is_content else markup).append((start, start + len(part)))
     start += len(part)
-  forged = _forged_spans(text, content, _special_tokens(tokenizer))
+  specials = _special_tokens(tokenizer)
+  forged = _special_spans(text, content, specials)
+  controls = _special_spans(text, markup, [t for t in CONTROL_TOKENS if t in specials])
 
   def tokenize(a: int, b: int):
     """(id, start, end) of text[a:b], special-token strings inside content encoded as text."""
-    cuts = [(s, e) for s, e in forged if a <= s and e <= b]
-    out, at = [], a
-    for s, e in cuts + [(b, b)]:
-      for tok_text, tok in ((text[at:s], tokenizer), (text[s:e], None)):
-        if not tok_text:
-          continue
-        base = at if tok is not None else s
-        if tok is None:
-          tok = plain_tokenizer if plain_tokenizer is not None else as_text(tokenizer)
-        enc = tok.encode(tok_text, add_special_tokens=False)
-        out += [(i, base + x, base + y) for i, (x, y) in zip(enc.ids, enc.offsets)]
-      at = e
-    return out
+    if not any(a <= s and e <= b for s, e, _ in forged):
+      enc = tokenizer.encode(text[a:b], add_special_tokens=False)
+      return [(i, a + x, a + y) for i, (x, y) in zip(enc.ids, enc.offsets)]
+    if _NONCHARACTERS.search(text, a, b):
+      raise ConversationError("bad_conversation", "a message holds a control token's text and Unicode noncharacters "
+                              "(U+FDD0..U+FDEF), which the tokenisation of that text reserves")
+    # One call of the plain tokenizer, the template's control tokens written as their stand-ins.
+    piece, stand_ins = list(text[a:b]), {}
+    for s, e, _ in controls:
+      if a <= s and e <= b:
+        stand_ins[_stand_in(text[s:e])] = text[s:e]
+        piece[s - a:e - a] = _stand_in(text[s:e])
+    plain = plain_tokenizer if plain_tokenizer is not None else as_text(tokenizer)
+    to_control = {plain.token_to_id(x): tokenizer.token_to_id(c) for x, c in stand_ins.items()}
+    enc = plain.encode("".join(piece), add_special_tokens=False)
+    return [(to_control.get(i, i), a + x, a + y) for i, (x, y) in zip(enc.ids, enc.offsets)]
 
   ids, targets, positions, image_starts = [], [], [], []
   bos = template.bos

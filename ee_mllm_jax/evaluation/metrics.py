@@ -1,15 +1,20 @@
 """Benchmark metrics, as lmms-eval and the official scripts define them. Pure functions on strings.
 
 * TextVQA: the EvalAI answer processor (the VQA challenge's normalisation: punctuation, number
-  words, articles, contractions), then VQA accuracy: the mean over the ten leave-one-annotator-out
-  subsets of min(#matching answers / 3, 1).
+  words, articles, contractions; like EvalAI and lmms-eval it strips at most 32 periods, the 32 that
+  `re.sub`'s third positional argument, `re.UNICODE`, sets as its count), then VQA accuracy: the
+  mean over the ten leave-one-annotator-out subsets of min(#matching answers / 3, 1). Deliberate
+  difference: a question with a single reference answer scores 1 when it matches, where lmms-eval
+  leaves its only annotator out and scores 0 whatever the prediction.
 * DocVQA: ANLS. Per question 1 - min over the answers of the normalised Levenshtein distance
   (lower-cased, whitespace collapsed; normalised by the longer of the two raw strings), set to 0
   below the 0.5 threshold (lmms-eval keeps exactly 0.5).
-* MMBench: heuristic option extraction (a unique option letter among the output's words, else a
-  unique option text inside it; no LLM judge), then CircularEval: rows are grouped by
+* MMBench: lmms-eval's rule-based option matching (`mmbench_option`: its `can_infer_option`, then
+  `can_infer_text`); where lmms-eval would ask its GPT judge, a heuristic takes its place and the
+  row is counted (`needed_judge` in the metrics). Then CircularEval: rows are grouped by
   `index % 1_000_000` and a group counts only if every rotation in it is right.
-* SEED-Bench: the first character of the stripped output is the predicted letter (lmms-eval).
+* SEED-Bench: the first character of the stripped output is the predicted letter, compared with
+  the answer case-insensitively ("b) cat" answers B), as lmms-eval does.
 """
 
 from __future__ import annotations
@@ -57,7 +62,9 @@ ARTICLES = ("a", "an", "the")
 PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
                "?", "!")
 _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")  # (sic) a period not followed by a digit
-_COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
+# EvalAI calls `PERIOD_STRIP.sub("", text, re.UNICODE)`: the flag lands in `count`, re.UNICODE == 32.
+_PERIODS_STRIPPED = 32
+_COMMA_BETWEEN_DIGITS = re.compile(r"(?<=\d)(,)+(?=\d)")
 
 
 def _punctuation(text: str) -> str:
@@ -68,7 +75,7 @@ def _punctuation(text: str) -> str:
       out = out.replace(p, "")
     else:
       out = out.replace(p, " ")
-  return _PERIOD_STRIP.sub("", out)
+  return _PERIOD_STRIP.sub("", out, count=_PERIODS_STRIPPED)
 
 
 def _digits_and_articles(text: str) -> str:
@@ -85,7 +92,10 @@ def normalize_vqa_answer(answer: str) -> str:
 
 
 def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-  """Mean over leave-one-out subsets of the annotators' answers of min(#equal to prediction / 3, 1)."""
+  """Mean over leave-one-out subsets of the annotators' answers of min(#equal to prediction / 3, 1).
+
+  One reference answer: 1.0 when it matches (deliberately; lmms-eval's leave-one-out leaves no
+  annotator and scores every prediction 0)."""
   pred = normalize_vqa_answer(prediction)
   gts = [normalize_vqa_answer(a) for a in answers]
   if not gts:
@@ -126,11 +136,43 @@ def anls(prediction: str, answers: Sequence[str], threshold: float = 0.5) -> flo
 
 # ----------------------------------------------------------------------------- multiple choice
 
+LETTERS = "ABCDE"  # lmms-eval looks for these five, whatever the question's options
+# The formats a letter may be written in, tried one at a time in this order (lmms-eval's).
+_LETTER_FORMATS = (("", "."), ("", ","), ("", ":"), ("", ")"), ("", ")."), ("(", ")"), ("(", ")."), (":", ""),
+                   (":", ","), (":", "."), (":", ")"), (":", ")."))
 
-def extract_option(output: str, options: Mapping[str, str]) -> str | None:
-  """The option letter an output names, or None when it cannot be told (VLMEvalKit/lmms-eval
-  `can_infer`): exactly one option letter among its words (punctuation removed), else exactly
-  one option text contained in it (case-insensitive)."""
+
+def infer_letter(output: str) -> str | None:
+  """lmms-eval's `can_infer_option` rules. The output's whitespace-separated words are searched:
+  1. exactly one bare capital A-E among them is the answer, unless "A" is among them and the
+     output has more than 3 words (then "A" may be the article: this step gives nothing);
+  2. else each format in turn ("B.", "B,", "B:", "B)", "B).", "(B)", "(B).", ":B", ...): the first
+     format that exactly one letter is written in gives that letter.
+  Lower-case letters are not letters here."""
+  if "Failed to obtain answer via API" in output:  # lmms-eval's judge-failure marker
+    return None
+  words = output.split()
+  bare = [c for c in LETTERS if c in words]
+  if len(bare) == 1 and not ("A" in words and len(words) > 3):
+    return bare[0]
+  for prefix, suffix in _LETTER_FORMATS:
+    found = [c for c in LETTERS if prefix + c + suffix in words]
+    if len(found) == 1:
+      return found[0]
+  return None
+
+
+def infer_text(output: str, options: Mapping[str, str]) -> str | None:
+  """lmms-eval's `can_infer_text`: the one option whose text (lower-cased) is inside the output
+  (lower-cased); None when none or several are."""
+  lower = output.lower()
+  found = [letter for letter, text in options.items() if str(text).lower() in lower]
+  return found[0] if len(found) == 1 else None
+
+
+def _heuristic_option(output: str, options: Mapping[str, str]) -> str | None:
+  """What stands in for lmms-eval's GPT judge: exactly one option letter among the output's words
+  once punctuation is removed, else exactly one option text inside it (case-insensitive)."""
   words = output
   for ch in ".()[],:;!*#{}":
     words = words.replace(ch, " ")
@@ -140,14 +182,37 @@ def extract_option(output: str, options: Mapping[str, str]) -> str | None:
     return letters[0]
   if letters:
     return None  # several letters: ambiguous, and the text test would be no better
-  lower = output.lower()
-  texts = [letter for letter, text in options.items() if str(text).lower() in lower]
-  return texts[0] if len(texts) == 1 else None
+  return infer_text(output, options)
+
+
+def mmbench_option(output: str, options: Mapping[str, str]) -> tuple[str | None, str]:
+  """(letter or None, how it was read) for an MMBench output, as lmms-eval reads it.
+
+  "rule": lmms-eval's rule-based matching (`infer_letter`, then `infer_text`) on the stripped
+  output decided, as it does in lmms-eval. Otherwise lmms-eval asks a GPT judge; here
+  `_heuristic_option` answers instead ("heuristic"), or nothing does ("unparsed")."""
+  output = output.strip()
+  letter = infer_letter(output) or infer_text(output, options)
+  if letter is not None:
+    return letter, "rule"
+  letter = _heuristic_option(output, options)
+  return letter, ("heuristic" if letter is not None else "unparsed")
+
+
+def extract_option(output: str, options: Mapping[str, str]) -> str | None:
+  """The option letter an output names (`mmbench_option`), or None."""
+  return mmbench_option(output, options)[0]
 
 
 def seed_letter(output: str) -> str:
-  """lmms-eval SEED-Bench: the first character of the stripped output."""
-  return output.strip()[:1]
+  """lmms-eval SEED-Bench: the first character of the stripped output, here upper-cased."""
+  return output.strip()[:1].upper()
+
+
+def seed_correct(output: str, answer: str) -> bool:
+  """lmms-eval SEED-Bench: the first character of the stripped output equals the answer,
+  case-insensitively ("b) cat" and "b" answer B)."""
+  return output.strip()[:1].lower() == answer.lower().strip()
 
 
 def circular_groups(indices: Iterable[int]) -> dict[int, list[int]]:

@@ -291,12 +291,13 @@ def record(benchmark: str, it: _Item, output: str, option_scores: list[float] | 
   elif benchmark == "docvqa":
     r.update(parsed=output, answers=list(q.answers), score=metrics_lib.anls(output, q.answers))
   elif benchmark == "mmbench":
-    parsed = metrics_lib.extract_option(output, q.options)
-    r.update(parsed=parsed, answer=q.answers[0], correct=parsed == q.answers[0], index=q.index,
+    parsed, method = metrics_lib.mmbench_option(output, q.options)
+    r.update(parsed=parsed, parse_method=method, answer=q.answers[0], correct=parsed == q.answers[0], index=q.index,
              category=q.category, l2_category=q.l2_category, options=q.options)
   else:
     parsed = metrics_lib.seed_letter(output)
-    r.update(parsed=parsed, answer=q.answers[0], correct=parsed == q.answers[0], question_type=q.category)
+    r.update(parsed=parsed, answer=q.answers[0], correct=metrics_lib.seed_correct(output, q.answers[0]),
+             question_type=q.category)
     if option_scores is not None:
       best = list(q.options)[int(np.argmax(option_scores))]
       r.update(option_logprobs=option_scores, likelihood_choice=best, likelihood_correct=best == q.answers[0])
@@ -313,6 +314,8 @@ def score(benchmark: str, records: Sequence[dict]) -> dict[str, Any]:
   elif benchmark == "mmbench":
     out.update(metrics_lib.circular_eval(done))
     out["unparseable"] = sum(r["parsed"] is None for r in done)
+    # Rows lmms-eval's rules cannot read, where it would ask its GPT judge (a heuristic here).
+    out["needed_judge"] = sum(r.get("parse_method", "rule") != "rule" for r in done)
   else:
     out["accuracy"] = sum(r["correct"] for r in done) / max(len(done), 1)
     out["per_question_type"] = metrics_lib.accuracy_by(done, "question_type")
@@ -407,6 +410,8 @@ def summary_table(summary: dict[str, Any]) -> str:
       lines.append(f"  {key:<22} {100 * m[key]:6.2f}")
   if "unparseable" in m:
     lines.append(f"  {'unparseable outputs':<22} {m['unparseable']:6d}")
+  if "needed_judge" in m:
+    lines.append(f"  {'needed GPT judge':<22} {m['needed_judge']:6d}  (lmms-eval's; read by a heuristic here)")
   for key, label in (("per_category", "category"), ("per_l2_category", "l2-category"),
                      ("per_question_type", "question type"), ("likelihood_per_question_type", "likelihood, type")):
     for name, value in (m.get(key) or {}).items():

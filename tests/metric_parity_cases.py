@@ -1,0 +1,107 @@
+"""Model outputs as real models write them, scored by lmms-eval and by ee_mllm_jax.evaluation.metrics.
+
+(benchmark, prediction, reference): reference is the answers (textvqa, docvqa), the options
+(mmbench; the scored value is the option letter read from the output, None when lmms-eval would
+ask its GPT judge), or the answer letter (seedbench; the scored value is right / wrong).
+tests/tools/lmms_eval_reference.py scores them with lmms-eval into tests/data/lmms_eval_parity.json.
+"""
+
+TEN = lambda *answers: list(answers) + [answers[-1]] * (10 - len(answers))  # noqa: E731
+
+OPTIONS = {"A": "red", "B": "blue", "C": "green", "D": "dark blue"}
+CAT = {"A": "A dog", "B": "A cat", "C": "A bird", "D": "A fish"}
+THINGS = {"A": "A red car", "B": "A cat on a mat", "C": "A green leaf", "D": "A blue sky"}
+
+CASES = [
+    # TextVQA: EvalAI normalisation and 10-choose-9 accuracy
+    ("textvqa", "2", TEN("2")),
+    ("textvqa", "The answer is 2.", TEN("2")),
+    ("textvqa", "two", TEN("2")),
+    ("textvqa", "Two.", TEN("2", "two", "2")),
+    ("textvqa", "stop.", TEN("stop", "stop", "STOP", "stop sign")),
+    ("textvqa", "Stop...", TEN("stop")),
+    ("textvqa", "yes.", ["yes", "yes", "no", "yes", "no", "yes", "yes", "yes", "no", "no"]),
+    ("textvqa", "a cat", TEN("cat")),
+    ("textvqa", "The Coca-Cola", TEN("coca cola")),
+    ("textvqa", "coca-cola", TEN("coca-cola")),
+    ("textvqa", "left - right", TEN("left right")),
+    ("textvqa", "dont", TEN("don't")),
+    ("textvqa", "It's red", TEN("it's red")),
+    ("textvqa", "its red", TEN("it's red")),
+    ("textvqa", "1,000", TEN("1000")),
+    ("textvqa", "3.5", TEN("3.5")),
+    ("textvqa", "$3.50", TEN("3.50")),
+    ("textvqa", "10:30", TEN("10:30")),
+    ("textvqa", "ten", TEN("10")),
+    ("textvqa", "A long answer that says the sign reads stop", TEN("stop")),
+    ("textvqa", "", TEN("stop")),
+    ("textvqa", "café", TEN("café", "cafe")),
+    ("textvqa", "東京", TEN("東京")),
+    ("textvqa", "Yes!", TEN("yes")),
+    ("textvqa", "nokia", ["nokia", "nokia", "nokia", "nokia phone", "nokia", "nokia", "Nokia", "nokia", "nokia",
+                          "nokia"]),
+    ("textvqa", "red", ["red", "blue", "blue", "blue", "blue", "blue", "blue", "blue", "blue", "blue"]),
+    ("textvqa", "red", ["red", "red", "blue", "blue", "blue", "blue", "blue", "blue", "blue", "blue"]),
+    ("textvqa", "a.b.c.d.e.f.g.h.i.j.k.l.m.n.o.p.q.r.s.t.u.v.w.x.y.z.a.b.c.d.e.f.g.h.i.j",
+     TEN("abcdefghijklmnopqrstuvwxyzabcdefghij")),
+    ("textvqa", "." * 40, TEN("." * 8)),
+    ("textvqa", "www.google.com.", TEN("wwwgooglecom")),
+    # DocVQA: ANLS
+    ("docvqa", "abcdefxxxx", ["abcdefghij"]),
+    ("docvqa", "abcdexxxxx", ["abcdefghij"]),
+    ("docvqa", "abcdxxxxxx", ["abcdefghij"]),
+    ("docvqa", "  ABCDEFGHIJ ", ["abcdefghij"]),
+    ("docvqa", "The answer is 2.", ["2"]),
+    ("docvqa", "$ 1,000.00", ["$1,000.00", "1000"]),
+    ("docvqa", "", ["x"]),
+    ("docvqa", "Straße", ["strasse"]),
+    ("docvqa", "March 3, 2024", ["3 March 2024", "march 3, 2024"]),
+    # MMBench: the option letter (None: lmms-eval would ask its GPT judge)
+    ("mmbench", "B", OPTIONS),
+    ("mmbench", "B.", OPTIONS),
+    ("mmbench", "(C)", OPTIONS),
+    ("mmbench", "a) cat", OPTIONS),
+    ("mmbench", "Answer: B", OPTIONS),
+    ("mmbench", "B. dog", OPTIONS),
+    ("mmbench", "B: blue", OPTIONS),
+    ("mmbench", "The answer is B.", OPTIONS),
+    ("mmbench", "The answer is A.", OPTIONS),
+    ("mmbench", "A", OPTIONS),
+    ("mmbench", "A.", OPTIONS),
+    ("mmbench", "b", OPTIONS),
+    ("mmbench", "A or B", OPTIONS),
+    ("mmbench", "A, B", OPTIONS),
+    ("mmbench", "green", OPTIONS),
+    ("mmbench", "Green.", OPTIONS),
+    ("mmbench", "dark blue", OPTIONS),
+    ("mmbench", "I cannot tell", OPTIONS),
+    ("mmbench", "", OPTIONS),
+    ("mmbench", "E", OPTIONS),
+    ("mmbench", "  C  ", OPTIONS),
+    ("mmbench", "(B).", OPTIONS),
+    ("mmbench", "B).", OPTIONS),
+    ("mmbench", "答案是 B", OPTIONS),
+    ("mmbench", "C. A green leaf", THINGS),
+    ("mmbench", "B. A cat on a mat", THINGS),
+    ("mmbench", "The answer is B. A red car would be wrong.", THINGS),
+    ("mmbench", "A cat, the answer is B.", THINGS),
+    ("mmbench", "A cat is sitting on the mat", CAT),
+    ("mmbench", "A cat", CAT),
+    ("mmbench", "A red car", THINGS),
+    ("mmbench", "It is A", OPTIONS),
+    ("mmbench", "It is A.", OPTIONS),
+    ("mmbench", "I think it is A", OPTIONS),
+    ("mmbench", "The correct option is (D) dark blue.", OPTIONS),
+    ("mmbench", "B\nExplanation: the sky is blue.", OPTIONS),
+    # SEED-Bench: right / wrong
+    ("seedbench", "B", "B"),
+    ("seedbench", "b", "B"),
+    ("seedbench", "b) cat", "B"),
+    ("seedbench", "d.", "D"),
+    ("seedbench", " C ", "C"),
+    ("seedbench", "The answer is B", "B"),
+    ("seedbench", "(B)", "B"),
+    ("seedbench", "", "A"),
+    ("seedbench", "A", "B"),
+    ("seedbench", "Ä", "A"),
+]
