@@ -290,8 +290,12 @@ def load_params(path: str, abstract_params: dict[str, Any]) -> dict[str, Any]:
     raise DamagedCheckpointError(f"checkpoint {path} cannot be read: {_first_line(e)}") from None
   step_dir = os.path.dirname(path) if os.path.basename(path) == "state" else None
   if step_dir is not None and os.path.isdir(os.path.join(step_dir, "integrity")):
-    saved = _read_json_item(step_dir, "integrity")
-    if "leaves" in saved:
+    try:
+      saved = _read_json_item(step_dir, "integrity")
+    except Exception as e:  # pylint: disable=broad-except
+      raise DamagedCheckpointError(f"checkpoint {step_dir}: its integrity record cannot be read: "
+                                   f"{_first_line(e)}") from None
+    if isinstance(saved, dict) and "leaves" in saved:
       try:
         integrity.verify_leaves(restored, saved["leaves"], f"checkpoint {step_dir}", prefix="" if wrapped else
                                 "['params']")
