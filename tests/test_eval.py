@@ -440,7 +440,7 @@ def test_eval_py_exits_1_on_a_damaged_checkpoint_and_keeps_library_logs_quiet(ch
   step_dir = _damage_checkpoint(checkpoint, str(tmp_path / "run"), "ff")
   env = {**os.environ, "XLA_FLAGS": conftest.TEST_XLA_FLAGS, "JAX_PLATFORMS": "cpu"}
   bad = subprocess.run([sys.executable, "eval.py", "--checkpoint", step_dir, "--benchmark", "docvqa", "--data",
-                        bench.benchmarks["docvqa"], "--out", str(tmp_path / "out")],
+                        bench.benchmarks["docvqa"], "--image-root", bench.root, "--out", str(tmp_path / "out")],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert bad.returncode == 1, bad.stderr[-2000:]
   last = bad.stderr.strip().splitlines()[-1]

@@ -60,12 +60,22 @@ def truncate(step_dir):
   os.truncate(path, os.path.getsize(path) // 2)
 
 
+def edit_data_item(step_dir):
+  (path,) = glob.glob(os.path.join(step_dir, "data", "process_0*.json"))
+  with open(path) as f:
+    state = json.load(f)
+  state["next_batch"] -= 2  # the iterator would replay two batches
+  with open(path, "w") as f:
+    json.dump(state, f, indent=4)
+
+
 DAMAGE = {
     "flipped bytes": flip_bytes,
     "truncated data file": truncate,
     "no _METADATA": lambda d: os.remove(os.path.join(d, "state", "_METADATA")),
     "no state item": lambda d: shutil.rmtree(os.path.join(d, "state")),
     "no data item": lambda d: shutil.rmtree(os.path.join(d, "data")),
+    "edited data item": edit_data_item,
 }
 
 
@@ -146,16 +156,6 @@ def flip_bit(path, position, bit):
     f.write(bytes([byte ^ (1 << bit)]))
 
 
-def edit_data_item(step_dir):
-  (path,) = glob.glob(os.path.join(step_dir, "data", "process_0*.json"))
-  with open(path) as f:
-    state = json.load(f)
-  state["next_batch"] -= 2  # the iterator would replay two batches
-  with open(path, "w") as f:
-    json.dump(state, f, indent=4)
-
-
-DAMAGE["edited data item"] = edit_data_item
 
 
 def trainer_abstract_state(config):
