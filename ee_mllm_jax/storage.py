@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 
 _ENOSPC_TEXT = ("no space left on device", "enospc", "disk quota exceeded")
 
@@ -58,9 +59,16 @@ def device_of(path: str) -> str:
 
 
 def _filename(exc: BaseException | None) -> str | None:
-  while exc is not None:
+  """The file the failed write was to: the OSError's, else the last quoted absolute path in the
+  message (TensorStore: 'Failed writing: "/path/..." ...: No space left on device')."""
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
     if isinstance(exc, OSError) and exc.filename:
       return str(exc.filename)
+    quoted = re.findall(r'"(/[^"]+)"', str(exc))
+    if quoted and is_disk_full(exc):
+      return quoted[-1]
     exc = exc.__cause__ or exc.__context__
   return None
 
