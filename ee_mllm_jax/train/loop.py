@@ -140,7 +140,13 @@ def train(config) -> dict[str, Any]:
   """Trains as `config` says; returns the final metrics and where things were written. The
   workdir is locked for the run (`workdir_lock`): a second run on it is refused naming the
   holder; a full disk at any write is a `storage.DiskFullError` naming the device and file."""
-  with workdir_lock.hold(config.workdir, jax.process_index()):
+  import contextlib  # pylint: disable=g-import-not-at-top
+  with contextlib.ExitStack() as held:
+    held.enter_context(workdir_lock.hold(config.workdir, jax.process_index()))
+    ckpt_dir = config.checkpoint.get("dir")
+    workdir = os.path.abspath(config.workdir)
+    if ckpt_dir and os.path.commonpath([os.path.abspath(ckpt_dir), workdir]) != workdir:
+      held.enter_context(workdir_lock.hold(ckpt_dir, jax.process_index()))  # checkpoints kept elsewhere
     return _train(config)
 
 
