@@ -5,7 +5,10 @@
     python eval.py --hf LLAVA_DIR --benchmark textvqa --data TextVQA_0.5.1_val.json --image-root textvqa/
     python eval.py --checkpoint RUN_DIR --image cat.png --question "What colour is the cat?"
 
-Writes OUT/predictions.jsonl (resumable: a re-run skips what it holds) and OUT/metrics.json,
+Writes OUT/run.json (what the run is: benchmark, data file and its sha256, model and mode, prompt
+settings), OUT/predictions.jsonl (resumable: a re-run with the same run.json skips what it holds;
+another run is refused naming the field that differs, or with --overwrite starts afresh) and
+OUT/metrics.json,
 and prints a summary that names the mode that ran (`--config.attention=composite` on a
 self-trained checkpoint is EE-MLLM-F; `--config.composite_from_layer=N` with it keeps layers
 [0, N) self attention, a layer schedule).
@@ -47,16 +50,22 @@ flags.DEFINE_string("image-root", None, "Image paths are relative to it (default
 flags.DEFINE_string("out", None, "Output directory (default: eval_out/<benchmark>).")
 flags.DEFINE_string("image", None, "Ask about one image (with --question).")
 flags.DEFINE_string("question", None, "The question about --image.")
+flags.DEFINE_bool("overwrite", False, "Start afresh when --out holds the predictions of another run (another "
+                  "benchmark, data file, model, mode or prompt; see OUT/run.json) instead of refusing.")
+flags.DEFINE_bool("library_logs", False, "Show INFO logs of libraries (orbax, grain, jax), not only ours.")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
   del argv
+  if not FLAGS.library_logs:
+    from ee_mllm_jax import logs  # pylint: disable=g-import-not-at-top
+    logs.quiet_libraries(__file__)
   from ee_mllm_jax.evaluation import cli  # pylint: disable=g-import-not-at-top
   try:
     text, complete = cli.run(FLAGS.config, checkpoint=FLAGS.checkpoint, hf=FLAGS.hf, benchmark=FLAGS.benchmark,
                              data=FLAGS.data, image_root=FLAGS["image-root"].value, out=FLAGS.out, image=FLAGS.image,
-                             question=FLAGS.question)
+                             question=FLAGS.question, overwrite=FLAGS.overwrite)
   except cli.USER_ERRORS as e:  # bad flags, files, images or checkpoints: one line, exit 1
     sys.exit(f"error: {e}")
   print(text, flush=True)

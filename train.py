@@ -40,11 +40,19 @@ def main(argv):
   if not FLAGS.library_logs:
     absl_logging.get_absl_handler().addFilter(_OwnInfoOnly())
   from ee_mllm_jax import sharding  # pylint: disable=g-import-not-at-top
+  from ee_mllm_jax import storage  # pylint: disable=g-import-not-at-top
   from ee_mllm_jax.train import loop  # pylint: disable=g-import-not-at-top
   sharding.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   try:
     loop.train(FLAGS.config)
   except loop.USER_ERRORS as e:  # a bad setting, input or checkpoint, or a diverged run: one line, exit 1
+    if isinstance(e, storage.DiskFullError):
+      # Orbax's writer threads and event loops, torn down at exit with their failed writes,
+      # print tracebacks of their own after this line: leave without that teardown.
+      sys.stdout.flush()
+      sys.stderr.write(f"error: {e}\n")
+      sys.stderr.flush()
+      os._exit(1)
     sys.exit(f"error: {e}")
 
 

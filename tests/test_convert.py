@@ -8,6 +8,7 @@ CLIP (the two-tower CLIPModel, feature layer -2) + LLaMA, and SigLIP + Qwen2 (GQ
 import functools
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -210,6 +211,27 @@ def test_pickle_only_directory_is_refused_without_unpickling(tmp_path):
   with pytest.raises(convert.PickleCheckpointError, match=r"unpickling executes arbitrary code.*"
                      r"safe_serialization=True"):
     convert.load_hf_llava(str(tmp_path))
+
+
+def test_shard_names_in_the_index_stay_inside_the_checkpoint_directory(tmp_path):
+  from ee_mllm_jax.convert import safetensors_io  # pylint: disable=g-import-not-at-top
+  hf = tmp_path / "hf"
+  hf.mkdir()
+  (tmp_path / "elsewhere.safetensors").write_bytes(b"")  # exists, outside the directory
+  (hf / "inside.safetensors").write_bytes(b"")
+  for name in ("../elsewhere.safetensors", str(tmp_path / "elsewhere.safetensors")):
+    with open(hf / safetensors_io.INDEX_FILE, "w") as f:
+      json.dump({"weight_map": {"a": "inside.safetensors", "b": name}}, f)
+    with pytest.raises(ValueError, match=r"names shards outside .*" + re.escape(repr(name))):
+      safetensors_io.checkpoint_files(str(hf))
+  (hf / "link.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+  with open(hf / safetensors_io.INDEX_FILE, "w") as f:
+    json.dump({"weight_map": {"a": "inside.safetensors", "b": "link.safetensors"}}, f)
+  with pytest.raises(ValueError, match="names shards outside"):
+    safetensors_io.checkpoint_files(str(hf))
+  with open(hf / safetensors_io.INDEX_FILE, "w") as f:
+    json.dump({"weight_map": {"a": "inside.safetensors"}}, f)
+  assert safetensors_io.checkpoint_files(str(hf)) == [str(hf / "inside.safetensors")]
 
 
 def test_export_reads_the_name_map_backwards_sharded_and_in_bf16(tiny_llava_dir, tmp_path):

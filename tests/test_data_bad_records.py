@@ -32,6 +32,7 @@ CASES = {
     "too_many_images": ({"id": "r-many", "image": ["good.png"] * 2, "conversations": conv("<image><image>")}, "r-many"),
     "bad_conversation": ({"id": "r-role", "conversations": [{"from": "robot", "value": "hi"}]}, "r-role"),
     "outside_image_root": ({"id": "r-escape", "image": "../secret.png", "conversations": conv()}, "secret.png"),
+    "image_too_large": ({"id": "r-thin", "image": "thin.png", "conversations": conv()}, "thin.png"),
     "null_record": ("null", "line 2"),
 }
 READ_TIME = ("malformed_json", "null_record")  # dropped (and counted) when the file is read
@@ -47,6 +48,7 @@ def base(tmp_path_factory):
   (root / "empty.png").write_bytes(b"")
   (root / "truncated.png").write_bytes((root / "good.png").read_bytes()[:70])
   (root / "text.png").write_text("hello, I am not an image\n")
+  Image.new("RGB", (20000, 1), (255, 255, 255)).save(root / "thin.png", optimize=True)  # ~100 bytes; 1.2 GB padded
   return root
 
 
@@ -101,7 +103,7 @@ def test_with_worker_processes_errors_and_counts_reach_the_parent(base):
   it = pipeline.make_train_iterator(cfg, shard=ONE_PROCESS)
   batches = list(it)
   it.close()
-  assert len(batches) == 6  # 12 parsed records (2 lines dropped when read) -> 12 rows
+  assert len(batches) == 7  # 13 parsed records (2 lines dropped when read) -> 13 rows, padded to 14
   assert it.stats.counts == {reason: 1 for reason in pipeline.BAD_RECORD_REASONS}
   assert sum(b["text_valid"].any(1).sum() for b in batches) == 2
   it = pipeline.make_train_iterator(cfg.replace(on_bad_record="raise", shuffle=False,

@@ -1,5 +1,7 @@
 """Image decoding and preprocessing on real files."""
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -133,3 +135,33 @@ def test_unusable_files_name_the_file_and_the_reason(tmp_path):
       image_lib.load_pixels(str(tmp_path / name), size=8, mean=CLIP_MEAN, std=CLIP_STD)
     assert info.value.reason == reason and name in str(info.value)
   assert image_lib.load_pixels(str(good), size=8, mean=CLIP_MEAN, std=CLIP_STD).shape == (8, 8, 3)
+
+
+def test_a_thin_image_bomb_is_refused_from_its_header_without_decoding(tmp_path, monkeypatch):
+  """A 20000 x 1 PNG of ~100 bytes passes Pillow's pixel-count guard, but padding it to a square
+  would take 20000^2 * 3 = 1.2 GB: refused from the header, before any decode or pad, for a
+  file and for bytes alike; a wide image within the bounds is shrunk before it is padded."""
+  thin = tmp_path / "thin.png"
+  Image.new("RGB", (20000, 1), (255, 255, 255)).save(thin, optimize=True)
+  assert os.path.getsize(thin) < 200
+
+  def never(*args, **kwargs):
+    raise AssertionError("decoded or padded")
+
+  monkeypatch.setattr(Image.Image, "load", never)
+  monkeypatch.setattr(image_lib, "expand_to_square", never)
+  for load in (lambda: image_lib.load_pixels(str(thin), size=8, mean=CLIP_MEAN, std=CLIP_STD),
+               lambda: image_lib.load_pixels_from_bytes(thin.read_bytes(), "thin", size=8, mean=CLIP_MEAN,
+                                                        std=CLIP_STD)):
+    with pytest.raises(image_lib.ImageError, match=r"image is 20000 x 1 pixels, beyond the bounds") as info:
+      load()
+    assert info.value.reason == "image_too_large"
+  monkeypatch.undo()
+  wide = tmp_path / "wide.png"  # aspect 10 and side 10000: allowed; padded at full size it would be 300 MB
+  Image.new("RGB", (10000, 1000), RED).save(wide)
+  canvases = []
+  real_new = Image.new
+  monkeypatch.setattr(Image, "new", lambda mode, size, *a: canvases.append(size) or real_new(mode, size, *a))
+  out = image_lib.load_pixels(str(wide), size=8, mean=CLIP_MEAN, std=CLIP_STD)
+  assert out.shape == (8, 8, 3)
+  assert canvases and max(max(s) for s in canvases) <= image_lib.PAD_MAX_SIDE

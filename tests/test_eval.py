@@ -250,8 +250,8 @@ def test_sigterm_stops_after_a_batch_and_leaves_a_valid_file(model, bench, tmp_p
 def test_a_missing_image_is_an_error_naming_the_question_and_skip_mode_counts_it(model, bench, tmp_path):
   qs = readers.read("docvqa", bench.benchmarks["docvqa"], bench.root)
   os.makedirs(tmp_path / "images", exist_ok=True)
-  broken = qs[1].__class__(**{**qs[1].__dict__, "image": str(tmp_path / "images" / "gone.png"),
-                              "image_key": "gone"})
+  broken = qs[1].__class__(**{**qs[1].__dict__, "image": os.path.join(bench.root, "images", "gone.png"),
+                              "image_key": "gone"})  # inside the image root (outside: refused as such)
   qs = [qs[0], broken] + qs[2:4]
   with pytest.raises(runner_lib.EvalError, match=f"question {broken.qid}: image file not found"):
     runner_lib.evaluate(_runner(model), "docvqa", qs, str(tmp_path / "raise"))
@@ -350,3 +350,159 @@ def test_an_hf_llava_directory_loads_with_its_tokenizer_and_mode_overrides(tmp_p
   with pytest.raises(FileNotFoundError, match="has no tokenizer.json"):
     os.remove(tmp_path / "tokenizer.json")
     model_lib.from_hf(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- issue 20: nothing lost, nothing mixed
+
+
+def _cli_config(**changes):
+  config = _eval_py_config()
+  config.progress_bar, config.batch_size, config.images_per_batch, config.max_new_tokens = False, 8, 4, 3
+  config.limit = 4
+  for k, v in changes.items():
+    config[k] = v
+  return config
+
+
+def test_out_holding_another_run_is_refused_naming_the_field_resumed_when_equal_or_overwritten(
+    checkpoint, bench, tmp_path):
+  from ee_mllm_jax.evaluation import cli, run_header  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path / "out")
+  run = lambda benchmark="docvqa", overwrite=False, **changes: cli.run(
+      _cli_config(**changes), checkpoint=checkpoint, benchmark=benchmark, data=bench.benchmarks[benchmark],
+      image_root=bench.root, out=out, overwrite=overwrite)
+  run()
+  with open(os.path.join(out, run_header.HEADER)) as f:
+    header = json.load(f)
+  assert header["benchmark"] == "docvqa" and header["model"]["step"] == 1 and header["model"]["fingerprint"]
+  with open(bench.benchmarks["docvqa"], "rb") as f:
+    assert header["data"]["sha256"] == __import__("hashlib").sha256(f.read()).hexdigest()
+  for changes, field in (({"benchmark": "textvqa"}, "benchmark"),
+                         ({"attention": "composite"}, "model.mode"),
+                         ({"short_answer_prompt": "Answer briefly."}, "prompt.short_answer_prompt")):
+    with pytest.raises(run_header.MixedRunError, match=rf"--out {re.escape(out)} holds predictions of another run: "
+                       rf"{re.escape(field)} is .* there, .* now; --overwrite starts afresh"):
+      run(**changes)
+  assert isinstance(run_header.MixedRunError("x"), cli.USER_ERRORS)
+  again = json.load(open(os.path.join(out, "summary.json")))
+  text, complete = run()  # the same run: resumed
+  assert complete and json.load(open(os.path.join(out, "summary.json")))["run"]["resumed"] == 4
+  assert again["metrics"] == json.load(open(os.path.join(out, "summary.json")))["metrics"]
+  run(benchmark="textvqa", overwrite=True)  # starts afresh: only textvqa's predictions
+  with open(bench.benchmarks["textvqa"]) as f:
+    textvqa_ids = {str(r["question_id"]) for r in json.load(f)["data"]}
+  assert {r["question_id"] for r in _lines(out)} <= textvqa_ids and len(_lines(out)) == 4
+  with open(os.path.join(out, run_header.HEADER)) as f:
+    assert json.load(f)["benchmark"] == "textvqa"
+
+
+def test_a_bad_benchmark_file_is_reported_before_the_model_loads(checkpoint, tmp_path, monkeypatch):
+  from ee_mllm_jax.evaluation import cli  # pylint: disable=g-import-not-at-top
+
+  def no_model(*args, **kwargs):
+    raise AssertionError("the model was loaded before the benchmark file was read")
+
+  monkeypatch.setattr(cli, "load_model", no_model)
+  bad = tmp_path / "bad.json"
+  bad.write_text(json.dumps({"data": [{"question_id": 1, "image_id": "x", "answers": ["a"]}]}))
+  with pytest.raises(readers.BenchmarkFormatError, match="question 1 .*has no 'question' field"):
+    cli.run(_cli_config(), checkpoint=checkpoint, benchmark="textvqa", data=str(bad), out=str(tmp_path / "out"))
+
+
+def _damage_checkpoint(source, target, how):
+  import glob  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.copytree(os.path.dirname(source), target)
+  step_dir = os.path.join(target, os.path.basename(source), "1")
+  data = max(glob.glob(os.path.join(step_dir, "state", "ocdbt.process_0", "d", "*")), key=os.path.getsize)
+  if how == "ff":
+    with open(data, "r+b") as f:
+      f.seek(os.path.getsize(data) // 2)
+      f.write(b"\xff" * 64)
+  else:
+    os.truncate(data, os.path.getsize(data) // 2)
+  return step_dir
+
+
+@pytest.mark.parametrize("how", ["ff", "truncated"])
+def test_a_damaged_checkpoint_is_one_line_naming_it(checkpoint, tmp_path, how):
+  """64 0xFF bytes (NaN weights) or a truncated chunk: `load_model` and eval.py's loader refuse it
+  in one line naming the checkpoint, checked as training checks it (checksums, finite values)."""
+  from ee_mllm_jax.evaluation import cli  # pylint: disable=g-import-not-at-top
+  step_dir = _damage_checkpoint(checkpoint, str(tmp_path / "run"), how)
+  with pytest.raises(ckpt_lib.DamagedCheckpointError, match=f"^checkpoint {re.escape(step_dir)}") as raised:
+    ckpt_lib.load_model(step_dir)
+  assert "\n" not in str(raised.value)
+  with pytest.raises(cli.UsageError, match=f"^checkpoint {re.escape(step_dir)}"):
+    cli.load_model(_cli_config(), checkpoint=step_dir, hf=None)
+
+
+def test_eval_py_exits_1_on_a_damaged_checkpoint_and_keeps_library_logs_quiet(checkpoint, bench, tmp_path):
+  step_dir = _damage_checkpoint(checkpoint, str(tmp_path / "run"), "ff")
+  env = {**os.environ, "XLA_FLAGS": conftest.TEST_XLA_FLAGS, "JAX_PLATFORMS": "cpu"}
+  bad = subprocess.run([sys.executable, "eval.py", "--checkpoint", step_dir, "--benchmark", "docvqa", "--data",
+                        bench.benchmarks["docvqa"], "--image-root", bench.root, "--out", str(tmp_path / "out")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 1, bad.stderr[-2000:]
+  last = bad.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"error: checkpoint {step_dir}") and "does not match its checksum" in last, last
+  assert not [line for line in bad.stderr.splitlines() if line.startswith("I") and "orbax" in line.lower()], \
+      bad.stderr[-2000:]  # Orbax's INFO lines stay out unless --library_logs
+
+
+def test_benchmark_image_paths_stay_inside_the_image_root(model, tmp_path):
+  """`..`, an absolute path and a symlink out of --image-root are an error naming the question
+  (skip mode counts them); a symlink that stays inside is read. Training's check, reused."""
+  root = tmp_path / "root"
+  (root / "documents").mkdir(parents=True)
+  Image.new("RGB", (32, 32), (200, 0, 0)).save(root / "documents" / "ok.png")
+  Image.new("RGB", (32, 32), (0, 0, 200)).save(tmp_path / "secret.png")
+  (root / "documents" / "inside.png").symlink_to(root / "documents" / "ok.png")
+  (root / "documents" / "out.png").symlink_to(tmp_path / "secret.png")
+  images = {"q-ok": "documents/ok.png", "q-inside": "documents/inside.png", "q-dotdot": "../secret.png",
+            "q-absolute": str(tmp_path / "secret.png"), "q-symlink": "documents/out.png"}
+  data = tmp_path / "docvqa.json"
+  data.write_text(json.dumps({"data": [{"questionId": k, "image": v, "question": "What?", "answers": ["x"]}
+                                       for k, v in images.items()]}))
+  qs = readers.read("docvqa", str(data), str(root))
+  for bad in ("q-dotdot", "q-absolute", "q-symlink"):
+    with pytest.raises(runner_lib.EvalError, match=f"question {bad}: image .* outside the image directory"):
+      _runner(model).pixels(next(q for q in qs if q.qid == bad))
+  summary = runner_lib.evaluate(_runner(model, on_bad_image="skip"), "docvqa", qs, str(tmp_path / "out"))
+  assert summary["metrics"]["skipped"] == 3 and summary["metrics"]["questions"] == 2
+  skipped = {r["question_id"] for r in _lines(str(tmp_path / "out")) if "skipped" in r}
+  assert skipped == {"q-dotdot", "q-absolute", "q-symlink"}
+
+
+def test_a_thin_image_bomb_is_refused_before_decoding_naming_the_question(model, tmp_path, monkeypatch):
+  from ee_mllm_jax.data import images as image_lib  # pylint: disable=g-import-not-at-top
+  root = tmp_path / "root"
+  root.mkdir()
+  Image.new("RGB", (20000, 1), (255, 255, 255)).save(root / "thin.png", optimize=True)
+  assert os.path.getsize(root / "thin.png") < 200
+  Image.new("RGB", (32, 32), (200, 0, 0)).save(root / "ok.png")
+  data = tmp_path / "docvqa.json"
+  data.write_text(json.dumps({"data": [{"questionId": k, "image": v, "question": "What?", "answers": ["x"]}
+                                       for k, v in (("q-thin", "thin.png"), ("q-ok", "ok.png"))]}))
+  qs = readers.read("docvqa", str(data), str(root))
+  padded = []
+  real_pad = image_lib.expand_to_square
+  monkeypatch.setattr(image_lib, "expand_to_square", lambda img, fill: padded.append(img.size) or real_pad(img, fill))
+  with pytest.raises(runner_lib.EvalError, match=r"question q-thin: image is 20000 x 1 pixels, beyond the bounds"):
+    runner_lib.evaluate(_runner(model), "docvqa", qs, str(tmp_path / "raise"))
+  summary = runner_lib.evaluate(_runner(model, on_bad_image="skip"), "docvqa", qs, str(tmp_path / "skip"))
+  assert summary["metrics"]["skipped"] == 1 and summary["metrics"]["questions"] == 1
+  assert padded == [(32, 32)]  # only ok.png: the thin image was never decoded nor padded
+
+
+@pytest.mark.parametrize("kind", ["image marker", "too long"])
+def test_a_question_that_cannot_be_asked_is_named_or_counted(model, bench, tmp_path, kind):
+  qs = readers.read("docvqa", bench.benchmarks["docvqa"], bench.root)[:4]
+  text = "What is <image> here?" if kind == "image marker" else " ".join(["colour"] * 400)
+  qs[1] = dataclasses.replace(qs[1], question=text)
+  message = "its text contains '<image>'" if kind == "image marker" else "its prompt has"
+  with pytest.raises(runner_lib.EvalError, match=f"question {qs[1].qid}: {re.escape(message)}"):
+    runner_lib.evaluate(_runner(model), "docvqa", qs, str(tmp_path / "raise"))
+  summary = runner_lib.evaluate(_runner(model, on_bad_image="skip"), "docvqa", qs, str(tmp_path / "skip"))
+  assert summary["metrics"]["skipped"] == 1 and summary["metrics"]["questions"] == 3
+  assert [r["question_id"] for r in _lines(str(tmp_path / "skip")) if "skipped" in r] == [qs[1].qid]

@@ -146,3 +146,22 @@ def test_an_unknown_config_field_is_one_line_naming_it(tiny_dataset, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == f"error: {field}: {message}"
+
+
+def test_a_second_train_py_on_a_running_workdir_is_refused_naming_the_holder(tiny_dataset, tmp_path):
+  """Two train.py on one workdir: the second exits 1 with one line naming the first (host, pid)
+  and writes nothing; the first is untouched."""
+  workdir = str(tmp_path / "run")
+  first = _start_and_wait(_command(tiny_dataset, workdir, 500), workdir, losses=1)
+  try:
+    second = subprocess.run(["timeout", "240"] + _command(tiny_dataset, workdir, 500), env=_env(2),
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 1, second.stderr[-3000:]
+    assert second.stderr.strip().splitlines()[-1].startswith(
+        f"error: workdir {workdir} is in use by another run (host {socket.gethostname()}, pid {first.pid}, lock ")
+    assert first.poll() is None  # still training
+  finally:
+    first.kill()
+    first.communicate(timeout=60)
+  steps = sorted(logged_losses(workdir))  # each step once: the refused run wrote no metrics
+  assert steps == list(range(1, len(steps) + 1))

@@ -66,6 +66,12 @@ def checkpoint_files(path: str) -> list[str]:
   if os.path.exists(index):
     with open(index) as f:
       files = sorted(set(json.load(f)["weight_map"].values()))
+    root = os.path.realpath(path)
+    outside = [name for name in files if not isinstance(name, str) or os.path.commonpath(
+        [os.path.realpath(os.path.join(root, name)), root]) != root]
+    if outside:
+      raise ValueError(f"{index} names shards outside {path}: {outside[:3]} (a shard is a file in the checkpoint's "
+                       "directory)")
     missing = [name for name in files if not os.path.exists(os.path.join(path, name))]
     if missing:
       raise FileNotFoundError(f"{index} lists shards that are not there: {missing[:3]}")

@@ -20,6 +20,16 @@ from PIL import Image, ImageOps
 PreprocessMode = Literal["pad", "resize", "crop"]
 Background = Literal["white", "mean"]
 
+# Bounds read from the header, before anything is decoded (Pillow's Image.open is lazy): Pillow's
+# own bomb guard bounds the pixel count (w * h), not the square that padding builds (max(w, h)^2),
+# so a 20000 x 1 PNG of 99 bytes would pass it and then take 1.2 GB to pad.
+MAX_SIDE = 16384  # pixels on the longer side (JPEG's own limit is 65535)
+MAX_ASPECT = 32.0  # longer side / shorter side
+# Padding happens at most at this size: a larger image is first shrunk by an integer box filter
+# (Image.reduce), so the pad canvas is at most PAD_MAX_SIDE^2 pixels; images up to this size take
+# LLaVA's exact path (pad at full size, then resize).
+PAD_MAX_SIDE = 4096
+
 
 class ImageError(Exception):
   """An image file that cannot be used; `reason` is one of the bad-record reasons."""
@@ -31,6 +41,28 @@ class ImageError(Exception):
 
   def __str__(self):
     return self.message
+
+
+def contained_path(root: str, path: str, *, hint: str = "") -> str:
+  """`path` (relative to `root`; an absolute one replaces it) resolved, `..` and symlinks
+  followed; ImageError("outside_image_root") when that leaves `root`. Training's records and
+  eval.py's benchmark files go through this one check."""
+  root = os.path.realpath(root)
+  resolved = os.path.realpath(os.path.join(root, path))
+  if os.path.commonpath([resolved, root]) != root:
+    raise ImageError("outside_image_root", f"image {path!r} resolves to {resolved}, outside the image directory "
+                     f"{root}" + (f" ({hint})" if hint else ""))
+  return resolved
+
+
+def check_header(img: Image.Image, name: str):
+  """Refuses, from the header alone, an image whose side or aspect ratio is out of bounds."""
+  width, height = img.size
+  if width < 1 or height < 1:
+    raise ImageError("corrupt_image", f"image has no pixels ({width} x {height}): {name}")
+  if max(width, height) > MAX_SIDE or max(width, height) > MAX_ASPECT * min(width, height):
+    raise ImageError("image_too_large", f"image is {width} x {height} pixels, beyond the bounds (longer side <= "
+                     f"{MAX_SIDE}, aspect ratio <= {MAX_ASPECT:g}); not decoded: {name}")
 
 
 def mean_colour(mean: tuple[float, float, float]) -> tuple[int, int, int]:
@@ -52,8 +84,11 @@ def open_image(path: str) -> Image.Image:
     with warnings.catch_warnings():
       warnings.simplefilter("error", Image.DecompressionBombWarning)
       with Image.open(path) as img:
+        check_header(img, path)
         img.load()
         return ImageOps.exif_transpose(img)
+  except ImageError:
+    raise
   except Image.UnidentifiedImageError:
     raise ImageError("not_an_image", f"not an image file: {path}") from None
   except Exception as e:  # truncated data, bad CRC, decompression bomb, codec errors
@@ -116,6 +151,8 @@ def preprocess(img: Image.Image, *, size: int, mean, std, mode: PreprocessMode =
   """A decoded image -> (size, size, 3) float32, normalised with the tower's mean/std."""
   fill = mean_colour(mean)
   img = to_rgb(img, (255, 255, 255) if background == "white" else fill)
+  if mode == "pad" and max(img.size) > PAD_MAX_SIDE:  # shrink first, then pad: the canvas stays bounded
+    img = img.reduce(-(-max(img.size) // PAD_MAX_SIDE))
   if mode == "pad":
     img = expand_to_square(img, fill)
   if mode == "resize":
@@ -151,8 +188,11 @@ def load_pixels_from_bytes(data: bytes, name: str, **kwargs) -> np.ndarray:
     with warnings.catch_warnings():
       warnings.simplefilter("error", Image.DecompressionBombWarning)
       with Image.open(io.BytesIO(data)) as img:
+        check_header(img, name)
         img.load()
         img = ImageOps.exif_transpose(img)
+  except ImageError:
+    raise
   except Image.UnidentifiedImageError:
     raise ImageError("not_an_image", f"not an image: {name}") from None
   except Exception as e:  # truncated data, bad CRC, decompression bomb, codec errors

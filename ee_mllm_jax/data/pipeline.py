@@ -63,6 +63,7 @@ BAD_RECORD_REASONS = (
     "not_an_image",
     "corrupt_image",  # truncated, bad data, unconvertible
     "outside_image_root",  # the path (symlinks resolved) leaves the image directory
+    "image_too_large",  # side or aspect ratio beyond data.images' bounds (read from the header)
     "null_record",  # a JSON null where a record should be
 )
 
@@ -301,14 +302,9 @@ class EncodeRecord:
   def _image_path(self, path: str) -> str:
     """The file `path` names, relative to the image directory; a path that leaves it (after
     resolving `..` and symlinks) is refused unless the config allows it."""
-    full = os.path.join(self.image_dir, path)  # an absolute `path` replaces the directory
     if self.cfg.allow_images_outside_root:
-      return full
-    resolved = os.path.realpath(full)
-    if os.path.commonpath([resolved, self.image_dir]) != self.image_dir:
-      raise image_lib.ImageError("outside_image_root", f"image {path!r} resolves to {resolved}, outside the image "
-                                 f"directory {self.image_dir} (allow_images_outside_root=True allows it)")
-    return resolved
+      return os.path.join(self.image_dir, path)  # an absolute `path` replaces the directory
+    return image_lib.contained_path(self.image_dir, path, hint="allow_images_outside_root=True allows it")
 
   def _layout(self, turns: text_lib.Turns) -> text_lib.TextLayout:
     """Never cuts inside a turn (or an image): too long is a bad record, or with

@@ -8,10 +8,12 @@ import os
 from ee_mllm_jax import batch as batch_lib
 from ee_mllm_jax import mode as mode_lib
 from ee_mllm_jax import sharding
+from ee_mllm_jax import storage
 from ee_mllm_jax.evaluation import circular
 from ee_mllm_jax.evaluation import model as model_lib
 from ee_mllm_jax.evaluation import prompts as prompts_lib
 from ee_mllm_jax.evaluation import readers
+from ee_mllm_jax.evaluation import run_header
 from ee_mllm_jax.evaluation import runner as runner_lib
 from ee_mllm_jax.train import checkpoint as ckpt_lib
 
@@ -21,7 +23,7 @@ class UsageError(ValueError):
 
 
 USER_ERRORS = (UsageError, FileNotFoundError, readers.BenchmarkFormatError, runner_lib.EvalError,
-               ckpt_lib.ConfigMismatchError, batch_lib.BatchError)
+               ckpt_lib.ConfigMismatchError, batch_lib.BatchError, run_header.MixedRunError, storage.DiskFullError)
 
 
 def load_model(config, *, checkpoint: str | None, hf: str | None) -> model_lib.EvalModel:
@@ -58,12 +60,15 @@ def ask(runner: runner_lib.Runner, image: str, question: str) -> str:
   q = readers.Question("cli", os.path.abspath(image), "cli", question, ("",))
   (item,) = runner.items("ask", [q])
   item.layout = runner.encoder.prompt(question)  # the user's words as they are, no answer-style suffix
+  runner.check_layout(q, item.layout)
   return runner._generate([item], [runner.pixels(q)], [0])[0]  # pylint: disable=protected-access
 
 
 def run(config, *, checkpoint=None, hf=None, benchmark=None, data=None, image_root=None, out=None, image=None,
-        question=None) -> tuple[str, bool]:
-  """-> (what to print, whether the run completed: False after SIGTERM)."""
+        question=None, overwrite=False) -> tuple[str, bool]:
+  """-> (what to print, whether the run completed: False after SIGTERM). The benchmark file is
+  read (and a bad one refused) before the model loads; `out` resumes only the predictions of
+  this very run (`run_header`), or with `overwrite` starts afresh."""
   if image or question:
     if not (image and question):
       raise UsageError("--image and --question go together")
@@ -75,6 +80,10 @@ def run(config, *, checkpoint=None, hf=None, benchmark=None, data=None, image_ro
     raise UsageError("give --benchmark and --data (or --image and --question)")
   elif not os.path.exists(data):
     raise FileNotFoundError(f"--data {data} does not exist")
+  if not image:  # a bad benchmark file is reported before a model is loaded
+    questions = readers.read(benchmark, data, image_root)
+    if benchmark == "mmbench" and config.mmbench_rotations:
+      questions = circular.with_rotations(questions)
   model = load_model(config, checkpoint=checkpoint, hf=hf)
   try:
     mesh = sharding.make_mesh(dict(config.mesh))
@@ -84,12 +93,11 @@ def run(config, *, checkpoint=None, hf=None, benchmark=None, data=None, image_ro
   if image:
     run_settings = runner_lib.EvalSettings(**{**run_settings.__dict__, "batch_size": 1, "progress_bar": False})
     return ask(runner_lib.Runner(model, run_settings, mesh), image, question), True
-  questions = readers.read(benchmark, data, image_root)
-  if benchmark == "mmbench" and config.mmbench_rotations:
-    questions = circular.with_rotations(questions)
   out = out or os.path.join("eval_out", benchmark)
-  summary = runner_lib.evaluate(runner_lib.Runner(model, run_settings, mesh), benchmark, questions, out)
-  summary.update(model=model.source, data=os.path.abspath(data), out=os.path.abspath(out))
-  with open(os.path.join(out, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=1)
+  with storage.writing(out):
+    run_header.prepare(out, run_header.make(benchmark, data, image_root, model, config), overwrite=overwrite)
+    summary = runner_lib.evaluate(runner_lib.Runner(model, run_settings, mesh), benchmark, questions, out)
+    summary.update(model=model.source, data=os.path.abspath(data), out=os.path.abspath(out))
+    with open(os.path.join(out, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=1)
   return runner_lib.summary_table(summary), not summary["run"]["stopped"]

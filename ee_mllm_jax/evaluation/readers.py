@@ -50,6 +50,7 @@ class Question:
   l2_category: str | None = None
   index: int | None = None  # MMBench: the row's index (circular group = index % 1_000_000)
   ocr_tokens: tuple[str, ...] = ()
+  image_root: str | None = None  # a file `image` must resolve inside it (`images.contained_path`)
 
 
 def _absent(value) -> bool:
@@ -101,8 +102,12 @@ def _unique(questions: list[Question], path: str) -> list[Question]:
   return questions
 
 
+def _root(path: str, image_root: str | None) -> str:
+  return os.path.abspath(image_root or os.path.dirname(os.path.abspath(path)))
+
+
 def read_textvqa(path: str, image_root: str | None = None) -> list[Question]:
-  root, rows = image_root or os.path.dirname(os.path.abspath(path)), _Rows(path)
+  root, rows = _root(path, image_root), _Rows(path)
   questions = []
   for i, r in enumerate(_load_json(path, "data")[1]):
     qid = r.get("question_id", f"#{i}") if isinstance(r, dict) else f"#{i}"
@@ -117,12 +122,13 @@ def read_textvqa(path: str, image_root: str | None = None) -> list[Question]:
       rows.fail(where, "'ocr_tokens' must be a list of strings")
     image = r.get("image_path") or os.path.join("train_images", f"{image_id}.jpg")
     questions.append(Question(str(qid), os.path.join(root, image), f"file:{image}",
-                              rows.field(r, "question", where), tuple(answers), ocr_tokens=tuple(ocr)))
+                              rows.field(r, "question", where), tuple(answers), ocr_tokens=tuple(ocr),
+                              image_root=root))
   return _unique(questions, path)
 
 
 def read_docvqa(path: str, image_root: str | None = None) -> list[Question]:
-  root, rows = image_root or os.path.dirname(os.path.abspath(path)), _Rows(path)
+  root, rows = _root(path, image_root), _Rows(path)
   questions = []
   for i, r in enumerate(_load_json(path, "data")[1]):
     qid = r.get("questionId", f"#{i}") if isinstance(r, dict) else f"#{i}"
@@ -133,7 +139,7 @@ def read_docvqa(path: str, image_root: str | None = None) -> list[Question]:
     if not answers or not all(isinstance(a, str) for a in answers):
       rows.fail(where, "'answers' must be a non-empty list of strings")
     questions.append(Question(str(qid), os.path.join(root, image), f"file:{image}",
-                              rows.field(r, "question", where), tuple(answers)))
+                              rows.field(r, "question", where), tuple(answers), image_root=root))
   return _unique(questions, path)
 
 
@@ -185,7 +191,7 @@ def read_mmbench(path: str, image_root: str | None = None) -> list[Question]:
 
 
 def read_seedbench(path: str, image_root: str | None = None) -> list[Question]:
-  root, rows = image_root or os.path.dirname(os.path.abspath(path)), _Rows(path)
+  root, rows = _root(path, image_root), _Rows(path)
   doc, items = _load_json(path, "questions")
   type_names = {v: k for k, v in (doc.get("question_type") or {}).items()}
   questions = []
@@ -203,7 +209,8 @@ def read_seedbench(path: str, image_root: str | None = None) -> list[Question]:
     questions.append(Question(str(rows.field(r, "question_id", where, (int, str))), os.path.join(root, image),
                               f"file:{image}", rows.field(r, "question", where), (answer,),
                               {k: str(v) for k, v in options.items()},
-                              category=type_names.get(type_id, type_names.get(str(type_id), str(type_id)))))
+                              category=type_names.get(type_id, type_names.get(str(type_id), str(type_id))),
+                              image_root=root))
   return _unique(questions, path)
 
 

@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ee_mllm_jax import batch as batch_lib
 from ee_mllm_jax import sharding
 from ee_mllm_jax.data import images as image_lib
-from ee_mllm_jax.data.text import TextLayout
+from ee_mllm_jax.data.text import IMAGE_PLACEHOLDER, TextLayout
 from ee_mllm_jax.evaluation import metrics as metrics_lib
 from ee_mllm_jax.evaluation import prompts as prompts_lib
 from ee_mllm_jax.evaluation.model import EvalModel
@@ -65,6 +65,7 @@ class _Item:
   layout: TextLayout  # the generation prompt
   prompt: str  # its rendered text
   options: list[TextLayout] | None = None  # SEED likelihood: one answered layout per option
+  skipped: str | None = None  # why the question cannot be asked (skip mode: counted, not run)
 
 
 def _round_up(n: int, m: int = 8) -> int:
@@ -103,21 +104,45 @@ class Runner:
   # -------------------------------------------------------------------------- inputs
 
   def items(self, benchmark: str, questions: Iterable[Question]) -> list[_Item]:
+    """The questions' prompts. One that cannot be asked (too long for the model, or with an
+    image marker in its text) is an EvalError naming it, or in skip mode (`on_bad_image`) an
+    item marked skipped, counted like a bad image."""
     out = []
     for q in questions:
-      msg = prompts_lib.message(q, benchmark, self.settings.style)
-      layout = self.encoder.prompt(msg)
-      if _bucket(self.model.buckets, len(layout.input_ids)) is None:
-        raise EvalError(f"question {q.qid}: its prompt has {len(layout.input_ids)} text tokens, more than the largest "
-                        f"bucket ({self.model.buckets[-1]})")
-      options = None
-      if benchmark == "seedbench" and self.settings.likelihood:
-        plain = prompts_lib.message(q, benchmark, self.settings.style, with_options=False)
-        options = [self.encoder.answered(plain, text) for text in q.options.values()]
-      rendered = "".join(t for t, _, _ in self.model.template.render(
-          [("human", "<image>\n" + msg)], prompt=True))
-      out.append(_Item(q, layout, rendered, options))
+      try:
+        out.append(self._item(benchmark, q))
+      except EvalError as e:
+        if self.settings.on_bad_image != "skip":
+          raise
+        log.warning("Skipping %s", e)
+        out.append(_Item(q, None, "", skipped=str(e)))
     return out
+
+  def check_layout(self, q: Question, layout: TextLayout):
+    """EvalError naming `q` when its prompt cannot run: more text than the largest bucket, or
+    other than the one image the prompt places (an "<image>" typed in the question)."""
+    if len(layout.image_starts) != 1:
+      raise EvalError(f"question {q.qid}: its text contains {IMAGE_PLACEHOLDER!r}, the marker of the image's place, "
+                      "which a question cannot hold")
+    if _bucket(self.model.buckets, len(layout.input_ids)) is None:
+      raise EvalError(f"question {q.qid}: its prompt has {len(layout.input_ids)} text tokens, more than the largest "
+                      f"bucket ({self.model.buckets[-1]})")
+
+  def _item(self, benchmark: str, q: Question) -> _Item:
+    msg = prompts_lib.message(q, benchmark, self.settings.style)
+    layout = self.encoder.prompt(msg)
+    self.check_layout(q, layout)
+    options = None
+    if benchmark == "seedbench" and self.settings.likelihood:
+      plain = prompts_lib.message(q, benchmark, self.settings.style, with_options=False)
+      options = [self.encoder.answered(plain, text) for text in q.options.values()]
+      for option in options:
+        if len(option.image_starts) != 1:
+          raise EvalError(f"question {q.qid}: an option contains {IMAGE_PLACEHOLDER!r}, the marker of the image's "
+                          "place, which a question cannot hold")
+    rendered = "".join(t for t, _, _ in self.model.template.render(
+        [("human", "<image>\n" + msg)], prompt=True))
+    return _Item(q, layout, rendered, options)
 
   def pixels(self, q: Question) -> np.ndarray:
     m, cfg = self.model, self.model.cfg.vision
@@ -126,7 +151,10 @@ class Runner:
     try:
       if isinstance(q.image, bytes):
         return image_lib.load_pixels_from_bytes(q.image, f"the image of question {q.qid}", **kw)
-      return image_lib.load_pixels(q.image, **kw)
+      path = q.image
+      if q.image_root is not None:  # the benchmark file's paths stay inside --image-root
+        path = image_lib.contained_path(q.image_root, path)
+      return image_lib.load_pixels(path, **kw)
     except image_lib.ImageError as e:
       raise EvalError(f"question {q.qid}: {e}") from None
 
@@ -249,6 +277,10 @@ class Runner:
           break
         records, kept, pixels, image_of_row, seen = [], [], [], [], {}
         for it in batch:
+          if it.skipped:
+            records.append(dict(question_id=it.q.qid, skipped=it.skipped))
+            counts["skipped"] += 1
+            continue
           key = it.q.image_key
           if key not in seen:
             try:

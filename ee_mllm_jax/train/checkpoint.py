@@ -8,7 +8,8 @@ A checkpoint directory holds, per step:
     <step>/config   JSON: {"model": ModelConfig.to_dict(), "data": {tokenizer_file, template,
                     system_prompt, ...}, "tokenizer": the tokenizer.json text, "experiment": the
                     whole ml_collections config}
-    <step>/integrity JSON: sum |x| of every state leaf, checked on restore
+    <step>/integrity JSON: CRC-32 of every state leaf's bytes and of each process's iterator
+                    state (`ee_mllm_jax.integrity`), checked on restore here and by `load_model`
 
 so `load_model(path)` rebuilds the model (and `load_tokenizer(path)` its tokenizer) with nothing
 but the directory. Restoring takes an abstract target with shardings, so a checkpoint written
@@ -27,13 +28,20 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from ee_mllm_jax import integrity
 from ee_mllm_jax import params as params_lib
 from ee_mllm_jax import mode as mode_lib
+from ee_mllm_jax import storage
 from ee_mllm_jax.config import ModelConfig
 
 
 class ConfigMismatchError(ValueError):
   """A checkpoint written by a different model than the one asked to load it."""
+
+
+class DamagedCheckpointError(ValueError):
+  """A checkpoint whose files cannot be read, or whose contents fail their checksums or are
+  not finite; the message is one line naming it."""
 
 
 def check_model_config(saved: ModelConfig, run: ModelConfig, source: str):
@@ -82,8 +90,10 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     if self.run_config is not None:
       items["config"] = ocp.args.JsonSave(self.run_config)
-    items["integrity"] = ocp.args.JsonSave({"abs_sums": fingerprint(state)})
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    with storage.writing(os.path.join(self.directory, str(step))):
+      items["integrity"] = ocp.args.JsonSave(integrity.record(
+          state, data_iterator.get_state() if data_iterator is not None else None))
+      return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def run_config_at(self, step: int) -> dict[str, Any] | None:
     """The "config" item of `step`, or None for a checkpoint written without one."""
@@ -102,7 +112,7 @@ class Checkpointer:
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     state = self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
-    check_fingerprint(state, os.path.join(self.directory, str(step)))
+    check_integrity(state, os.path.join(self.directory, str(step)), data_iterator)
     return state
 
   def due(self, step: int) -> bool:
@@ -154,10 +164,12 @@ class Checkpointer:
     self.manager.reload()
 
   def wait(self):
-    self.manager.wait_until_finished()
+    with storage.writing(self.directory):  # an asynchronous save's error surfaces here
+      self.manager.wait_until_finished()
 
   def close(self):
-    self.manager.close()
+    with storage.writing(self.directory):
+      self.manager.close()
 
 
 @jax.jit
@@ -178,12 +190,29 @@ def fingerprint(state) -> dict[str, float]:
   return dict(zip(paths, (float(v) for v in jax.device_get(_abs_sums(state)))))
 
 
+def check_integrity(state, step_dir: str, data_iterator=None):
+  """Raises ValueError when a restored `state` (or `data_iterator`'s restored state) differs
+  from the checksums saved with it. Checkpoints written before checksums (with the older
+  sum-|x| record, or none) are accepted with a warning: refusing them would strand every run
+  that predates this check, and their damage was never detectable byte by byte."""
+  saved = _read_json_item(step_dir, "integrity")
+  if saved is None or "leaves" not in saved:
+    logging.warning("Checkpoint %s was written without checksums (before they were recorded): damage to its "
+                    "files may go unnoticed%s", step_dir, "; checking its sums of |x| only" if saved else "")
+    if saved is not None:
+      check_fingerprint(state, step_dir)
+    return
+  integrity.verify_leaves(state, saved["leaves"], f"checkpoint {step_dir}")
+  if data_iterator is not None:
+    integrity.verify_data(data_iterator.get_state(), saved.get("data"), f"checkpoint {step_dir}")
+
+
 def check_fingerprint(state, step_dir: str, rtol: float = 1e-3):
   """Raises ValueError when `state` differs from the fingerprint saved with it (a checkpoint
   written before fingerprints were saved has none and passes). The tolerance allows for
-  another summation order on another mesh."""
+  another summation order on another mesh. Kept for checkpoints written before checksums."""
   saved = _read_json_item(step_dir, "integrity")
-  if saved is None:
+  if saved is None or "abs_sums" not in saved:
     return
   saved = saved["abs_sums"]
   now = fingerprint(state)
@@ -251,9 +280,32 @@ def load_params(path: str, abstract_params: dict[str, Any]) -> dict[str, Any]:
   have = params_lib.flatten(saved_params)
   subset = params_lib.unflatten({k: v for k, v in params_lib.flatten(abstract_params).items() if k in have})
   item = {"params": subset} if wrapped else subset
-  restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+  try:
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+  except Exception as e:  # pylint: disable=broad-except
+    raise DamagedCheckpointError(f"checkpoint {path} cannot be read: {_first_line(e)}") from None
+  step_dir = os.path.dirname(path) if os.path.basename(path) == "state" else None
+  if step_dir is not None and os.path.isdir(os.path.join(step_dir, "integrity")):
+    try:
+      saved = _read_json_item(step_dir, "integrity")
+    except Exception as e:  # pylint: disable=broad-except
+      raise DamagedCheckpointError(f"checkpoint {step_dir}: its integrity record cannot be read: "
+                                   f"{_first_line(e)}") from None
+    if isinstance(saved, dict) and "leaves" in saved:
+      try:
+        integrity.verify_leaves(restored, saved["leaves"], f"checkpoint {step_dir}", prefix="" if wrapped else
+                                "['params']")
+      except ValueError as e:
+        raise DamagedCheckpointError(str(e)) from None
+    else:
+      logging.warning("Checkpoint %s was written without checksums: damage to its files may go unnoticed", step_dir)
   return restored["params"] if wrapped else restored
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:300]
 
 
 def load_model(path: str, **overrides) -> tuple[ModelConfig, dict[str, Any]]:
@@ -273,6 +325,9 @@ def load_model(path: str, **overrides) -> tuple[ModelConfig, dict[str, Any]]:
   missing = params_lib.InitReport.of(abstract, params).initialised
   if missing:
     raise ValueError(f"{resolve_step_dir(path)} lacks parameters of its own model: {list(missing[:5])}")
+  if not all_finite(params):
+    raise DamagedCheckpointError(f"checkpoint {resolve_step_dir(path)} holds non-finite parameters: its files "
+                                 "are damaged")
   return cfg, params
 
 

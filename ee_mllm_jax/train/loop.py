@@ -30,6 +30,8 @@ from ee_mllm_jax import experiment
 from ee_mllm_jax import flops
 from ee_mllm_jax import params as params_lib
 from ee_mllm_jax import sharding
+from ee_mllm_jax import storage
+from ee_mllm_jax import workdir_lock
 from ee_mllm_jax.config import ModelConfig
 from ee_mllm_jax.models import EEMLLM
 from ee_mllm_jax.train import checkpoint as ckpt_lib
@@ -135,7 +137,20 @@ def _plot(path: str, history: list[dict], evals: list[dict]):
 
 
 def train(config) -> dict[str, Any]:
-  """Trains as `config` says; returns the final metrics and where things were written."""
+  """Trains as `config` says; returns the final metrics and where things were written. The
+  workdir is locked for the run (`workdir_lock`): a second run on it is refused naming the
+  holder; a full disk at any write is a `storage.DiskFullError` naming the device and file."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  with contextlib.ExitStack() as held:
+    held.enter_context(workdir_lock.hold(config.workdir, jax.process_index()))
+    ckpt_dir = config.checkpoint.get("dir")
+    workdir = os.path.abspath(config.workdir)
+    if ckpt_dir and os.path.commonpath([os.path.abspath(ckpt_dir), workdir]) != workdir:
+      held.enter_context(workdir_lock.hold(ckpt_dir, jax.process_index()))  # checkpoints kept elsewhere
+    return _train(config)
+
+
+def _train(config) -> dict[str, Any]:
   # ------------------------------------------------------------------ processes, workdir
   is_main = jax.process_index() == 0
   workdir = os.path.abspath(config.workdir)
@@ -218,8 +233,9 @@ def train(config) -> dict[str, Any]:
 
   def write(record):
     if metrics_file:
-      metrics_file.write(json.dumps(record) + "\n")
-      metrics_file.flush()
+      with storage.writing(metrics_path):
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
 
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   bar = tqdm(total=n_steps, initial=start, disable=not is_main or not config.get("progress_bar", True),
@@ -344,7 +360,8 @@ def train(config) -> dict[str, Any]:
   final, phrases = ({}, []) if stopped_early else run_eval(step)
   plot_path = os.path.join(workdir, "loss.png")
   if is_main and history:
-    _plot(plot_path, history, evals)
+    with storage.writing(plot_path):
+      _plot(plot_path, history, evals)
   if metrics_file:
     metrics_file.close()
   summary = {"step": step, "stopped_early": stopped_early, "checkpoint": os.path.join(ckpt_dir, str(step)),
@@ -372,7 +389,8 @@ class NonFiniteError(RuntimeError):
 
 # What a user can cause and fix: train.py reports these in one line and exits with status 1.
 USER_ERRORS = (experiment.ConfigError, ckpt_lib.ConfigMismatchError, NonFiniteError, FileNotFoundError,
-               data_lib.BadRecordError, batch_lib.BatchError)
+               data_lib.BadRecordError, batch_lib.BatchError, workdir_lock.WorkdirLockedError,
+               storage.DiskFullError, ckpt_lib.DamagedCheckpointError)
 
 
 def truncate_metrics(path: str, step: int | None):
@@ -381,12 +399,32 @@ def truncate_metrics(path: str, step: int | None):
     return
   with open(path) as f:
     lines = f.readlines()
-  keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= (step or 0)]
-  if len(keep) != len(lines):
-    with open(path + ".tmp", "w") as f:
-      f.writelines(keep)
+  complete = complete_lines(path, lines)
+  keep = [line for line in complete if line.strip() and json.loads(line).get("step", 0) <= (step or 0)]
+  if len(keep) != len(lines) or (lines and not lines[-1].endswith("\n")):
+    with storage.writing(path + ".tmp"):
+      with open(path + ".tmp", "w") as f:
+        f.writelines(line if line.endswith("\n") else line + "\n" for line in keep)
     os.replace(path + ".tmp", path)
     logging.info("%s: dropped %d records after step %d", path, len(lines) - len(keep), step or 0)
+
+
+def complete_lines(path: str, lines: list[str]) -> list[str]:
+  """`lines` without a torn last line (a kill or a full disk in the middle of a write): one
+  that does not parse as JSON is dropped with a warning; a damaged line before the last is an
+  error naming it (that is not what an interrupted append leaves)."""
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      json.loads(line)
+    except ValueError:
+      if i == len(lines) - 1:
+        logging.warning("%s: dropping a torn last line (%d characters)", path, len(line))
+        return lines[:-1]
+      raise ValueError(f"{path}: line {i + 1} is not JSON; it is not a torn last line, so it is left "
+                       "for you to inspect") from None
+  return lines
 
 
 def load_pretrained(init_from, model_cfg: ModelConfig, abstract_params) -> dict[str, Any]:
