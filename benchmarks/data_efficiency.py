@@ -69,6 +69,7 @@ from ee_mllm_jax.evaluation import model as model_lib  # noqa: E402
 from ee_mllm_jax.evaluation import prompts as prompts_lib  # noqa: E402
 from ee_mllm_jax.evaluation import runner as runner_lib  # noqa: E402
 from ee_mllm_jax.generate import prefill, sample_token  # noqa: E402
+from ee_mllm_jax.mode import Composite, Cross, Self  # noqa: E402
 from ee_mllm_jax.train import checkpoint as ckpt_lib  # noqa: E402
 from ee_mllm_jax.train import loop as loop_lib  # noqa: E402
 from ee_mllm_jax.train.state import split_params  # noqa: E402
@@ -76,10 +77,8 @@ from ee_mllm_jax.train.state import split_params  # noqa: E402
 # The three modes, as ModelConfig switches of one model. Flamingo: a gated cross-attention block
 # before every second layer and a perceiver resampler (its ratio of latents to visual tokens, 1/4,
 # is Flamingo-7B's 64 of 256).
-MODES = {"llava": dict(attention="self", visual_ffn=True),
-         "ee-mllm": dict(attention="composite", visual_ffn=False),
-         "flamingo": dict(attention="cross", visual_ffn=False, cross_every=2, resampler_depth=2)}
-MODE_LABELS = {"llava": "LLaVA (self)", "ee-mllm": "EE-MLLM (composite)", "flamingo": "Flamingo (cross)"}
+MODES = {"llava": Self(), "ee-mllm": Composite(visual_ffn=False), "flamingo": Cross(every=2, resampler_depth=2)}
+MODE_LABELS = {key: f"{m.paper} ({m.name})" for key, m in MODES.items()}  # "LLaVA (self)", ...
 # Stage 1 trains the connector, stage 2 also the LLM (regexes over parameter paths, re.match).
 STAGE1 = {"llava": r"projector/", "ee-mllm": r"projector/", "flamingo": r"(projector|resampler|llm/cross)/"}
 STAGE2 = r"(projector|resampler|llm)/"
@@ -254,7 +253,7 @@ def model_config(scale: Scale, mode: str, tokenizer_size: int) -> eem.ModelConfi
                                **scale.vision)
   llm = base.llm.replace(vocab_size=tokenizer_size, **scale.llm)
   extra = dict(resampler_latents=scale.resampler_latents) if mode == "flamingo" else {}
-  return base.replace(vision=vision, llm=llm, **MODES[mode], **extra)
+  return base.replace(vision=vision, llm=llm, mode=MODES[mode], **extra)
 
 
 def run_config(cfg: eem.ModelConfig, *, workdir: str, train_file: str, ds, steps: int, lr: float, trainable: str,
@@ -509,7 +508,7 @@ def speed_table(base: eem.ModelConfig, image_sizes, *, text_len: int, repeats: i
     v = shape.tokens_per_image
     flamingo = dict(cross_every=4 if shape.llm.depth % 4 == 0 else shape.llm.depth, resampler_latents=64,
                     resampler_depth=6)
-    cfgs = {m: shape.replace(**{**MODES[m], **(flamingo if m == "flamingo" else {})}) for m in MODES}
+    cfgs = {m: shape.replace(mode=MODES[m], **(flamingo if m == "flamingo" else {})) for m in MODES}
     batch = jax.device_put(batch_lib.model_inputs(images_then_text(shape, batch=1, num_images=1, text_len=text_len)))
     params = None
     for mode, cfg in cfgs.items():

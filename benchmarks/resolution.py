@@ -38,12 +38,13 @@ from ee_mllm_jax.flops import decode_step_flops, forward_flops
 from common import images_then_text, median_ms, scaled_llava
 from ee_mllm_jax import batch as batch_lib
 from ee_mllm_jax.generate import decode, prefill, sample_token
+from ee_mllm_jax.mode import Composite, Cross, Self
 from ee_mllm_jax.params import overlay
 
-MODES = {"self": dict(attention="self", visual_ffn=True),  # LLaVA
-         "ee-mllm": dict(attention="composite", visual_ffn=False),
-         "ee-mllm-f": dict(attention="composite", visual_ffn=True),
-         "flamingo": dict(attention="cross", visual_ffn=False, cross_every=4, resampler_latents=64, resampler_depth=6)}
+MODES = {"self": Self(),  # LLaVA
+         "ee-mllm": Composite(visual_ffn=False),
+         "ee-mllm-f": Composite(visual_ffn=True),  # on the self model's weights
+         "flamingo": Cross(every=4, resampler_latents=64, resampler_depth=6)}
 
 
 def parse_args(argv=None):
@@ -89,10 +90,10 @@ def main(argv=None):
         f"vocab {c.vocab_size}; tower: width {base.vision.width}, {base.vision.num_layers_run} layers, "
         f"{p} tokens/image; batch {b}, prompt {t} text tokens, {n} new tokens, median of {args.repeats}")
 
-  params = jax.jit(eem.EEMLLM(base.replace(**MODES["self"])).init)(jax.random.key(0), **batch_lib.example(base))["params"]
+  params = jax.jit(eem.EEMLLM(base.replace(mode=MODES["self"])).init)(jax.random.key(0), **batch_lib.example(base))["params"]
   params = jax.block_until_ready(nn.meta.unbox(params))
   if "flamingo" in modes:  # the same LLM, tower and projector, plus the cross blocks and resampler
-    cross_cfg = base.replace(**MODES["flamingo"])
+    cross_cfg = base.replace(mode=MODES["flamingo"])
     fresh = jax.jit(eem.EEMLLM(cross_cfg).init)(jax.random.key(1), **batch_lib.example(cross_cfg))["params"]
     cross_params = jax.block_until_ready(overlay(nn.meta.unbox(fresh), params)[0])
 
@@ -106,7 +107,7 @@ def main(argv=None):
     next_pos = jnp.full((b,), v + t, jnp.int32)
     ttft_self = None
     for mode in modes:
-      cfg = base.replace(**MODES[mode])
+      cfg = base.replace(mode=MODES[mode])
       p_mode = cross_params if mode == "flamingo" else params
       slots = batch_lib.prefill_slots(cfg, batch) + n - 1
 
