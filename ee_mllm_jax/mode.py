@@ -7,7 +7,8 @@
                                             the FFN only with `visual_ffn`. Layers [0, from_layer) run
                                             self attention (a layer schedule).
     Cross(every=4, media="previous", ...)   Flamingo: visual tokens stay out of the decoder; a gated
-                                            cross-attention block before every `every`-th layer.
+                                            cross-attention block before layers every-1, 2*every-1,
+                                            ..., L-1 (OpenFlamingo's placement).
 
 EE-MLLM-F is not a mode of its own: it is `Composite(visual_ffn=True)` running weights trained in
 `Self()`. Which mode the weights were trained in is recorded apart (`ModelConfig.trained_mode`), so
@@ -143,7 +144,7 @@ class Composite(Mode):
 class Cross(Mode):
   name: ClassVar[str] = "cross"
   paper: ClassVar[str] = "Flamingo"
-  every: int = _flag("cross_every", 4, params=True, doc="a gated block before every k-th decoder layer")
+  every: int = _flag("cross_every", 4, params=True, doc="a gated block before decoder layers k-1, 2k-1, ..., L-1")
   media: str = _flag("cross_media", "previous", doc="images a token sees: 'previous' (Flamingo) or 'all'")
   ffn_mult: int = _flag("cross_ffn_mult", 4, params=True, doc="the blocks' FFN width, x the LLM width")
   resampler_latents: int = _flag("resampler_latents", 0, params=True, doc="latents per image (0: no resampler)")
@@ -168,7 +169,7 @@ class Cross(Mode):
       raise ValueError(f"cross_every must be a positive int, got {self.every!r}")
     if depth % self.every:
       raise ValueError(f"llm.depth {depth} is not a multiple of cross_every {self.every}: cross mode places a "
-                       "cross-attention block before every cross_every-th layer")
+                       "cross-attention block before the last layer of every group of cross_every layers")
     if self.media not in CROSS_MEDIA:
       raise ValueError(f"cross_media must be one of {CROSS_MEDIA}, got {self.media!r}")
     if self.ffn_mult < 1:

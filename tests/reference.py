@@ -9,7 +9,8 @@ RoPE is applied through explicit 2x2 rotations, GQA by repeating kv heads, every
 in numpy, so a shared bug in the model's helpers cannot hide here.
 
 Cross mode (Flamingo), `naive_cross_logits`: the decoder runs over text only (causal self mask);
-before layer i (i % cross_every == 0) a gated block cross-attends from the text to the media
+before layer i ((i + 1) % cross_every == 0, OpenFlamingo's placement) a gated block cross-attends
+from the text to the media
 (per image: the projected tokens, or a perceiver resampler's latents) with an explicit
 (T, I*M) media mask -- "all": every valid image placed before the token, "previous": only the
 latest such image -- and a token with no visible image gets zero attention output.
@@ -121,9 +122,11 @@ def naive_resampler(params, cfg, media):
   return _layer_norm(lat, p, "norm").reshape(b, i, -1, d)
 
 
-def naive_cross_logits(params, cfg, x_v, input_ids, pos_v, pos_t, image_valid, valid_t):
+def naive_cross_logits(params, cfg, x_v, input_ids, pos_v, pos_t, image_valid, valid_t, *, blocks_first=False):
   """Text logits (B, T, vocab) of cross mode. params: unboxed whole-model params; x_v (B, I*P, D)
-  the projected visual tokens, pos_v (B, I*P) their positions, image_valid (B, I)."""
+  the projected visual tokens, pos_v (B, I*P) their positions, image_valid (B, I).
+  `blocks_first`: the old, wrong placement (before layers 0, k, 2k, ...), for tests to show the
+  placement is checked."""
   c = cfg.llm
   b, n_img = image_valid.shape
   media = np.asarray(x_v, np.float64).reshape(b, n_img, -1, c.width)
@@ -142,7 +145,7 @@ def naive_cross_logits(params, cfg, x_v, input_ids, pos_v, pos_t, image_valid, v
   mask = valid_t[:, None, :] & (pos_t[:, None, :] <= pos_t[:, :, None])
   g = c.num_heads // c.num_kv_heads
   for i in range(c.depth):
-    if i % cfg.mode.every == 0:
+    if (i % cfg.mode.every == 0) if blocks_first else ((i + 1) % cfg.mode.every == 0):
       X = {k[len("cross/"):]: v[i // cfg.mode.every] for k, v in p.items() if k.startswith("cross/")}
       x = x + np.tanh(X["attn_gate"]) * _mha(_layer_norm(x, X, "norm"), media, X, media_mask)
       x = x + np.tanh(X["ff_gate"]) * _ffn(x, X, "ffn")

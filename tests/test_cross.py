@@ -20,11 +20,14 @@ from ee_mllm_jax.params import abstract_params, flatten, overlay
 # Two blocks (one before each of the tiny preset's two layers) so that the group scan runs twice.
 CFG = eem.ModelConfig.preset("tiny", attention="cross", cross_every=1)
 RESAMPLED = CFG.replace(resampler_latents=3, resampler_depth=2)
+# Four layers in two groups of two: blocks before layers 1 and 3 (OpenFlamingo's placement), so the
+# first block reads layer 0's output, and every group runs a layer, the block, a layer.
+GROUPED = CFG.replace(llm=CFG.llm.replace(depth=4), cross_every=2)
 # system prompt; two images with text between them ("previous" and "all" differ); text only; short.
 # The other modes' tests use the same batch shapes, so the suite compiles their forward once.
 PLANS = MIXED_PLANS
-VARIANTS = [CFG, CFG.replace(cross_media="all"), RESAMPLED]
-VARIANT_IDS = ["previous", "all", "resampler"]
+VARIANTS = [CFG, CFG.replace(cross_media="all"), RESAMPLED, GROUPED]
+VARIANT_IDS = ["previous", "all", "resampler", "every-2"]
 
 
 @functools.cache
@@ -94,6 +97,24 @@ def test_cross_mode_equals_naive_reference_with_explicit_media_mask(cfg):
   assert err < 1e-5, f"max relative error {err:.2e}"
 
 
+def test_blocks_sit_before_the_last_layer_of_each_group_as_in_openflamingo():
+  """OpenFlamingo runs a block before layer l when (l + 1) % k == 0 (layers 1 and 3 of 4 at k = 2),
+  never on the raw embeddings; the placement before layers 0, 2 (blocks first) is another function,
+  which the model does not compute."""
+  cfg = GROUPED
+  batch = make_batch(cfg, PLANS)
+  params = cross_params(cfg)
+  got = np.asarray(forward(cfg, params, batch), np.float64)
+  x_v = embed_image(cfg, params, batch["pixel_values"])
+  args = (params, cfg, x_v, batch["input_ids"], batch["visual_positions"], batch["text_positions"],
+          batch["image_valid"], batch["text_valid"])
+  want, blocks_first = naive_cross_logits(*args), naive_cross_logits(*args, blocks_first=True)
+  valid = batch["text_valid"]
+  rel = lambda a, b: np.max(np.abs(a - b)[valid]) / np.max(np.abs(b[valid]))
+  assert rel(got, want) < 1e-5
+  assert rel(got, blocks_first) > 1e-2, "the two placements should be different functions"
+
+
 def test_previous_and_all_differ_only_after_a_second_image():
   """Guards the reference test: the two masks are different functions where they should be."""
   batch = make_batch(CFG, PLANS)
@@ -105,8 +126,9 @@ def test_previous_and_all_differ_only_after_a_second_image():
   assert np.min(np.max(np.abs(prev[1] - every[1])[second & batch["text_valid"][1]], -1)) > 1e-4
 
 
-def test_cached_greedy_equals_repeated_full_forward_and_prefix_reuse():
-  cfg, steps = CFG, 6
+@pytest.mark.parametrize("cfg", [CFG, GROUPED], ids=["every-1", "every-2"])
+def test_cached_greedy_equals_repeated_full_forward_and_prefix_reuse(cfg):
+  steps = 6
   batch = make_batch(cfg, PLANS)
   params = cross_params(cfg)
   out = eem.generate(params, cfg, batch, max_new_tokens=steps)

@@ -4,8 +4,9 @@ Letters: B batch, T text tokens, I image slots, P tokens per image, R resampler 
 M media tokens per image (R with the resampler, else P), D width, N heads, H head dim,
 F FFN width (cross_ffn_mult x D).
 
-Visual tokens never enter the decoder's stream. Before every k-th decoder layer a
-`GatedCrossBlock` (OpenFlamingo's GatedCrossAttentionBlock) updates the text stream:
+Visual tokens never enter the decoder's stream. Before decoder layers k-1, 2k-1, ..., L-1
+(OpenFlamingo's placement: (l + 1) % k == 0) a `GatedCrossBlock` (OpenFlamingo's
+GatedCrossAttentionBlock) updates the text stream:
 
     x += tanh(attn_gate) * cross_attn(norm(x) -> q;  media -> k, v)
     x += tanh(ff_gate)   * ffn(ff_norm(x))                 (tanh-GELU, no biases)
