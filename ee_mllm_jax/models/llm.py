@@ -209,6 +209,7 @@ class CrossGroup(GatedCrossBlock):
 class LLM(nn.Module):
   cfg: LLMConfig
   mode: Mode  # its schedule, visual FFN per layer kind, and (Cross) the blocks' settings
+  media_dim: int = 0  # cross mode: the media's width E (0: the LLM's)
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   remat: str = "none"
@@ -227,7 +228,7 @@ class LLM(nn.Module):
     if cross:
       groups = scan_layers(CrossGroup, length=self.mode.blocks(c.depth), remat="none", unroll=self.unroll,
                            in_axes=(0, nn.broadcast, nn.broadcast))
-      self.cross = groups(c, self.mode.media, self.mode.ffn_mult, every=self.mode.every, remat=self.remat,
+      self.cross = groups(c, self.mode, self.media_dim or c.width, every=self.mode.every, remat=self.remat,
                           unroll=self.unroll, **kw)
     self.norm = RMSNorm(c.rms_norm_eps, **kw)
     if not c.tie_embeddings:
@@ -268,7 +269,7 @@ class LLM(nn.Module):
     """Both streams through every layer -> final text stream (B, T, D), per-layer (k, v) and, in
     cross mode, every block's cross (k, v) (G, B, I, M, N, H) (None in the other modes).
 
-    Cross mode: x_v (B, I, M, D) are the media, pos_v / valid_v (B, I) each image's last position
+    Cross mode: x_v (B, I, M, E) are the media, pos_v / valid_v (B, I) each image's last position
     and validity."""
     x_t = self.embed(input_ids)
     if self.mode.visual_in_decoder:
