@@ -158,9 +158,15 @@ DECAYED = {  # the exact decayed paths of each mode's stacked tree (tiny preset)
     "composite": _VISION_DECAYED + _PROJECTOR_DECAYED + _LLM_DECAYED,
     "cross+resampler": _VISION_DECAYED + _PROJECTOR_DECAYED + _LLM_DECAYED + [f"llm/cross/{m}" for m in _CROSS_MATRICES]
                        + [f"resampler/layers/{m}" for m in _CROSS_MATRICES],
+    # OpenFlamingo's shape: media at the tower's width, no projector
+    "cross+resampler, vision width": _VISION_DECAYED + _LLM_DECAYED + [f"llm/cross/{m}" for m in _CROSS_MATRICES]
+                                     + [f"resampler/layers/{m}" for m in _CROSS_MATRICES],
 }
 DECAY_CONFIGS = {"self": dict(attention="self", visual_ffn=True), "composite": dict(attention="composite"),
-                 "cross+resampler": dict(attention="cross", cross_every=1, resampler_latents=3, resampler_depth=2)}
+                 "cross+resampler": dict(attention="cross", cross_every=1, resampler_latents=3, resampler_depth=2),
+                 "cross+resampler, vision width": dict(attention="cross", cross_every=1, resampler_latents=3,
+                                                       resampler_depth=2, cross_heads=2, cross_head_dim=8,
+                                                       cross_media_width="vision")}
 
 
 @pytest.mark.parametrize("mode", list(DECAYED))
