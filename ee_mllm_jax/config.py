@@ -327,6 +327,22 @@ class ModelConfig(_Replaceable):
     return self.mode.blocks(self.llm.depth) if isinstance(self.mode, mode_lib.Cross) else 0
 
   @property
+  def has_projector(self) -> bool:
+    """Whether the model has a projector: every mode but cross with media at the vision width."""
+    return not (isinstance(self.mode, mode_lib.Cross) and self.mode.media_width == "vision")
+
+  @property
+  def media_width(self) -> int:
+    """The width of the visual tokens the decoder (or, in cross mode, its blocks) reads: the
+    LLM's after the projector, the tower's without one."""
+    return self.llm.width if self.has_projector else self.vision.width
+
+  @property
+  def cross_attention_shape(self) -> tuple[int, int]:
+    """Cross mode: (heads, head dim) of the blocks and the resampler."""
+    return self.mode.attention_shape(self.llm.num_heads, self.llm.head_dim)
+
+  @property
   def media_tokens_per_image(self) -> int:
     """Cross mode: the keys/values per image the blocks read (resampler latents, or P)."""
     return getattr(self.mode, "resampler_latents", 0) or self.tokens_per_image

@@ -13,7 +13,9 @@ Cross mode (Flamingo): the decoder runs over text only (T queries, T keys); each
 L / cross_every gated blocks projects T queries and the I*M media keys/values (M = resampler
 latents or P per image), scores T x I*M (also with "previous" masking: every image is scored,
 the latest visible one kept) and runs its FFN (width cross_ffn_mult x D) on the text; the
-resampler runs per image, R latents attending to P + R keys.
+resampler runs per image, R latents attending to P + R keys. The cross modules' attention has its
+own shape (`cross_heads` x `cross_head_dim`, by default the LLM's) and reads media of width E (the
+LLM's after the projector, or the tower's with `cross_media_width="vision"`, then no projector).
 
 Letters: V visual tokens, T text tokens, S = V + T keys, D width, N/K query/kv heads,
 H head dim, F MLP width, P patches per image, I images, M media tokens per image, R latents.
@@ -37,6 +39,9 @@ def vision_flops(cfg: VisionConfig, *, images: int) -> float:
 
 
 def projector_flops(cfg: ModelConfig, *, images: int) -> float:
+  """0 without a projector (cross mode with media at the vision width)."""
+  if not cfg.has_projector:
+    return 0.0
   d_in, d = cfg.vision.width, cfg.llm.width
   per_token = 2 * d_in * d + (2 * d * d if cfg.projector == "mlp2x_gelu" else 0)
   return images * cfg.tokens_per_image * per_token
@@ -57,24 +62,28 @@ def _layer_flops(c, *, queries: int, keys: int, ffn_tokens: int, aligner_tokens:
 
 def cross_block_flops(cfg: ModelConfig, *, queries: int, media: int) -> tuple[float, float, float]:
   """One gated cross-attention block: text `queries` against `media` keys/values ->
-  (linear incl. FFN, attention, softmax)."""
+  (linear incl. FFN, attention, softmax). Queries at the LLM width D, keys/values from the media
+  width E, N x H cross heads (`ModelConfig.cross_attention_shape`)."""
   c = cfg.llm
-  d, nh = c.width, c.num_heads * c.head_dim
+  heads, head_dim = cfg.cross_attention_shape
+  d, e, nh = c.width, cfg.media_width, heads * head_dim
   linear = (2 * queries * d * nh * 2  # q_proj, o_proj
-            + 2 * media * d * nh * 2  # k_proj, v_proj over the media
+            + 2 * media * e * nh * 2  # k_proj, v_proj over the media
             + 2 * queries * 2 * d * cfg.mode.ffn_mult * d)  # FFN up, down
   attention = 2 * 2 * queries * media * nh
-  return linear, attention, SOFTMAX_FLOPS_PER_SCORE * queries * media * c.num_heads
+  return linear, attention, SOFTMAX_FLOPS_PER_SCORE * queries * media * heads
 
 
 def resampler_flops(cfg: ModelConfig, *, images: int) -> float:
-  """Perceiver resampler over `images` images (0 when off)."""
-  r, p, c = getattr(cfg.mode, "resampler_latents", 0), cfg.tokens_per_image, cfg.llm
+  """Perceiver resampler over `images` images (0 when off), at the media width E with the cross
+  heads: R latents attend to P + R keys, FFN 4 x E."""
+  r, p = getattr(cfg.mode, "resampler_latents", 0), cfg.tokens_per_image
   if not r:
     return 0.0
-  d, nh = c.width, c.num_heads * c.head_dim
-  per_layer = (2 * r * d * nh * 2 + 2 * (p + r) * d * nh * 2 + 2 * r * 2 * d * 4 * d
-               + 2 * 2 * r * (p + r) * nh + SOFTMAX_FLOPS_PER_SCORE * r * (p + r) * c.num_heads)
+  heads, head_dim = cfg.cross_attention_shape
+  e, nh = cfg.media_width, heads * head_dim
+  per_layer = (2 * r * e * nh * 2 + 2 * (p + r) * e * nh * 2 + 2 * r * 2 * e * 4 * e
+               + 2 * 2 * r * (p + r) * nh + SOFTMAX_FLOPS_PER_SCORE * r * (p + r) * heads)
   return images * cfg.mode.resampler_depth * per_layer
 
 
@@ -137,5 +146,6 @@ def decode_step_flops(cfg: ModelConfig, *, cache_len: int, batch: int = 1, media
   cross = 0.0
   if not cfg.mode.visual_in_decoder:
     x_lin, _, _ = cross_block_flops(cfg, queries=1, media=0)
-    cross = cfg.cross_blocks * (x_lin + 2 * 2 * media_len * n * h)
+    heads, head_dim = cfg.cross_attention_shape
+    cross = cfg.cross_blocks * (x_lin + 2 * 2 * media_len * heads * head_dim)
   return batch * (c.depth * per_layer + cross + 2 * d * c.vocab_size)

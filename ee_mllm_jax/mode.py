@@ -7,7 +7,8 @@
                                             the FFN only with `visual_ffn`. Layers [0, from_layer) run
                                             self attention (a layer schedule).
     Cross(every=4, media="previous", ...)   Flamingo: visual tokens stay out of the decoder; a gated
-                                            cross-attention block before every `every`-th layer.
+                                            cross-attention block before layers every-1, 2*every-1,
+                                            ..., L-1 (OpenFlamingo's placement).
 
 EE-MLLM-F is not a mode of its own: it is `Composite(visual_ffn=True)` running weights trained in
 `Self()`. Which mode the weights were trained in is recorded apart (`ModelConfig.trained_mode`), so
@@ -26,6 +27,8 @@ from typing import Any, ClassVar, Literal
 # A decoder layer's kind: does it run visual queries ("self") or the aligner ("composite")?
 LayerKind = Literal["self", "composite"]
 CROSS_MEDIA = ("previous", "all")
+CROSS_FFN_ACTIVATIONS = ("gelu", "gelu_tanh")
+CROSS_MEDIA_WIDTHS = ("llm", "vision")
 
 
 def _flag(name: str, default, *, params: bool = False, doc: str = ""):
@@ -141,13 +144,45 @@ class Composite(Mode):
 
 @dataclasses.dataclass(frozen=True)
 class Cross(Mode):
+  """Flamingo's gated cross-attention blocks (and optional perceiver resampler) over a text-only
+  decoder. Fields (flat flags in brackets):
+
+  * `every` [cross_every]: a block before the last layer of every group of `every` layers
+    (layers every-1, 2*every-1, ..., L-1, OpenFlamingo's placement).
+  * `media` [cross_media]: the images a text token sees, "previous" (the latest one, Flamingo) or
+    "all" (every earlier one).
+  * `ffn_mult` [cross_ffn_mult]: the blocks' FFN width, x the LLM width (the resampler's FFN is 4x
+    its width, as OpenFlamingo's).
+  * `resampler_latents` / `resampler_depth` [resampler_*]: a perceiver resampler with that many
+    latents per image and layers (0 latents: none; the blocks read every visual token).
+  * `ffn_activation` [cross_ffn_activation]: the GELU of the cross modules' FFNs (the blocks' and
+    the resampler's): "gelu" exact (erf), as OpenFlamingo's nn.GELU() in both; "gelu_tanh" the
+    tanh approximation. Changes no parameter.
+  * `heads` / `head_dim` [cross_heads / cross_head_dim]: the attention shape of the blocks and the
+    resampler (0: the LLM's num_heads / head_dim); OpenFlamingo uses 8 heads of 64.
+  * `media_width` [cross_media_width]: what the media are. "llm": the projected visual tokens, at
+    the LLM's width (the projector trains with the blocks). "vision": the tower's features, before
+    any projector, at the tower's width, as OpenFlamingo feeds its perceiver and the blocks' keys
+    and values; the model then has no projector (no `projector/` parameters).
+  """
+
   name: ClassVar[str] = "cross"
   paper: ClassVar[str] = "Flamingo"
-  every: int = _flag("cross_every", 4, params=True, doc="a gated block before every k-th decoder layer")
+  every: int = _flag("cross_every", 4, params=True, doc="a gated block before decoder layers k-1, 2k-1, ..., L-1")
   media: str = _flag("cross_media", "previous", doc="images a token sees: 'previous' (Flamingo) or 'all'")
   ffn_mult: int = _flag("cross_ffn_mult", 4, params=True, doc="the blocks' FFN width, x the LLM width")
   resampler_latents: int = _flag("resampler_latents", 0, params=True, doc="latents per image (0: no resampler)")
   resampler_depth: int = _flag("resampler_depth", 6, params=True, doc="perceiver resampler layers")
+  ffn_activation: str = _flag("cross_ffn_activation", "gelu",
+                              doc="GELU of the blocks' and resampler's FFNs: 'gelu' (erf, OpenFlamingo) or 'gelu_tanh'")
+  heads: int = _flag("cross_heads", 0, params=True, doc="attention heads of the blocks and resampler (0: the LLM's)")
+  head_dim: int = _flag("cross_head_dim", 0, params=True, doc="their head dim (0: the LLM's)")
+  media_width: str = _flag("cross_media_width", "llm", params=True,
+                           doc="media: 'llm' projected tokens, or 'vision' tower features (no projector)")
+
+  def attention_shape(self, num_heads: int, head_dim: int) -> tuple[int, int]:
+    """(heads, head dim) of the cross modules, given the LLM's."""
+    return self.heads or num_heads, self.head_dim or head_dim
 
   @property
   def visual_in_decoder(self):
@@ -160,7 +195,7 @@ class Cross(Mode):
     return depth // self.every
 
   def validate(self, depth):
-    for f in ("every", "ffn_mult", "resampler_latents", "resampler_depth"):
+    for f in ("every", "ffn_mult", "resampler_latents", "resampler_depth", "heads", "head_dim"):
       v = getattr(self, f)
       if isinstance(v, bool) or not isinstance(v, int):
         raise ValueError(f"{self.fields_by_name()[f].metadata['flag']} must be an int, got {v!r}")
@@ -168,7 +203,7 @@ class Cross(Mode):
       raise ValueError(f"cross_every must be a positive int, got {self.every!r}")
     if depth % self.every:
       raise ValueError(f"llm.depth {depth} is not a multiple of cross_every {self.every}: cross mode places a "
-                       "cross-attention block before every cross_every-th layer")
+                       "cross-attention block before the last layer of every group of cross_every layers")
     if self.media not in CROSS_MEDIA:
       raise ValueError(f"cross_media must be one of {CROSS_MEDIA}, got {self.media!r}")
     if self.ffn_mult < 1:
@@ -176,6 +211,13 @@ class Cross(Mode):
     if self.resampler_latents < 0 or (self.resampler_latents and self.resampler_depth < 1):
       raise ValueError(f"resampler_latents must be >= 0 (0: no resampler) and resampler_depth >= 1, got "
                        f"{self.resampler_latents} / {self.resampler_depth}")
+    if self.ffn_activation not in CROSS_FFN_ACTIVATIONS:
+      raise ValueError(f"cross_ffn_activation must be one of {CROSS_FFN_ACTIVATIONS}, got {self.ffn_activation!r}")
+    for f in ("heads", "head_dim"):
+      if getattr(self, f) < 0:
+        raise ValueError(f"cross_{f} must be >= 0 (0: the LLM's), got {getattr(self, f)}")
+    if self.media_width not in CROSS_MEDIA_WIDTHS:
+      raise ValueError(f"cross_media_width must be one of {CROSS_MEDIA_WIDTHS}, got {self.media_width!r}")
 
   @classmethod
   def fields_by_name(cls):
@@ -183,6 +225,10 @@ class Cross(Mode):
 
   def describe(self, depth):
     extra = f", {self.resampler_latents} resampler latents" if self.resampler_latents else ""
+    if self.heads or self.head_dim:
+      extra += f", {self.heads or 'LLM'} heads of {self.head_dim or 'LLM'}"
+    if self.media_width == "vision":
+      extra += ", media at the vision width"
     return f"cross ({self.paper}): a block every {self.every} layers{extra}"
 
 

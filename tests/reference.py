@@ -9,7 +9,8 @@ RoPE is applied through explicit 2x2 rotations, GQA by repeating kv heads, every
 in numpy, so a shared bug in the model's helpers cannot hide here.
 
 Cross mode (Flamingo), `naive_cross_logits`: the decoder runs over text only (causal self mask);
-before layer i (i % cross_every == 0) a gated block cross-attends from the text to the media
+before layer i ((i + 1) % cross_every == 0, OpenFlamingo's placement) a gated block cross-attends
+from the text to the media
 (per image: the projected tokens, or a perceiver resampler's latents) with an explicit
 (T, I*M) media mask -- "all": every valid image placed before the token, "previous": only the
 latest such image -- and a token with no visible image gets zero attention output.
@@ -18,6 +19,7 @@ latest such image -- and a token with no visible image gets zero attention outpu
 from __future__ import annotations
 
 import numpy as np
+import scipy.special
 
 
 def _rms(x, w, eps):
@@ -84,13 +86,15 @@ def _layer_norm(x, p, name, eps=1e-5):
   return (x - mu) / np.sqrt(var + eps) * p[f"{name}/scale"] + p[f"{name}/bias"]
 
 
-def _gelu(x):  # tanh approximation
+def _gelu(x, activation="gelu"):  # "gelu": exact, x * Phi(x); "gelu_tanh": the tanh approximation
+  if activation == "gelu":
+    return 0.5 * x * (1 + scipy.special.erf(x / np.sqrt(2)))
   return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
 
 
-def _ffn(x, p, name):
+def _ffn(x, p, name, activation):
   h = _layer_norm(x, p, f"{name}/norm")
-  return _gelu(h @ p[f"{name}/up_proj/kernel"]) @ p[f"{name}/down_proj/kernel"]
+  return _gelu(h @ p[f"{name}/up_proj/kernel"], activation) @ p[f"{name}/down_proj/kernel"]
 
 
 def _mha(xq, xkv, p, mask):
@@ -117,16 +121,20 @@ def naive_resampler(params, cfg, media):
     L = {k[len("layers/"):]: v[layer] for k, v in p.items() if k.startswith("layers/")}
     h_m, h_l = _layer_norm(x, L, "media_norm"), _layer_norm(lat, L, "latent_norm")
     lat = lat + _mha(h_l, np.concatenate([h_m, h_l], 1), L, None)
-    lat = lat + _ffn(lat, L, "ffn")
+    lat = lat + _ffn(lat, L, "ffn", cfg.mode.ffn_activation)
   return _layer_norm(lat, p, "norm").reshape(b, i, -1, d)
 
 
-def naive_cross_logits(params, cfg, x_v, input_ids, pos_v, pos_t, image_valid, valid_t):
-  """Text logits (B, T, vocab) of cross mode. params: unboxed whole-model params; x_v (B, I*P, D)
-  the projected visual tokens, pos_v (B, I*P) their positions, image_valid (B, I)."""
+def naive_cross_logits(params, cfg, x_v, input_ids, pos_v, pos_t, image_valid, valid_t, *, blocks_first=False):
+  """Text logits (B, T, vocab) of cross mode. params: unboxed whole-model params; x_v (B, I*P, E)
+  the visual tokens (projected, or the tower's features with cross_media_width="vision"; heads and
+  widths are read from the kernels' shapes, the FFNs' GELU from cfg.mode.ffn_activation),
+  pos_v (B, I*P) their positions, image_valid (B, I).
+  `blocks_first`: the old, wrong placement (before layers 0, k, 2k, ...), for tests to show the
+  placement is checked."""
   c = cfg.llm
   b, n_img = image_valid.shape
-  media = np.asarray(x_v, np.float64).reshape(b, n_img, -1, c.width)
+  media = np.asarray(x_v, np.float64).reshape(b, n_img, -1, x_v.shape[-1])  # E: the LLM's or the tower's width
   if cfg.mode.resampler_latents:
     media = naive_resampler(params["resampler"], cfg, media)
   m = media.shape[2]
@@ -136,16 +144,16 @@ def naive_cross_logits(params, cfg, x_v, input_ids, pos_v, pos_t, image_valid, v
     latest = np.argmax(np.where(seen, image_end[:, None, :], -1), -1)
     seen = seen & (np.arange(n_img)[None, None, :] == latest[..., None])
   media_mask = np.repeat(seen, m, axis=2)  # (B, T, I*M)
-  media = media.reshape(b, n_img * m, c.width)
+  media = media.reshape(b, n_img * m, media.shape[-1])
   p = {k: np.asarray(v, np.float64) for k, v in _flatten(params["llm"]).items()}
   x = p["embed_tokens/embedding"][np.asarray(input_ids)]
   mask = valid_t[:, None, :] & (pos_t[:, None, :] <= pos_t[:, :, None])
   g = c.num_heads // c.num_kv_heads
   for i in range(c.depth):
-    if i % cfg.mode.every == 0:
+    if (i % cfg.mode.every == 0) if blocks_first else ((i + 1) % cfg.mode.every == 0):
       X = {k[len("cross/"):]: v[i // cfg.mode.every] for k, v in p.items() if k.startswith("cross/")}
       x = x + np.tanh(X["attn_gate"]) * _mha(_layer_norm(x, X, "norm"), media, X, media_mask)
-      x = x + np.tanh(X["ff_gate"]) * _ffn(x, X, "ffn")
+      x = x + np.tanh(X["ff_gate"]) * _ffn(x, X, "ffn", cfg.mode.ffn_activation)
     L = {k[len("layers/"):]: v[i] for k, v in p.items() if k.startswith("layers/")}
     h = _rms(x, L["input_layernorm/scale"], c.rms_norm_eps)
     q = _rope(np.einsum("bld,dnh->blnh", h, L["self_attn/q_proj/kernel"]), pos_t, c.rope_theta)

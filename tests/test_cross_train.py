@@ -26,6 +26,8 @@ from configs import flamingo_7b  # noqa: E402  pylint: disable=g-import-not-at-t
 # remat: the group scan under the trainer's gradient checkpointing (as the 7B recipe runs it)
 CFG = eem.ModelConfig.preset("tiny", attention="cross", cross_every=1, resampler_latents=3, resampler_depth=1,
                              remat="full")
+# The recipe's shape: cross heads of their own, media at the tower's width, no projector
+OPENFLAMINGO_SHAPE = CFG.replace(cross_heads=2, cross_head_dim=8, cross_media_width="vision")
 TRAINABLE = flamingo_7b.get_config().optim.trainable
 STEPS = 2
 # Open gates, as in the middle of training: with the initial zeros the first step moves only the
@@ -33,8 +35,8 @@ STEPS = 2
 OPEN_GATES = {"llm": {"cross": {g: np.full((CFG.cross_blocks,), 0.5, np.float32) for g in ("attn_gate", "ff_gate")}}}
 
 
-def _batch(seed):
-  batch = make_batch(CFG, PLANS, max_images=1, seed=seed)
+def _batch(seed, cfg=CFG):
+  batch = make_batch(cfg, PLANS, max_images=1, seed=seed)
   rng = np.random.default_rng(seed + 1)
   labels = rng.integers(0, CFG.llm.vocab_size, batch["labels"].shape).astype(np.int32)
   batch["labels"] = np.where(batch["text_valid"], labels, -100)
@@ -42,9 +44,9 @@ def _batch(seed):
 
 
 @functools.cache
-def _run(mesh_shape):
+def _run(mesh_shape, cfg=CFG):
   mesh = sharding.make_mesh(mesh_shape, devices=jax.devices()[:int(np.prod(mesh_shape))])
-  model = eem.EEMLLM(CFG)
+  model = eem.EEMLLM(cfg)
   tx, schedule = make_optimizer(OptimConfig(learning_rate=1e-2, total_steps=10, warmup_steps=1,
                                             trainable=TRAINABLE))
   init, shardings, _ = create_sharded_state(make_init_fn(model, tx, TRAINABLE), mesh)
@@ -53,10 +55,10 @@ def _run(mesh_shape):
                  out_shardings=(shardings, None), donate_argnums=0)
   state = init(OPEN_GATES)  # partial initialisation: the gates from here, the rest fresh
   grads, _, _ = jax.jit(make_gradient_fn(model, TRAINABLE))(
-      state["params"], sharding.shard_batch(_batch(0), mesh), jax.random.fold_in(state["rng"], 0))
+      state["params"], sharding.shard_batch(_batch(0, cfg), mesh), jax.random.fold_in(state["rng"], 0))
   before, losses, grads = jax.device_get(state["params"]), [], jax.device_get(grads)
   for i in range(STEPS):
-    state, metrics = step(state, sharding.shard_batch(_batch(i), mesh))
+    state, metrics = step(state, sharding.shard_batch(_batch(i, cfg), mesh))
     losses.append(float(metrics["loss"]))
   return state, losses, before, grads, [schedule(i) for i in range(STEPS)]
 
@@ -74,15 +76,18 @@ def test_cross_sharded_step_equals_single_device_step():
   assert_params_within_update_bound(jax.device_get(state["params"]), jax.device_get(ref_state["params"]), learning_rates)
 
 
-def test_flamingo_recipe_trains_only_the_new_parameters():
-  state, _, before, _, _ = _run((2, 2, 2))
+@pytest.mark.parametrize("cfg", [CFG, OPENFLAMINGO_SHAPE], ids=["llm-width", "openflamingo-shape"])
+def test_flamingo_recipe_trains_only_the_new_parameters(cfg):
+  state, _, before, _, _ = _run((2, 2, 2), cfg)
   after = jax.device_get(state["params"])
+  new = [k for k in ("projector", "resampler") if k in after]
+  assert new == (["projector", "resampler"] if cfg.has_projector else ["resampler"])
   frozen = {"vision": after["vision"], "llm": {k: v for k, v in after["llm"].items() if k != "cross"}}
   frozen_before = {"vision": before["vision"], "llm": {k: v for k, v in before["llm"].items() if k != "cross"}}
   for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(frozen_before), jax.tree.leaves(frozen)):
     np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
-  trained = {k: after[k] for k in ("projector", "resampler")} | {"cross": after["llm"]["cross"]}
-  trained_before = {k: before[k] for k in ("projector", "resampler")} | {"cross": before["llm"]["cross"]}
+  trained = {k: after[k] for k in new} | {"cross": after["llm"]["cross"]}
+  trained_before = {k: before[k] for k in new} | {"cross": before["llm"]["cross"]}
   unchanged = [jax.tree_util.keystr(p) for (p, x), y in zip(jax.tree_util.tree_leaves_with_path(trained_before),
                                                              jax.tree.leaves(trained)) if np.array_equal(x, y)]
   assert not unchanged, unchanged

@@ -141,7 +141,7 @@ def test_a_tiny_cross_run_starts_from_command_line_overrides_alone(tiny_dataset,
   assert bad.returncode == 1, bad.stderr[-2000:]
   assert bad.stderr.strip().splitlines()[-1] == (
       "error: config.model: llm.depth 2 is not a multiple of cross_every 4: cross mode places a cross-attention "
-      "block before every cross_every-th layer")
+      "block before the last layer of every group of cross_every layers")
   run = _train(tiny_dataset, str(tmp_path / "ok"), "--config.model.attention=cross", "--config.model.cross_every=2",
                "--config.model.resampler_latents=4", "--config.model.resampler_depth=1")
   assert run.returncode == 0, run.stderr[-3000:]

@@ -3,6 +3,7 @@ one big batch, freezing is exact, checkpoints restore onto another mesh."""
 
 import functools
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -143,3 +144,54 @@ def test_a_step_without_labels_or_with_non_finite_values_changes_nothing():
     np.testing.assert_array_equal(x, y)
   state, metrics = step(state, sharding.shard_batch(_batch(0), mesh))
   assert bool(metrics["applied"])  # guard: a normal batch is applied
+
+
+_VISION_DECAYED = [f"vision/layers/{m}/kernel" for m in ("fc1", "fc2", "k_proj", "out_proj", "q_proj", "v_proj")] + [
+    "vision/patch_embedding", "vision/position_embedding"]
+_LLM_DECAYED = ["llm/embed_tokens/embedding", "llm/lm_head/kernel"] + [
+    f"llm/layers/mlp/{m}/kernel" for m in ("down_proj", "gate_proj", "up_proj")] + [
+    f"llm/layers/self_attn/{m}/kernel" for m in ("k_proj", "o_proj", "q_proj", "v_proj")]
+_CROSS_MATRICES = [f"{m}/kernel" for m in ("ffn/down_proj", "ffn/up_proj", "k_proj", "o_proj", "q_proj", "v_proj")]
+_PROJECTOR_DECAYED = ["projector/linear_1/kernel", "projector/linear_2/kernel"]
+DECAYED = {  # the exact decayed paths of each mode's stacked tree (tiny preset)
+    "self": _VISION_DECAYED + _PROJECTOR_DECAYED + _LLM_DECAYED,
+    "composite": _VISION_DECAYED + _PROJECTOR_DECAYED + _LLM_DECAYED,
+    "cross+resampler": _VISION_DECAYED + _PROJECTOR_DECAYED + _LLM_DECAYED + [f"llm/cross/{m}" for m in _CROSS_MATRICES]
+                       + [f"resampler/layers/{m}" for m in _CROSS_MATRICES],
+    # OpenFlamingo's shape: media at the tower's width, no projector
+    "cross+resampler, vision width": _VISION_DECAYED + _LLM_DECAYED + [f"llm/cross/{m}" for m in _CROSS_MATRICES]
+                                     + [f"resampler/layers/{m}" for m in _CROSS_MATRICES],
+}
+DECAY_CONFIGS = {"self": dict(attention="self", visual_ffn=True), "composite": dict(attention="composite"),
+                 "cross+resampler": dict(attention="cross", cross_every=1, resampler_latents=3, resampler_depth=2),
+                 "cross+resampler, vision width": dict(attention="cross", cross_every=1, resampler_latents=3,
+                                                       resampler_depth=2, cross_heads=2, cross_head_dim=8,
+                                                       cross_media_width="vision")}
+
+
+@pytest.mark.parametrize("mode", list(DECAYED))
+def test_weight_decay_reaches_matrices_and_embeddings_only(mode):
+  """Decay by role (the parameter's name), not by rank: the layer axis of scanned stacks gives
+  norm scales, biases, gates and the resampler's latents ndim > 1, and none of them is decayed."""
+  from ee_mllm_jax.params import abstract_params, flatten  # pylint: disable=g-import-not-at-top
+  from ee_mllm_jax.train.state import decay_mask  # pylint: disable=g-import-not-at-top
+  cfg = eem.ModelConfig.preset("tiny", **DECAY_CONFIGS[mode])
+  shapes = abstract_params(cfg)
+  mask = flatten(decay_mask(shapes))
+  assert sorted(k for k, v in mask.items() if v) == sorted(DECAYED[mode])
+  stacked_undecayed = [k for k, v in mask.items() if not v and flatten(shapes)[k].ndim > 1]
+  assert stacked_undecayed  # guard: the ndim rule would have decayed these (layer-stacked scales, biases, ...)
+  # boxed trees (what the train state's init hands AdamW) get the same mask
+  assert flatten(nn.meta.unbox(decay_mask(abstract_params(cfg, boxed=True)))) == mask
+  # and AdamW decays exactly those: zero gradients, one step
+  params = jax.tree.map(lambda s: np.ones(s.shape, np.float32), shapes)
+  tx, _ = make_optimizer(OptimConfig(learning_rate=0.1, total_steps=2, warmup_steps=0, weight_decay=0.5, clip_norm=0))
+  updates, _ = tx.update(jax.tree.map(np.zeros_like, params), tx.init(params), params)
+  moved = {k for k, u in flatten(updates).items() if np.any(np.asarray(u) != 0)}
+  assert moved == set(DECAYED[mode])
+
+
+def test_weight_decay_refuses_a_parameter_of_unknown_role():
+  from ee_mllm_jax.train.state import decay_mask  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="'mystery'"):
+    decay_mask({"llm": {"mystery": np.ones((2, 3))}})

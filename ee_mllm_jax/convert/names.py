@@ -134,6 +134,8 @@ def name_map(cfg: ModelConfig, components=("vision", "projector", "llm"), roots=
   roots = LLAVA_ROOTS if roots is None else roots
   out = {}
   for comp in components:
+    if comp == "projector" and not cfg.has_projector:  # cross mode with media at the vision width
+      continue
     out.update({f"{comp}/{k}": (roots[comp] + name, hook) for k, (name, hook) in component_map(cfg, comp).items()})
   return out
 

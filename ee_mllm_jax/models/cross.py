@@ -1,14 +1,20 @@
 """Cross mode (Flamingo): gated cross-attention blocks and the perceiver resampler.
 
 Letters: B batch, T text tokens, I image slots, P tokens per image, R resampler latents,
-M media tokens per image (R with the resampler, else P), D width, N heads, H head dim,
-F FFN width (cross_ffn_mult x D).
+M media tokens per image (R with the resampler, else P), D the LLM's width, E the media's
+width (D after the projector; the tower's with `cross_media_width="vision"`), N heads and H head
+dim of the cross modules (`cross_heads` / `cross_head_dim`, by default the LLM's), F FFN width
+(cross_ffn_mult x D).
 
-Visual tokens never enter the decoder's stream. Before every k-th decoder layer a
-`GatedCrossBlock` (OpenFlamingo's GatedCrossAttentionBlock) updates the text stream:
+Visual tokens never enter the decoder's stream. Before decoder layers k-1, 2k-1, ..., L-1
+(OpenFlamingo's placement: (l + 1) % k == 0) a `GatedCrossBlock` (OpenFlamingo's
+GatedCrossAttentionBlock) updates the text stream:
 
     x += tanh(attn_gate) * cross_attn(norm(x) -> q;  media -> k, v)
-    x += tanh(ff_gate)   * ffn(ff_norm(x))                 (tanh-GELU, no biases)
+    x += tanh(ff_gate)   * ffn(ff_norm(x))                 (GELU, no biases)
+
+The FFNs' GELU (the blocks' and the resampler's) is `cross_ffn_activation`: exact (erf) by
+default, as OpenFlamingo's nn.GELU() in both, or the tanh approximation.
 
 Gates start at 0, so an untrained block is the identity. Media masking is by position: each
 image carries the position of its last token (`media_pos`, (B, I)); a text token sees an image
@@ -18,8 +24,8 @@ dense `attend` would return the mean of v on a fully masked row). No RoPE: media
 within the cross-attention.
 
 `PerceiverResampler` (OpenFlamingo's PerceiverResampler, one frame per image, no time
-embeddings) maps each image's P tokens to R learned latents: each layer lets the latents attend
-to [media; latents] and adds an FFN; a final LayerNorm.
+embeddings) maps each image's P tokens to R learned latents at the media width E: each layer lets
+the latents attend to [media; latents] and adds an FFN (4 x E); a final LayerNorm.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from ee_mllm_jax.config import LLMConfig
+from ee_mllm_jax.mode import Cross
 from ee_mllm_jax.models.attention import attend
 from ee_mllm_jax.models.layers import LayerNorm, Linear, logical, scan_layers
 
@@ -59,11 +66,12 @@ def cross_attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, med
 
 class FeedForward(nn.Module):
   """OpenFlamingo's FeedForward: LayerNorm -> Linear(D, F) -> GELU -> Linear(F, D), no biases.
-  GELU in its tanh form (OpenFlamingo: exact erf): these weights are trained from scratch, and
-  erf costs ~8x the elementwise work (XLA charges 64 flops per element)."""
+  `activation`: "gelu" exact (erf), OpenFlamingo's; "gelu_tanh" the tanh approximation (XLA
+  charges erf ~8x the elementwise work of tanh on CPU; a cost the FLOP counts leave out)."""
 
   width: int
   mlp_dim: int
+  activation: str = "gelu"
   eps: float = 1e-5
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -73,17 +81,18 @@ class FeedForward(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = LayerNorm(self.eps, name="norm", **kw)(x)
     h = jax.nn.gelu(Linear((self.width,), (self.mlp_dim,), ("embed", "mlp"), name="up_proj", **kw)(h),
-                    approximate=True)
+                    approximate=self.activation == "gelu_tanh")
     return Linear((self.mlp_dim,), (self.width,), ("mlp", "embed"), name="down_proj", **kw)(h)
 
 
-def _projections(c: LLMConfig, kw, named: bool = False):
-  """Multi-head q/k/v/o projections of width D (N heads of H, no GQA, no biases); `named` gives
-  them their names (compact modules; in setup the attribute names them)."""
+def _projections(query_dim: int, kv_dim: int, heads: int, head_dim: int, kw, named: bool = False):
+  """Multi-head projections (N heads of H, no GQA, no biases): q from width `query_dim`, k/v from
+  `kv_dim`, o back to `query_dim`; `named` gives them their names (compact modules; in setup the
+  attribute names them)."""
   name = lambda n: dict(name=n) if named else {}
-  qkv = lambda n: Linear((c.width,), (c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), **name(n), **kw)
-  return (qkv("q_proj"), qkv("k_proj"), qkv("v_proj"),
-          Linear((c.num_heads, c.head_dim), (c.width,), ("heads", "head_dim", "embed"), **name("o_proj"), **kw))
+  proj = lambda n, d: Linear((d,), (heads, head_dim), ("embed", "heads", "head_dim"), **name(n), **kw)
+  return (proj("q_proj", query_dim), proj("k_proj", kv_dim), proj("v_proj", kv_dim),
+          Linear((heads, head_dim), (query_dim,), ("heads", "head_dim", "embed"), **name("o_proj"), **kw))
 
 
 class GatedCrossBlock(nn.Module):
@@ -92,55 +101,58 @@ class GatedCrossBlock(nn.Module):
   sit directly under `llm/cross/`."""
 
   cfg: LLMConfig
-  media: str  # Cross.media: "previous" or "all"
-  ffn_mult: int
+  cross: Cross  # the mode: media masking, FFN width and activation, heads
+  media_dim: int  # E, the media's width (keys/values' input)
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
   def setup(self):
-    c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    c, x, kw = self.cfg, self.cross, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.norm = LayerNorm(**kw)
-    self.q_proj, self.k_proj, self.v_proj, self.o_proj = _projections(c, kw)
-    self.ffn = FeedForward(c.width, self.ffn_mult * c.width, **kw)
+    self.q_proj, self.k_proj, self.v_proj, self.o_proj = _projections(
+        c.width, self.media_dim, *x.attention_shape(c.num_heads, c.head_dim), kw)
+    self.ffn = FeedForward(c.width, x.ffn_mult * c.width, x.ffn_activation, **kw)
     gate = lambda name: self.param(name, logical(nn.initializers.zeros, ()), (), self.param_dtype)
     self.attn_gate, self.ff_gate = gate("attn_gate"), gate("ff_gate")
 
   def keys_values(self, media: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(B, I, M, D) media -> keys and values (B, I, M, N, H): what the cache keeps per block."""
+    """(B, I, M, E) media -> keys and values (B, I, M, N, H): what the cache keeps per block."""
     return self.k_proj(media), self.v_proj(media)
 
   def update(self, x_t, q_pos, kv, media_pos, media_valid):
     """x_t (B,T,D) at positions (B,T); kv = keys_values(media); media_pos/valid (B,I) -> new x_t."""
     q = self.q_proj(self.norm(x_t))
-    a = self.o_proj(cross_attend(q, *kv, q_pos, media_pos, media_valid, self.media, self.cfg))
+    a = self.o_proj(cross_attend(q, *kv, q_pos, media_pos, media_valid, self.cross.media, self.cfg))
     x_t = x_t + jnp.tanh(self.attn_gate).astype(self.dtype) * a
     return x_t + jnp.tanh(self.ff_gate).astype(self.dtype) * self.ffn(x_t)
 
 
 class ResamplerLayer(nn.Module):
-  """Latents (B,R,D) attend to [media (B,P,D); latents] (each normed), residual; FFN, residual."""
+  """Latents (B,R,E) attend to [media (B,P,E); latents] (each normed), residual; FFN (4 x E), residual."""
 
   cfg: LLMConfig
+  cross: Cross
+  width: int  # E
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, latents, media):
-    c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    q_proj, k_proj, v_proj, o_proj = _projections(c, kw, named=True)
+    c, x, kw = self.cfg, self.cross, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    q_proj, k_proj, v_proj, o_proj = _projections(self.width, self.width, *x.attention_shape(c.num_heads, c.head_dim),
+                                                  kw, named=True)
     h_m, h_l = LayerNorm(name="media_norm", **kw)(media), LayerNorm(name="latent_norm", **kw)(latents)
     both = jnp.concatenate([h_m, h_l], axis=1)
     latents = latents + o_proj(attend(q_proj(h_l), k_proj(both), v_proj(both), impl=c.attention_impl,
                                       block=c.attention_block))
-    return latents + FeedForward(c.width, 4 * c.width, name="ffn", **kw)(latents), None
+    return latents + FeedForward(self.width, 4 * self.width, x.ffn_activation, name="ffn", **kw)(latents), None
 
 
 class PerceiverResampler(nn.Module):
-  """(B, I, P, D) projected visual tokens -> (B, I, R, D) latents per image."""
+  """(B, I, P, E) media -> (B, I, R, E) latents per image (`cross.resampler_latents`, `_depth` layers)."""
 
   cfg: LLMConfig
-  num_latents: int
-  depth: int
+  cross: Cross
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   remat: str = "none"
@@ -149,10 +161,11 @@ class PerceiverResampler(nn.Module):
   @nn.compact
   def __call__(self, media):
     b, i, p, d = media.shape
+    r = self.cross.resampler_latents
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    latents = self.param("latents", logical(nn.initializers.normal(1.0), ("latents", "embed")),
-                         (self.num_latents, d), self.param_dtype)
-    x = jnp.broadcast_to(latents.astype(self.dtype), (b * i, self.num_latents, d))
-    stack = scan_layers(ResamplerLayer, length=self.depth, remat=self.remat, unroll=self.unroll)
-    x, _ = stack(self.cfg, name="layers", **kw)(x, media.reshape(b * i, p, d).astype(self.dtype))
-    return LayerNorm(name="norm", **kw)(x).reshape(b, i, self.num_latents, d)
+    latents = self.param("latents", logical(nn.initializers.normal(1.0), ("latents", "embed")), (r, d),
+                         self.param_dtype)
+    x = jnp.broadcast_to(latents.astype(self.dtype), (b * i, r, d))
+    stack = scan_layers(ResamplerLayer, length=self.cross.resampler_depth, remat=self.remat, unroll=self.unroll)
+    x, _ = stack(self.cfg, self.cross, d, name="layers", **kw)(x, media.reshape(b * i, p, d).astype(self.dtype))
+    return LayerNorm(name="norm", **kw)(x).reshape(b, i, r, d)

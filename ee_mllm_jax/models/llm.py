@@ -21,8 +21,9 @@ checkpoint and the cache do not depend on n.
 
 Cross mode (Flamingo, `models/cross.py`): the decoder layers run over text only (their
 self-attention keys are text keys; the visual stream is empty), and a gated cross-attention
-block before every k-th layer reads the media. One `nn.scan` over the L/k groups, each a cross
-block then an inner scan of its k decoder layers. The cross blocks' parameters are the group
+block before layers k-1, 2k-1, ..., L-1 (OpenFlamingo's placement) reads the media. One `nn.scan`
+over the L/k groups, each an inner scan of its first k-1 decoder layers, the block, then its last
+layer. The cross blocks' parameters are the group
 scan's own (`cross/...`, stacked over groups); the decoder's stay `layers/...` (L, ...) as in
 every mode, so a pretrained LLM loads unchanged, and each group reads its k layers from that
 stack viewed as (L/k, k, ...). In both phases the group also takes (forward) or returns
@@ -157,39 +158,58 @@ def detached_stack(cfg: LLMConfig, length: int, mode: LayerKind, visual_ffn: boo
 
 
 class CrossGroup(GatedCrossBlock):
-  """One group of cross mode: the gated cross-attention block (whose parameters it owns), then
-  `every` decoder layers.
+  """One group of cross mode: `every` decoder layers with the gated cross-attention block (whose
+  parameters it owns) before the last of them, as OpenFlamingo places its blocks (before layer l
+  when (l + 1) % every == 0: layers every-1, 2*every-1, ..., L-1), so that no block reads the raw
+  embeddings unless every == 1.
 
-  The scanned step over groups. xs: this group's decoder parameters (k, ...) and, in the extend
-  phase, its block's cached keys/values and the group's layer indices."""
+  The scanned step over groups: the first every-1 layers (an inner scan), the block, the last
+  layer. xs: this group's decoder parameters (k, ...) and, in the extend phase, its block's cached
+  keys/values and the group's layer indices."""
 
   every: int = 1
   remat: str = "none"
   unroll: int | bool = 1
 
-  def _decoder(self):
-    """The group's k decoder layers, detached: applied to this group's slice of `layers/`."""
-    return detached_stack(self.cfg, self.every, "self", False, remat=self.remat, unroll=self.unroll,
+  def _decoder(self, length: int):
+    """`length` decoder layers, detached: applied to a slice of this group's part of `layers/`."""
+    return detached_stack(self.cfg, length, "self", False, remat=self.remat, unroll=self.unroll,
                           dtype=self.dtype, param_dtype=self.param_dtype)
+
+  def _layers(self, carry, layer_params, layers, ctx, before_block: bool):
+    """The group's layers before the block (the first every-1) or after it (the last one)."""
+    k = self.every
+    part = (lambda a: a[:k - 1]) if before_block else (lambda a: a[k - 1:])
+    layers = None if layers is None else part(layers)
+    return self._decoder(k - 1 if before_block else 1).apply({"params": jax.tree.map(part, layer_params)}, carry,
+                                                              layers, ctx)
 
   def __call__(self, carry, xs, media_ctx: MediaContext, ctx):
     layer_params = xs[0]
+    block = lambda carry, kv_cross: carry.replace(x_t=self.update(carry.x_t, media_ctx.pos_t, kv_cross,
+                                                                  media_ctx.media_pos, media_ctx.media_valid))
     if isinstance(ctx, ForwardContext):
       kv_cross = self.keys_values(media_ctx.media)
-      x_t = self.update(carry.x_t, media_ctx.pos_t, kv_cross, media_ctx.media_pos, media_ctx.media_valid)
       if layer_params is None:  # init: the decoder's parameters are LLM.layers' own
-        return carry.replace(x_t=x_t), (None, kv_cross)
-      carry, kv = self._decoder().apply({"params": layer_params}, carry.replace(x_t=x_t), None, ctx)
+        return block(carry, kv_cross), (None, kv_cross)
+      kvs = []
+      if self.every > 1:
+        carry, kv = self._layers(carry, layer_params, None, ctx, before_block=True)
+        kvs.append(kv)
+      carry, kv = self._layers(block(carry, kv_cross), layer_params, None, ctx, before_block=False)
+      kv = jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *kvs, kv)  # (k, ...): the group's layers in order
       return carry, (kv, kv_cross)
     kv_cross, layers = xs[1], xs[2]
-    x_t = self.update(carry.x_t, media_ctx.pos_t, kv_cross, media_ctx.media_pos, media_ctx.media_valid)
-    carry, _ = self._decoder().apply({"params": layer_params}, carry.replace(x_t=x_t), layers, ctx)
+    if self.every > 1:
+      carry, _ = self._layers(carry, layer_params, layers, ctx, before_block=True)
+    carry, _ = self._layers(block(carry, kv_cross), layer_params, layers, ctx, before_block=False)
     return carry, None
 
 
 class LLM(nn.Module):
   cfg: LLMConfig
   mode: Mode  # its schedule, visual FFN per layer kind, and (Cross) the blocks' settings
+  media_dim: int = 0  # cross mode: the media's width E (0: the LLM's)
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   remat: str = "none"
@@ -208,7 +228,7 @@ class LLM(nn.Module):
     if cross:
       groups = scan_layers(CrossGroup, length=self.mode.blocks(c.depth), remat="none", unroll=self.unroll,
                            in_axes=(0, nn.broadcast, nn.broadcast))
-      self.cross = groups(c, self.mode.media, self.mode.ffn_mult, every=self.mode.every, remat=self.remat,
+      self.cross = groups(c, self.mode, self.media_dim or c.width, every=self.mode.every, remat=self.remat,
                           unroll=self.unroll, **kw)
     self.norm = RMSNorm(c.rms_norm_eps, **kw)
     if not c.tie_embeddings:
@@ -249,7 +269,7 @@ class LLM(nn.Module):
     """Both streams through every layer -> final text stream (B, T, D), per-layer (k, v) and, in
     cross mode, every block's cross (k, v) (G, B, I, M, N, H) (None in the other modes).
 
-    Cross mode: x_v (B, I, M, D) are the media, pos_v / valid_v (B, I) each image's last position
+    Cross mode: x_v (B, I, M, E) are the media, pos_v / valid_v (B, I) each image's last position
     and validity."""
     x_t = self.embed(input_ids)
     if self.mode.visual_in_decoder:

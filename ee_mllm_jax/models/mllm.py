@@ -5,9 +5,10 @@ shape or dtype is named before anything runs); `labels` may ride along in a trai
 and is ignored here (the loss lives in the trainer). Parameter groups at the top of the tree:
 `vision/`, `projector/`, `llm/` (cross mode adds `llm/cross/` and, with latents, `resampler/`).
 
-Cross mode hands the decoder media (B, I, M, D) -- the projected tokens per image, or the
-resampler's latents -- with each image's last position and validity (B, I), instead of the
-visual stream.
+Cross mode hands the decoder media (B, I, M, E) -- the projected tokens per image (E = D), or
+with `cross_media_width="vision"` the tower's features (E = its width, no projector), or the
+resampler's latents over either -- with each image's last position and validity (B, I), instead
+of the visual stream.
 """
 
 from __future__ import annotations
@@ -30,17 +31,20 @@ class EEMLLM(nn.Module):
     cfg = self.cfg
     kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
     self.vision = VisionTower(cfg.vision, remat=cfg.remat, unroll=cfg.scan_unroll, **kw)
-    self.projector = Projector(cfg.projector, cfg.vision.width, cfg.llm.width, **kw)
-    self.llm = LLM(cfg.llm, cfg.mode, remat=cfg.remat, unroll=cfg.scan_unroll, **kw)
+    if cfg.has_projector:  # not in cross mode with media at the vision width: no unused parameters
+      self.projector = Projector(cfg.projector, cfg.vision.width, cfg.llm.width, **kw)
+    self.llm = LLM(cfg.llm, cfg.mode, media_dim=cfg.media_width, remat=cfg.remat, unroll=cfg.scan_unroll, **kw)
     if getattr(cfg.mode, "resampler_latents", 0):
-      self.resampler = PerceiverResampler(cfg.llm, cfg.mode.resampler_latents, cfg.mode.resampler_depth, remat=cfg.remat,
-                                          unroll=cfg.scan_unroll, **kw)
+      self.resampler = PerceiverResampler(cfg.llm, cfg.mode, remat=cfg.remat, unroll=cfg.scan_unroll, **kw)
 
   def embed_image(self, pixel_values):
-    """(B, I, H, W, 3) -> projected visual tokens (B, I*P, D)."""
+    """(B, I, H, W, 3) -> the visual tokens the decoder reads (B, I*P, E): projected (E = D), or,
+    in cross mode with `cross_media_width="vision"`, the tower's features (E = the tower's width)."""
     b, i = pixel_values.shape[:2]
     feats = self.vision(pixel_values.reshape((b * i,) + pixel_values.shape[2:]))
-    return self.projector(feats).reshape(b, i * feats.shape[1], -1)
+    if self.cfg.has_projector:
+      feats = self.projector(feats)
+    return feats.reshape(b, i * feats.shape[1], -1)
 
   def _checked(self, pixel_values, image_valid, input_ids, text_positions, text_valid, visual_positions):
     """Validates the inputs against the batch contract; -> what the decoder reads of the images:
@@ -54,7 +58,7 @@ class EEMLLM(nn.Module):
     return self.media(x_v, image_valid, visual_positions)
 
   def media(self, x_v, image_valid, visual_positions):
-    """Cross mode: projected visual tokens (B, I*P, D) -> media (B, I, M, D) (resampled when
+    """Cross mode: visual tokens (B, I*P, E) (`embed_image`) -> media (B, I, M, E) (resampled when
     configured), each image's last position (B, I) and validity (B, I)."""
     b, i = image_valid.shape
     media = x_v.reshape(b, i, -1, x_v.shape[-1])

@@ -54,10 +54,43 @@ def make_schedule(cfg: OptimConfig) -> optax.Schedule:
       0.0, cfg.learning_rate, warmup, max(cfg.total_steps, warmup + 1), cfg.learning_rate * cfg.end_lr_ratio)
 
 
+# Weight decay by a parameter's role, read from its name (the last key of its path), never from its
+# rank: scan-stacking gives norm scales, biases and the resampler's latents a layer axis, and a
+# 1-D gate is as much a parameter as a (L, D) scale. Decayed: projection matrices ("kernel", the
+# tower's patch convolution) and embedding tables (token and position embeddings). Not decayed:
+# norm scales, biases, the resampler's latents, the cross blocks' tanh gates, CLIP's class token.
+# OpenFlamingo decays only its gated cross-attention blocks' matrices (not the perceiver's); here
+# every matrix that trains is decayed, the perceiver's included.
+DECAYED_NAMES = ("kernel", "embedding", "patch_embedding", "position_embedding")
+UNDECAYED_NAMES = ("scale", "bias", "latents", "attn_gate", "ff_gate", "class_embedding")
+
+
+def _leaf_name(path) -> str:
+  keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+  return str(keys[-1]) if keys else ""
+
+
+def decay_mask(params: Params) -> Params:
+  """The tree of `params` (boxed, abstract or arrays) with True where weight decay applies
+  (`DECAYED_NAMES`); a parameter whose name is in neither list is a ValueError naming it, so a
+  new kind of parameter is classified before it trains."""
+
+  def decayed(path, _):
+    name = _leaf_name(path)
+    if name in DECAYED_NAMES:
+      return True
+    if name in UNDECAYED_NAMES:
+      return False
+    raise ValueError(f"weight decay: parameter {jax.tree_util.keystr(path)} has a name ({name!r}) in neither "
+                     f"DECAYED_NAMES {DECAYED_NAMES} nor UNDECAYED_NAMES {UNDECAYED_NAMES}; add it to one")
+
+  return jax.tree_util.tree_map_with_path(decayed, params)
+
+
 def make_optimizer(cfg: OptimConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Clip by global norm, then AdamW; weight decay on matrices only (not norms or biases)."""
+  """Clip by global norm, then AdamW; weight decay on matrices and embeddings only (not norm
+  scales, biases, latents or gates: `decay_mask`)."""
   schedule = make_schedule(cfg)
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
   adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                       mask=decay_mask)
   tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw) if cfg.clip_norm > 0 else adamw
