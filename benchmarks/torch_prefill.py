@@ -121,7 +121,7 @@ def main():
   print(f"{'V':>6} {'torch':>7} {'jax':>7} {'FLOPs':>7}")
   for v in args.visual:
     ratio = lambda f: rows[f, "self", v] / rows[f, "composite", v] if (f, "self", v) in rows else float("nan")
-    fl = [flops.llm_flops(modes[m], visual_len=v, text_len=t, batch=1)["total"] for m in ("self", "composite")]
+    fl = [flops.llm_flops(modes[m], visual_len=v, text_len=t, batch=1)["total"] for m in modes]
     print(f"{v:>6} {ratio('torch'):>7.2f} {ratio('jax'):>7.2f} {fl[0] / fl[1]:>7.2f}")
 
 
