@@ -24,32 +24,6 @@ flags.DEFINE_integer("process_id", -1, "This process's index (multi-process runs
 flags.DEFINE_bool("library_logs", False, "Show INFO logs of libraries (orbax, grain, jax), not only ours.")
 FLAGS = flags.FLAGS
 
-# `--config.<field>` overrides that keep a run within the recipe whose seeds were measured
-# (`expected_val_accuracy`): where it writes, which seed, how it logs.
-NEUTRAL_OVERRIDES = ("workdir", "seed", "data.seed", "progress_bar", "log_every", "log_record_ids", "synthetic.dir",
-                     "checkpoint.")
-
-
-def expected_range_note(config, config_file: str, overrides, summary) -> str | None:
-  """One line placing the run's val accuracy within the range configs/demo.py's seeds were
-  measured in (`expected_val_accuracy`: low, high, what was measured), or None where it does
-  not apply: another config file (derived configs inherit the field), a recipe override, no
-  val accuracy. The demo's number moves by several points with the seed and with the last
-  bits of the arithmetic (issue 19), so one run is read against the range, not a number."""
-  expected = config.get("expected_val_accuracy")
-  if (not expected or summary.get("val_accuracy") is None
-      or os.path.join(*os.path.normpath(config_file).split(os.sep)[-2:]) != os.path.join("configs", "demo.py")
-      or any(not k.startswith(NEUTRAL_OVERRIDES) for k in overrides)):
-    return None
-  acc, low, high = 100 * summary["val_accuracy"], 100 * expected["low"], 100 * expected["high"]
-  where = "within" if low <= acc <= high else "BELOW" if acc < low else "above"
-  note = f"val accuracy {acc:.1f}%, {where} the range this recipe was measured in: {low:.1f}-{high:.1f}% " \
-         f"({expected['measured']})"
-  if acc < low:
-    note += "; more than seed or rounding noise: look for a change of behaviour (README: The demo's number)"
-  return note
-
-
 class _OwnInfoOnly(logging.Filter):
   """INFO from this project; from libraries only warnings and errors (orbax logs ~40 lines a save)."""
 
@@ -65,6 +39,7 @@ def main(argv):
   if not FLAGS.library_logs:
     absl_logging.get_absl_handler().addFilter(_OwnInfoOnly())
   import jax  # pylint: disable=g-import-not-at-top
+  from ee_mllm_jax import experiment  # pylint: disable=g-import-not-at-top
   from ee_mllm_jax import sharding  # pylint: disable=g-import-not-at-top
   from ee_mllm_jax import storage  # pylint: disable=g-import-not-at-top
   from ee_mllm_jax.train import loop  # pylint: disable=g-import-not-at-top
@@ -80,8 +55,8 @@ def main(argv):
       sys.stderr.flush()
       os._exit(1)
     sys.exit(f"error: {e}")
-  note = expected_range_note(FLAGS.config, config_flags.get_config_filename(FLAGS["config"]),
-                             config_flags.get_override_values(FLAGS["config"]), summary)
+  note = experiment.expected_range_note(FLAGS.config, config_flags.get_config_filename(FLAGS["config"]),
+                                        config_flags.get_override_values(FLAGS["config"]), summary)
   if note and jax.process_index() == 0:
     print(note, flush=True)
 

@@ -23,7 +23,6 @@ only runs when asked:
 recipe's seeds were measured in, configs/demo.py `expected_val_accuracy`.)
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -71,9 +70,7 @@ def test_shortened_demo_beats_the_answer_prior_and_blank_images_do_not(tmp_path)
 
 
 def test_the_demo_reads_its_accuracy_against_the_measured_range():
-  spec = importlib.util.spec_from_file_location("train_entry", os.path.join(ROOT, "train.py"))
-  train_entry = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(train_entry)
+  from ee_mllm_jax import experiment as train_entry  # pylint: disable=g-import-not-at-top
   from conftest import demo_config  # pylint: disable=g-import-not-at-top
   config = demo_config()
   low, high = config.expected_val_accuracy.low, config.expected_val_accuracy.high

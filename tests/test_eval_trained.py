@@ -82,6 +82,6 @@ def test_a_trained_model_beats_the_answer_prior_and_blank_images_do_not(trained,
   with Image.open(os.path.join(dataset, val[0]["image"])) as im:
     Image.new("RGB", im.size, (128, 128, 128)).save(blank)
   _textvqa_file(val, str(tmp_path / "blank_val.json"), image_of=lambda r: blank)
-  blind = _eval(workdir, str(tmp_path / "blank_val.json"), dataset, str(tmp_path / "out_blank"))
+  blind = _eval(workdir, str(tmp_path / "blank_val.json"), str(tmp_path), str(tmp_path / "out_blank"))
   blind_accuracy = blind["accuracy"]
   assert blind_accuracy < accuracy - 0.1, f"blank images {blind_accuracy:.3f} vs real ones {accuracy:.3f}"

@@ -196,8 +196,8 @@ def test_single_bit_flips_in_the_array_files_never_pass_silently(finished, tiny_
   clean.close()
   rng = random.Random(20)
   changed, params_changed = 0, 0
-  for trial in range(40):
-    if changed == 8:
+  for trial in range(120):  # until 8 flips changed what is read, 2 of them a parameter
+    if changed >= 8 and params_changed >= 2:
       break
     (name,) = rng.choices(files, weights=sizes)
     position, bit = rng.randrange(os.path.getsize(name)), rng.randrange(8)
@@ -222,7 +222,7 @@ def test_single_bit_flips_in_the_array_files_never_pass_silently(finished, tiny_
       with pytest.raises(ckpt_lib.DamagedCheckpointError, match=f"^checkpoint {re.escape(step_dir)}.*"
                          + re.escape(differs[0]) + " does not match its checksum"):
         ckpt_lib.load_model(step_dir)
-  assert changed == 8 and params_changed >= 2, (changed, params_changed)  # enough flips landed in what is read
+  assert changed >= 8 and params_changed >= 2, (changed, params_changed)  # enough flips landed in what is read
 
 
 def test_a_torn_metrics_line_does_not_block_a_restart(finished, tiny_dataset, tmp_path):
