@@ -395,6 +395,7 @@ def test_assembled_trained_export_answers_the_same_in_transformers(trained_expor
   by_hf = model_lib.from_hf(out, attention="composite")
   torch_f = EEMLLMForConditionalGeneration.from_pretrained(out, attention="composite").eval()
   assert by_checkpoint.cfg.mode == by_hf.cfg.mode == torch_f.mode == Composite(visual_ffn=True)
+  assert torch_f.config.ee_mllm["template"] == "chatml"  # switching the mode keeps the export's prompt record
   assert by_checkpoint.cfg.trained_mode == by_hf.cfg.trained_mode == Self()
   assert by_checkpoint.mode == by_hf.mode == torch_f.mode_name == (
       "EE-MLLM-F: composite, visual FFN, on self-trained weights")

@@ -156,7 +156,8 @@ class EEMLLMForConditionalGeneration(LlavaForConditionalGeneration):
       raise ValueError("the PyTorch port runs self and composite attention, not cross")
     mode.validate(self.config.text_config.num_hidden_layers)
     mode_lib.check_runs(trained, mode)
-    self.config.ee_mllm = mode_lib.to_hf_record(mode, trained)
+    # the mode's keys replaced; the rest of the export's record (template, system prompt) kept
+    self.config.ee_mllm = {**(getattr(self.config, "ee_mllm", None) or {}), **mode_lib.to_hf_record(mode, trained)}
     return self
 
 
