@@ -1,10 +1,11 @@
 """The batch and cache contracts: one home for the keys, the ignore index, builders and checks.
 
 A batch is a plain dict of arrays (so `model.apply({"params": p}, **batch)`, Grain, `jax.tree`
-and `jax.device_put` all take it as is). Letters: B rows, I image slots per row, P tokens per
-image, H/W image size, T text tokens, S cache slots, L layers, K kv heads, Hd head dim.
+and `jax.device_put` all take it as is). Letters (docs/design.md, "Letters"): B rows, I image slots
+per row, P tokens per image, Y/X image height/width, C channels, T text tokens, S cache slots,
+L layers, K kv heads, H head dim.
 
-    pixel_values     (B, I, H, W, 3) float   normalised; absent images are zeros
+    pixel_values     (B, I, Y, X, C) float   normalised; absent images are zeros (C = 3)
     image_valid      (B, I) bool
     input_ids        (B, T) int              text tokens only, left-aligned, pad id after
     text_positions   (B, T) int              position in the interleaved sequence (pad: 0)
@@ -17,6 +18,7 @@ compare positions, so the memory order of the two streams never matters.
 
 The cache (`Cache`) holds every layer's keys/values by slot, with each slot's position and
 validity, and the next write slot; generation fills it with [visual; prompt] and appends text.
+See docs/design.md, "Batch contract" and "Cache contract".
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ IGNORE_INDEX = -100  # labels: no loss at this token
 
 # key -> (dimension names, dtype kind: "f" float, "i" integer, "b" bool, default dtype)
 FIELDS: dict[str, tuple[tuple[str, ...], str, Any]] = {
-    "pixel_values": (("B", "I", "H", "W", "C"), "f", np.float32),
+    "pixel_values": (("B", "I", "Y", "X", "C"), "f", np.float32),
     "image_valid": (("B", "I"), "b", np.bool_),
     "input_ids": (("B", "T"), "i", np.int32),
     "text_positions": (("B", "T"), "i", np.int32),
@@ -117,7 +119,7 @@ def example(cfg, *, batch_size: int = 1, text_len: int = 8, max_images: int = 1)
 def abstract(cfg, *, batch_size: int, text_len: int, max_images: int = 1, labels: bool = False,
              pixel_dtype=np.float32) -> dict[str, jax.ShapeDtypeStruct]:
   """ShapeDtypeStructs of a batch: for `jax.eval_shape` and ahead-of-time `.lower()`."""
-  sizes = dict(B=batch_size, I=max_images, H=cfg.vision.image_size, W=cfg.vision.image_size, C=3, T=text_len,
+  sizes = dict(B=batch_size, I=max_images, Y=cfg.vision.image_size, X=cfg.vision.image_size, C=3, T=text_len,
                IP=max_images * cfg.tokens_per_image)
   keys = TRAIN_KEYS if labels else MODEL_KEYS
   return {k: jax.ShapeDtypeStruct(tuple(sizes[d] for d in FIELDS[k][0]),
@@ -147,8 +149,8 @@ def validate(batch: Mapping[str, Any], cfg=None, *, keys: Sequence[str] = MODEL_
   sizes: dict[str, int] = {}
   seen: dict[str, str] = {}
   if cfg is not None:
-    sizes.update(H=cfg.vision.image_size, W=cfg.vision.image_size, C=3)
-    seen.update(H="the model's image_size", W="the model's image_size", C="RGB")
+    sizes.update(Y=cfg.vision.image_size, X=cfg.vision.image_size, C=3)
+    seen.update(Y="the model's image_size", X="the model's image_size", C="RGB")
   for key in keys:
     if key not in batch:
       raise BatchError(f"batch has no {key!r} (keys: {sorted(batch)}); expected {'/'.join(keys)}")
@@ -249,15 +251,15 @@ class Cache:
   """Per-layer keys/values by slot, for generation. A pytree: jit, `jax.tree` and
   `jax.device_put` take it as is.
 
-  k, v   (L, B, S, K, Hd)  every layer's keys (RoPE-rotated) and values
+  k, v   (L, B, S, K, H)   every layer's keys (RoPE-rotated) and values
   pos    (B, S) int32      each slot's position in the interleaved sequence
   valid  (B, S) bool       filled and not padding
   index  () int32          next write slot (shared by all rows; pads are invalid)
 
   Cross mode (None in the others): the self-attention slots hold text only, and the media the
-  cross blocks read are kept once, from the prefill (G blocks, I image slots, M media tokens
-  per image, N heads):
-  cross_k, cross_v  (G, B, I, M, N, Hd)  every block's keys/values of every image
+  cross blocks read are kept once, from the prefill (J blocks, I image slots, M media tokens
+  per image, N heads of H: the cross modules'):
+  cross_k, cross_v  (J, B, I, M, N, H)   every block's keys/values of every image
   media_pos         (B, I) int32         each image's last position (later text sees it)
   media_valid       (B, I) bool
   """

@@ -50,7 +50,7 @@ class _Replaceable:
   @classmethod
   def from_dict(cls, d: dict):
     """The config a `to_dict` dict describes; unknown fields are an error naming them, missing
-    ones take the defaults (a config written by an older version of this package)."""
+    ones take the defaults."""
     d = cls._upgrade(dict(d))
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(fields))
@@ -76,7 +76,7 @@ class _Replaceable:
 
   @classmethod
   def _upgrade(cls, d: dict) -> dict:
-    """A dict written by an older version, in today's fields (the identity by default)."""
+    """`d` in this class's fields, before they are read (the identity by default)."""
     return d
 
   def diff(self, other) -> dict[str, tuple]:
@@ -285,7 +285,7 @@ class ModelConfig(_Replaceable):
 
   @classmethod
   def _upgrade(cls, d):
-    # Before the typed mode, the mode's flags were top-level fields (attention, visual_ffn, ...).
+    # Flat mode flags at the top level (attention, visual_ffn, ...) are the mode: recorded runs hold them.
     flat = {k: d.pop(k) for k in list(d) if k in mode_lib.FLAGS}
     if flat and "mode" not in d:
       d["mode"] = flat

@@ -1,6 +1,7 @@
 """Cached generation: prefill a KV cache with [visual; prompt], then decode text tokens.
 
-Letters: B batch, T prompt length (text stream), N new tokens, S cache slots, V visual tokens.
+Letters (docs/design.md, "Letters"): B batch, T prompt length (text stream), S cache slots, V visual
+tokens; new tokens are counted by `max_new_tokens`.
 
 The cache (`ee_mllm_jax.batch.Cache`) stores keys/values by slot and every token's position; the
 mask compares positions only, so a batch of unequal prompts shares one write index. Each row
@@ -46,9 +47,9 @@ __all__ = ["Generation", "decode", "generate", "labelled_logprobs", "prefill", "
 
 
 class Generation(NamedTuple):
-  tokens: jax.Array  # (B, N) int32; `pad_id` after a row's stop token
+  tokens: jax.Array  # (B, max_new_tokens) int32; `pad_id` after a row's stop token
   lengths: jax.Array  # (B,) int32: tokens generated, the stop token included
-  logprobs: jax.Array  # (B, N) float32: log-softmax of the model's logits at each chosen token; 0 after stop
+  logprobs: jax.Array  # (B, max_new_tokens) float32: log-softmax of the logits at each chosen token; 0 after stop
 
 
 def sample_token(logits: jax.Array, rng: jax.Array | None, *, temperature: float = 0.0,
@@ -78,7 +79,7 @@ def _prefill(params, cfg, batch, cache_size):
 
 def prefill(params, cfg: ModelConfig, batch: dict[str, Any], *,
             cache_size: int | None = None) -> tuple[jax.Array, Cache]:
-  """Vision tower + one forward over [visual; prompt] (DESIGN §3 batch) -> next-token logits
+  """Vision tower + one forward over [visual; prompt] (a `batch.py` batch) -> next-token logits
   (B, vocab) at each row's last valid text token, and the cache (V + T slots, or `cache_size`)."""
   return _prefill(params, cfg, batch_lib.model_inputs(batch), cache_size)
 
@@ -150,7 +151,7 @@ def generate(params, cfg: ModelConfig, batch: dict[str, Any], *, max_new_tokens:
              pad_id: int = 0, cache: Cache | None = None) -> Generation:
   """Prefill, then decode `max_new_tokens` tokens per row (greedy when temperature == 0).
 
-  Without `cache`, `batch` is a DESIGN §3 batch whose `text_valid` marks each row's prompt.
+  Without `cache`, `batch` is a batch (docs/design.md, "Batch contract") whose `text_valid` marks each row's prompt.
   With `cache` (from `prefill_prefix`, possibly `.repeat`ed), `batch` holds only the text
   after the prefix (`input_ids`, `text_positions`, `text_valid`), at positions after it.
   Works in every mode; EE-MLLM-F is a self-trained `params` with a composite `cfg`.
@@ -172,7 +173,7 @@ def generate(params, cfg: ModelConfig, batch: dict[str, Any], *, max_new_tokens:
 
 
 def split_at_last_image(batch: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-  """Host-side: split a DESIGN §3 batch into each row's prefix up to and including its last
+  """Host-side: split a batch (`batch.py`) into each row's prefix up to and including its last
   image (system text and images; `prefill_prefix`'s input) and the text after it (the `batch`
   of `generate(..., cache=)`). Both keep the original positions; text is left-aligned. A row
   without an image has an empty prefix and all its text in the rest.
@@ -218,7 +219,7 @@ def labelled_logprobs(params, cfg: ModelConfig, batch: dict[str, Any], *,
   """Teacher-forced log-likelihood of each row's labelled tokens: (B,) sum over t of
   log p(labels[t] | tokens <= t) where labels[t] != IGNORE_INDEX, and (B,) their count.
 
-  Without `cache`, `batch` is a DESIGN §3 batch with labels. With `cache` (a prefix from
+  Without `cache`, `batch` is a batch (`batch.py`) with labels. With `cache` (a prefix from
   `prefill_prefix`, rows matched by `Cache.take_rows` / `.repeat`), `batch` holds the text after the
   prefix and its labels: one forward over that text scores a continuation (e.g. each option of
   a multiple-choice question) against the shared image prefix without recomputing it.

@@ -1,4 +1,4 @@
-"""Naive full-sequence reference of DESIGN §2, written independently of ee_mllm_jax.models.
+"""Naive full-sequence reference of docs/design.md ("The three modes"), independent of ee_mllm_jax.models.
 
 One (V+T) x (V+T) masked attention per layer over the concatenated [visual; text] tokens:
   self:      mask = key valid & pos[key] <= pos[query]
@@ -26,9 +26,9 @@ def _rms(x, w, eps):
   return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * w
 
 
-def _rope(x, pos, theta):  # x (B, L, n, H), pairs (i, i + H/2)
+def _rope(x, pos, theta):  # x (B, S, n, H), pairs (i, i + H/2)
   h = x.shape[-1] // 2
-  ang = pos[..., None].astype(np.float64) * (1.0 / theta ** (np.arange(h) / h))  # (B, L, h)
+  ang = pos[..., None].astype(np.float64) * (1.0 / theta ** (np.arange(h) / h))  # (B, S, h)
   c, s = np.cos(ang)[:, :, None], np.sin(ang)[:, :, None]
   a, b = x[..., :h], x[..., h:]
   return np.concatenate([a * c - b * s, a * s + b * c], -1)
@@ -57,22 +57,22 @@ def naive_llm_logits(llm_params, cfg, x_v, input_ids, pos_v, pos_t, valid_v, val
     ffn_rows = is_text if composite and not cfg.mode.visual_ffn else np.ones(n_all, bool)
     L = {k[len("layers/"):]: v[i] for k, v in p.items() if k.startswith("layers/")}
     h = _rms(x, L["input_layernorm/scale"], c.rms_norm_eps)
-    q = np.einsum("bld,dnh->blnh", h, L["self_attn/q_proj/kernel"])
-    k = np.einsum("bld,dnh->blnh", h, L["self_attn/k_proj/kernel"])
-    v = np.einsum("bld,dnh->blnh", h, L["self_attn/v_proj/kernel"])
+    q = np.einsum("bsd,dnh->bsnh", h, L["self_attn/q_proj/kernel"])
+    k = np.einsum("bsd,dnh->bsnh", h, L["self_attn/k_proj/kernel"])
+    v = np.einsum("bsd,dnh->bsnh", h, L["self_attn/v_proj/kernel"])
     if c.qkv_bias:
       q, k, v = q + L["self_attn/q_proj/bias"], k + L["self_attn/k_proj/bias"], v + L["self_attn/v_proj/bias"]
     q, k = _rope(q, pos, c.rope_theta), _rope(k, pos, c.rope_theta)
     k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
-    s = np.einsum("bqnh,bknh->bnqk", q, k) / np.sqrt(c.head_dim)
+    s = np.einsum("bqnh,bsnh->bnqs", q, k) / np.sqrt(c.head_dim)
     s = np.where(mask[:, None], s, -np.inf)
     s = s - np.max(np.where(np.isfinite(s), s, -1e300), -1, keepdims=True)
     w = np.where(mask[:, None], np.exp(s), 0.0)
     w = w / np.maximum(w.sum(-1, keepdims=True), 1e-300)
-    o = np.einsum("bnqk,bknh->bqnh", w, v)
+    o = np.einsum("bnqs,bsnh->bqnh", w, v)
     x = x + np.einsum("bqnh,nhd->bqd", o, L["self_attn/o_proj/kernel"])
     h = _rms(x, L["post_attention_layernorm/scale"], c.rms_norm_eps)
-    f = np.einsum("blf,fd->bld", _silu(h @ L["mlp/gate_proj/kernel"]) * (h @ L["mlp/up_proj/kernel"]),
+    f = np.einsum("bsf,fd->bsd", _silu(h @ L["mlp/gate_proj/kernel"]) * (h @ L["mlp/up_proj/kernel"]),
                   L["mlp/down_proj/kernel"])
     x = x + f * ffn_rows[None, :, None]
   h = _rms(x[:, n_vis:], p["norm/scale"], c.rms_norm_eps)
@@ -99,16 +99,16 @@ def _ffn(x, p, name, activation):
 
 def _mha(xq, xkv, p, mask):
   """Plain multi-head attention; mask (B, Q, S) or None; fully masked rows give 0."""
-  q = np.einsum("bld,dnh->blnh", xq, p["q_proj/kernel"])
-  k = np.einsum("bld,dnh->blnh", xkv, p["k_proj/kernel"])
-  v = np.einsum("bld,dnh->blnh", xkv, p["v_proj/kernel"])
-  s = np.einsum("bqnh,bknh->bnqk", q, k) / np.sqrt(q.shape[-1])
+  q = np.einsum("bsd,dnh->bsnh", xq, p["q_proj/kernel"])
+  k = np.einsum("bsd,dnh->bsnh", xkv, p["k_proj/kernel"])
+  v = np.einsum("bsd,dnh->bsnh", xkv, p["v_proj/kernel"])
+  s = np.einsum("bqnh,bsnh->bnqs", q, k) / np.sqrt(q.shape[-1])
   mask = np.ones(s.shape[:1] + s.shape[2:], bool) if mask is None else mask
   s = np.where(mask[:, None], s, -np.inf)
   s = s - np.max(np.where(np.isfinite(s), s, -1e300), -1, keepdims=True)
   w = np.where(mask[:, None], np.exp(s), 0.0)
   w = w / np.maximum(w.sum(-1, keepdims=True), 1e-300)
-  return np.einsum("bqnh,nhd->bqd", np.einsum("bnqk,bknh->bqnh", w, v), p["o_proj/kernel"])
+  return np.einsum("bqnh,nhd->bqd", np.einsum("bnqs,bsnh->bqnh", w, v), p["o_proj/kernel"])
 
 
 def naive_resampler(params, cfg, media):
@@ -156,17 +156,17 @@ def naive_cross_logits(params, cfg, x_v, input_ids, pos_v, pos_t, image_valid, v
       x = x + np.tanh(X["ff_gate"]) * _ffn(x, X, "ffn", cfg.mode.ffn_activation)
     L = {k[len("layers/"):]: v[i] for k, v in p.items() if k.startswith("layers/")}
     h = _rms(x, L["input_layernorm/scale"], c.rms_norm_eps)
-    q = _rope(np.einsum("bld,dnh->blnh", h, L["self_attn/q_proj/kernel"]), pos_t, c.rope_theta)
-    k = _rope(np.einsum("bld,dnh->blnh", h, L["self_attn/k_proj/kernel"]), pos_t, c.rope_theta)
-    v = np.einsum("bld,dnh->blnh", h, L["self_attn/v_proj/kernel"])
+    q = _rope(np.einsum("bsd,dnh->bsnh", h, L["self_attn/q_proj/kernel"]), pos_t, c.rope_theta)
+    k = _rope(np.einsum("bsd,dnh->bsnh", h, L["self_attn/k_proj/kernel"]), pos_t, c.rope_theta)
+    v = np.einsum("bsd,dnh->bsnh", h, L["self_attn/v_proj/kernel"])
     k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
-    s = np.where(mask[:, None], np.einsum("bqnh,bknh->bnqk", q, k) / np.sqrt(c.head_dim), -np.inf)
+    s = np.where(mask[:, None], np.einsum("bqnh,bsnh->bnqs", q, k) / np.sqrt(c.head_dim), -np.inf)
     w = np.exp(s - np.max(np.where(np.isfinite(s), s, -1e300), -1, keepdims=True))
     w = np.where(mask[:, None], w, 0.0)
     w = w / np.maximum(w.sum(-1, keepdims=True), 1e-300)
-    x = x + np.einsum("bqnh,nhd->bqd", np.einsum("bnqk,bknh->bqnh", w, v), L["self_attn/o_proj/kernel"])
+    x = x + np.einsum("bqnh,nhd->bqd", np.einsum("bnqs,bsnh->bqnh", w, v), L["self_attn/o_proj/kernel"])
     h = _rms(x, L["post_attention_layernorm/scale"], c.rms_norm_eps)
-    x = x + np.einsum("blf,fd->bld", _silu(h @ L["mlp/gate_proj/kernel"]) * (h @ L["mlp/up_proj/kernel"]),
+    x = x + np.einsum("bsf,fd->bsd", _silu(h @ L["mlp/gate_proj/kernel"]) * (h @ L["mlp/up_proj/kernel"]),
                       L["mlp/down_proj/kernel"])
   h = _rms(x, p["norm/scale"], c.rms_norm_eps)
   return h @ (p["embed_tokens/embedding"].T if c.tie_embeddings else p["lm_head/kernel"])

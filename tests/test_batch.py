@@ -33,7 +33,7 @@ def test_builders_follow_the_contract():
     ("input_ids", lambda x: x.astype(np.float32), "batch['input_ids'] has dtype float32; expected an integer"),
     ("text_valid", lambda x: x.astype(np.int32), "batch['text_valid'] has dtype int32; expected a bool"),
     ("text_positions", lambda x: x[:, :-1], "batch['text_positions'] has shape (4, 9): its T = 9 disagrees with 10 from batch['input_ids']"),
-    ("pixel_values", lambda x: x[:, :, :16], "batch['pixel_values'] has shape (4, 2, 16, 32, 3): its H = 16"),
+    ("pixel_values", lambda x: x[:, :, :16], "batch['pixel_values'] has shape (4, 2, 16, 32, 3): its Y = 16"),
     ("visual_positions", lambda x: x[:, :-1], "batch['visual_positions'] has 31 columns; expected image slots 2 x 16"),
     ("image_valid", lambda x: x[0], "batch['image_valid'] has shape (2,); expected rank 2"),
 ])

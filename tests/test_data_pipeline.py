@@ -44,7 +44,7 @@ def assert_batches_equal(a, b):
 
 
 def check_layout(batch, cfg):
-  """The contract of DESIGN §3, row by row."""
+  """The batch contract (docs/design.md, "Batch contract"), row by row."""
   B, I, P, S = cfg.global_batch_size, cfg.max_images, cfg.tokens_per_image, cfg.image_size
   T = batch["input_ids"].shape[1]
   assert set(batch) == ARRAY_KEYS and T in cfg.buckets

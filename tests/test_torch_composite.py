@@ -26,7 +26,7 @@ from test_vs_hf import IMAGE_TOKEN, tiny_hf_llava  # noqa: E402
 FAMILIES = ("clip-llama", "siglip-qwen2")
 # A system prompt before the image, a question after it; an image first; a row without an image.
 PROMPTS = ("w3 w7 w1 <image> w4 w5 w6 w8 w9 w10", "<image> w11 w12 w13 w14", "w1 w2 w3 w4 w5 w6 w7")
-IMAGE_SIZES = ((40, 48), (37, 30))  # (H, W) of the PNGs of the first two prompts
+IMAGE_SIZES = ((40, 48), (37, 30))  # (height, width) of the PNGs of the first two prompts
 NEW_TOKENS = 6
 DEPTH = 4  # the scheduled families' decoder (at 2 layers, n=1 = depth-1 reads the same text logits as n=depth)
 

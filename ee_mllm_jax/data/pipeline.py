@@ -234,7 +234,7 @@ def load_records(path: str, on_bad_record: str = "raise") -> Records:
 @dataclasses.dataclass
 class Example:
   layout: text_lib.TextLayout
-  pixels: np.ndarray  # (images, H, W, 3)
+  pixels: np.ndarray  # (images, Y, X, C)
   meta: dict[str, Any]
 
 

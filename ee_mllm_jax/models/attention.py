@@ -321,7 +321,7 @@ class Attention(nn.Module):
     self.o_proj = Linear((c.num_heads, c.head_dim), (c.width,), ("heads", "head_dim", "embed"), **kw)
 
   def keys_values(self, h, pos):
-    """(B, L, D) normed inputs at positions (B, L) -> rotated keys and values (B, L, K, H)."""
+    """(B, S, D) normed inputs at positions (B, S) -> rotated keys and values (B, S, K, H)."""
     return rope(self.k_proj(h), pos, self.cfg.rope_theta, self.cfg.rope_scaling), self.v_proj(h)
 
   def queries(self, h, pos):

@@ -128,11 +128,11 @@ def rope_frequencies(head_dim: int, theta: float, scaling=None) -> np.ndarray:
 def rope(x: jax.Array, positions: jax.Array, theta: float, scaling=None) -> jax.Array:
   """Rotary embedding in HF's rotate-half layout (pairs are (i, i + H/2)).
 
-  x: (B, L, heads, H); positions: (B, L) integer positions in the interleaved sequence;
+  x: (B, S, heads, H); positions: (B, S) integer positions in the interleaved sequence;
   scaling: a config.RopeScaling or None.
   """
   inv_freq = jnp.asarray(rope_frequencies(x.shape[-1], theta, scaling))
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, L, H/2)
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, S, H/2)
   cos = jnp.cos(angles)[:, :, None, :]
   sin = jnp.sin(angles)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)

@@ -267,7 +267,7 @@ class LLM(nn.Module):
 
   def _forward_layers(self, x_v, input_ids, pos_v, pos_t, valid_v, valid_t):
     """Both streams through every layer -> final text stream (B, T, D), per-layer (k, v) and, in
-    cross mode, every block's cross (k, v) (G, B, I, M, N, H) (None in the other modes).
+    cross mode, every block's cross (k, v) (J, B, I, M, N, H) (None in the other modes).
 
     Cross mode: x_v (B, I, M, E) are the media, pos_v / valid_v (B, I) each image's last position
     and validity."""
@@ -290,7 +290,7 @@ class LLM(nn.Module):
       carry, (_, kv_cross) = self.cross(carry, (None,), media_ctx, ctx)
       return carry.x_t, (None, None), kv_cross
     carry, (kv, kv_cross) = self.cross(carry, (self._grouped_layers(),), media_ctx, ctx)
-    kv = jax.tree.map(lambda a: a.reshape((self.cfg.depth,) + a.shape[2:]), kv)  # (G, k, ...) -> (L, ...)
+    kv = jax.tree.map(lambda a: a.reshape((self.cfg.depth,) + a.shape[2:]), kv)  # (J, k, ...) -> (L, ...)
     return carry.x_t, kv, kv_cross
 
   def __call__(self, x_v, input_ids, pos_v, pos_t, valid_v, valid_t):

@@ -38,7 +38,7 @@ class EEMLLM(nn.Module):
       self.resampler = PerceiverResampler(cfg.llm, cfg.mode, remat=cfg.remat, unroll=cfg.scan_unroll, **kw)
 
   def embed_image(self, pixel_values):
-    """(B, I, H, W, 3) -> the visual tokens the decoder reads (B, I*P, E): projected (E = D), or,
+    """(B, I, Y, X, C) -> the visual tokens the decoder reads (B, I*P, E): projected (E = D), or,
     in cross mode with `cross_media_width="vision"`, the tower's features (E = the tower's width)."""
     b, i = pixel_values.shape[:2]
     feats = self.vision(pixel_values.reshape((b * i,) + pixel_values.shape[2:]))

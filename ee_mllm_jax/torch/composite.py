@@ -1,13 +1,13 @@
 """Composite attention over a transformers LLaMA / Qwen2 decoder: text queries only, aligner for visual tokens.
 
-Letters: B batch, L tokens of this forward (interleaved, as HF lays them out), S keys (cached + L),
+Letters (docs/design.md): B batch, Z tokens of this forward (interleaved, as HF lays them out), S keys (cached + Z),
 T text rows, V visual rows (per-row maxima), D width, N query heads, K kv heads, H head dim.
 
 The decoder keeps two streams, x_t (B, T, D) and x_v (B, V, D), gathered once from the interleaved
 sequence (`split_rows`); every layer of `lm` (a `LlamaModel` / `Qwen2Model`) runs, with its own modules:
 
     h_t, h_v = input_layernorm(x_t), input_layernorm(x_v)
-    h   = [h_v; h_t] in sequence order (B, L, D)           keys and values of every token
+    h   = [h_v; h_t] in sequence order (B, Z, D)           keys and values of every token
     k   = rope(k_proj(h)), v = v_proj(h)                   written to the cache, in sequence order
     q   = rope(q_proj(h_t))                                text rows only: no visual query
     x_t += o_proj(attend(q, k, v))                         causal by sequence index, padding masked
@@ -16,10 +16,10 @@ sequence (`split_rows`); every layer of `lm` (a `LlamaModel` / `Qwen2Model`) run
 
 So the score matrix is (T, S), never (V, S), and with `visual_ffn=False` the FFN never sees a
 visual row. Images may sit anywhere in the sequence and rows may hold different numbers of visual
-tokens: a stream slot past its row's own count points at a scratch row L that is dropped.
+tokens: a stream slot past its row's own count points at a scratch row Z that is dropped.
 
 A layer schedule (`composite_from_layer=n`) runs layers [0, n) as ordinary self-attention layers in
-the same loop: the queries are every row, q = rope(q_proj(h)), the mask causal over all L, and the
+the same loop: the queries are every row, q = rope(q_proj(h)), the mask causal over all Z, and the
 output updates both streams (no aligner); the FFN runs on visual rows too. Keys/values and the
 cache are written alike in both kinds of layer.
 """
@@ -47,13 +47,13 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-  """x (B, L, ...) at rows index (B, R); the scratch row L reads row L - 1 (its result is dropped)."""
+  """x (B, Z, ...) at rows index (B, T or V); the scratch row Z reads row Z - 1 (its result is dropped)."""
   index = index.clamp(max=x.shape[1] - 1).view(index.shape + (1,) * (x.dim() - 2))
   return torch.gather(x, 1, index.expand(index.shape[:2] + x.shape[2:]))
 
 
 def _interleave(length: int, *streams: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-  """(index (B, R), rows (B, R, D)) pairs -> (B, length, D) with each row at its index (scratch dropped)."""
+  """(index (B, T or V), rows (B, T or V, D)) pairs -> (B, length, D) with each row at its index (scratch dropped)."""
   first = streams[0][1]
   out = first.new_empty((first.shape[0], length + 1, first.shape[2]))
   for index, rows in streams:
@@ -62,7 +62,7 @@ def _interleave(length: int, *streams: tuple[torch.Tensor, torch.Tensor]) -> tor
 
 
 def _expand_kv_heads(v: torch.Tensor, groups: int, head_dim: int) -> torch.Tensor:
-  """(B, R, K*H) values -> (B, R, N*H): query head n reads kv head n // groups (transformers' repeat_kv)."""
+  """(B, V, K*H) values -> (B, V, N*H): query head n reads kv head n // groups (transformers' repeat_kv)."""
   if groups == 1:
     return v
   b, r, _ = v.shape
@@ -70,8 +70,8 @@ def _expand_kv_heads(v: torch.Tensor, groups: int, head_dim: int) -> torch.Tenso
 
 
 def split_rows(is_visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-  """is_visual (B, L) -> text_index (B, T), visual_index (B, V): each row's text / visual tokens in
-  sequence order; slots past a row's own count hold L (the scratch row)."""
+  """is_visual (B, Z) -> text_index (B, T), visual_index (B, V): each row's text / visual tokens in
+  sequence order; slots past a row's own count hold Z (the scratch row)."""
   length = is_visual.shape[1]
   n_visual = is_visual.sum(1)
   t, v = length - int(n_visual.min()), int(n_visual.max())
@@ -109,11 +109,11 @@ def composite_decoder(lm, inputs_embeds: torch.Tensor, is_visual: torch.Tensor, 
                       attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                       cache: Cache | None = None, use_cache: bool | None = None,
                       mode: Composite = Composite()) -> BaseModelOutputWithPast:
-  """`lm.forward` (a LlamaModel / Qwen2Model) in composite mode: inputs_embeds (B, L, D), is_visual (B, L),
-  attention_mask (B, S) 1 = real token (S = cached + L), position_ids (B, L) (default: the sequence
+  """`lm.forward` (a LlamaModel / Qwen2Model) in composite mode: inputs_embeds (B, Z, D), is_visual (B, Z),
+  attention_mask (B, S) 1 = real token (S = cached + Z), position_ids (B, Z) (default: the sequence
   index); `mode` (an `ee_mllm_jax.mode.Composite`) gives the layer schedule (layers before its
   `from_layer` run self attention) and which layers run the visual FFN. Writes every token's keys/values
-  (visual included) to `cache` and returns the final-norm hidden states (B, L, D); visual rows hold
+  (visual included) to `cache` and returns the final-norm hidden states (B, Z, D); visual rows hold
   their aligner-updated states."""
   cfg = lm.config
   mode.validate(cfg.num_hidden_layers)
@@ -147,7 +147,7 @@ def composite_decoder(lm, inputs_embeds: torch.Tensor, is_visual: torch.Tensor, 
     mask_every = _attention_mask(torch.arange(length, device=device)[None].expand(b, length) + past, key_valid, impl,
                                  inputs_embeds.dtype)
 
-  cos, sin = lm.rotary_emb(inputs_embeds, position_ids=position_ids.expand(b, length))  # (B, L, H)
+  cos, sin = lm.rotary_emb(inputs_embeds, position_ids=position_ids.expand(b, length))  # (B, Z, H)
   cos_t, sin_t = _gather(cos, text_index), _gather(sin, text_index)
   x_t, x_v = _gather(inputs_embeds, text_index), _gather(inputs_embeds, visual_index)
   for i, layer in enumerate(lm.layers[:cfg.num_hidden_layers]):
@@ -155,11 +155,11 @@ def composite_decoder(lm, inputs_embeds: torch.Tensor, is_visual: torch.Tensor, 
     attn = layer.self_attn
     h_t = layer.input_layernorm(x_t)
     h = _interleave(length, (text_index, h_t), (visual_index, layer.input_layernorm(x_v)))
-    k = _rope(attn.k_proj(h).view(b, length, -1, attn.head_dim).transpose(1, 2), cos, sin)  # (B, K, L, H)
-    v_rows = attn.v_proj(h)  # (B, L, K*H)
-    v = v_rows.view(b, length, -1, attn.head_dim).transpose(1, 2)  # (B, K, L, H)
+    k = _rope(attn.k_proj(h).view(b, length, -1, attn.head_dim).transpose(1, 2), cos, sin)  # (B, K, Z, H)
+    v_rows = attn.v_proj(h)  # (B, Z, K*H)
+    v = v_rows.view(b, length, -1, attn.head_dim).transpose(1, 2)  # (B, K, Z, H)
     h_q, cos_q, sin_q, mask_q = (h, cos, sin, mask_every) if visual_queries else (h_t, cos_t, sin_t, mask)
-    rows = h_q.shape[1]  # L or T
+    rows = h_q.shape[1]  # Z or T
     q = _rope(attn.q_proj(h_q).view(b, rows, -1, attn.head_dim).transpose(1, 2), cos_q, sin_q)  # (B, N, rows, H)
     if cache is not None:
       k, v = cache.update(k, v, attn.layer_idx)

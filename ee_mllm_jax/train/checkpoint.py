@@ -192,9 +192,8 @@ def fingerprint(state) -> dict[str, float]:
 
 def check_integrity(state, step_dir: str, data_iterator=None):
   """Raises ValueError when a restored `state` (or `data_iterator`'s restored state) differs
-  from the checksums saved with it. Checkpoints written before checksums (with the older
-  sum-|x| record, or none) are accepted with a warning: refusing them would strand every run
-  that predates this check, and their damage was never detectable byte by byte."""
+  from the checksums saved with it. A checkpoint without checksums is accepted with a warning
+  (and its sums of |x| checked, where it has them), so that existing runs still resume."""
   saved = _read_json_item(step_dir, "integrity")
   if saved is None or "leaves" not in saved:
     logging.warning("Checkpoint %s was written without checksums (before they were recorded): damage to its "
@@ -208,9 +207,9 @@ def check_integrity(state, step_dir: str, data_iterator=None):
 
 
 def check_fingerprint(state, step_dir: str, rtol: float = 1e-3):
-  """Raises ValueError when `state` differs from the fingerprint saved with it (a checkpoint
-  written before fingerprints were saved has none and passes). The tolerance allows for
-  another summation order on another mesh. Kept for checkpoints written before checksums."""
+  """Raises ValueError when `state` differs from the sums of |x| saved with it (none saved: passes).
+  The tolerance allows for another summation order on another mesh. Only checkpoints without
+  checksums hold such sums: kept so that they still resume."""
   saved = _read_json_item(step_dir, "integrity")
   if saved is None or "abs_sums" not in saved:
     return

@@ -1,6 +1,6 @@
 """Loss, the training step (with gradient accumulation), and the evaluation step.
 
-Letters: B global batch, A accumulation steps, T text tokens, V vocabulary.
+Letters: B global batch, A accumulation steps, T text tokens.
 
 The loss is the mean cross entropy over every labelled token of the whole global batch
 (`labels != IGNORE_INDEX`; labels are already shifted, labels[b, t] is the target of logits[b, t]).
@@ -25,7 +25,7 @@ from ee_mllm_jax.train.state import merge_params, split_params
 
 
 def masked_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(B, T, V) float logits, (B, T) labels -> (summed CE over labelled tokens, their count)."""
+  """(B, T, vocab) float logits, (B, T) labels -> (summed CE over labelled tokens, their count)."""
   mask = labels != IGNORE_INDEX
   ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), jnp.where(mask, labels, 0))
   return jnp.sum(ce * mask), jnp.sum(mask).astype(jnp.float32)
