@@ -76,6 +76,34 @@ def empty(batch_size: int, text_len: int, *, max_images: int, tokens_per_image: 
               labels=np.full((b, t), IGNORE_INDEX, np.int32))
 
 
+def text_bucket(buckets: Sequence[int], length: int) -> int | None:
+  """The first of the increasing `buckets` that holds `length` text tokens (None: none does).
+  Text widths come from a few buckets, so jit compiles a few programs, not one per length."""
+  return next((b for b in buckets if b >= length), None)
+
+
+def fill_row(batch: Batch, row: int, *, text_positions, image_starts: Sequence[int], input_ids=None,
+             labels=None, pixel_values=None):
+  """Writes one example into row `row` of a host batch from `empty`, in place: its text (positions,
+  and ids and labels when given) left-aligned and valid, and its images in the first slots, image
+  i's P tokens at the consecutive positions from image_starts[i] (pixels when given, one per image)."""
+  p = batch["visual_positions"].shape[1] // max(batch["image_valid"].shape[1], 1)
+  n, k = len(text_positions), len(image_starts)
+  if pixel_values is not None and len(pixel_values) != k:
+    raise ValueError(f"{len(pixel_values)} images for {k} image positions")
+  batch["text_positions"][row, :n] = text_positions
+  batch["text_valid"][row, :n] = True
+  if input_ids is not None:
+    batch["input_ids"][row, :n] = input_ids
+  if labels is not None:
+    batch["labels"][row, :n] = labels
+  batch["image_valid"][row, :k] = True
+  for i, start in enumerate(image_starts):
+    batch["visual_positions"][row, i * p:(i + 1) * p] = np.arange(start, start + p)
+  if pixel_values is not None:
+    batch["pixel_values"][row, :k] = pixel_values
+
+
 def from_plans(cfg, plans: Sequence[Sequence[int | str]], *, max_images: int | None = None,
                pad_columns: int = 0, seed: int = 0) -> Batch:
   """A host batch from per-row interleaving plans, with random pixels and token ids.
@@ -97,16 +125,15 @@ def from_plans(cfg, plans: Sequence[Sequence[int | str]], *, max_images: int | N
   batch["pixel_values"] = rng.standard_normal(batch["pixel_values"].shape).astype(np.float32)
   batch["input_ids"] = rng.integers(0, cfg.llm.vocab_size, batch["input_ids"].shape).astype(np.int32)
   for row, plan in enumerate(plans):
-    pos = img = txt = 0
+    pos, text_positions, image_starts = 0, [], []
     for seg in plan:
       if seg == "img":
-        batch["image_valid"][row, img] = True
-        batch["visual_positions"][row, img * p:(img + 1) * p] = np.arange(pos, pos + p)
-        pos, img = pos + p, img + 1
+        image_starts.append(pos)
+        pos += p
       else:
-        batch["text_positions"][row, txt:txt + seg] = np.arange(pos, pos + seg)
-        batch["text_valid"][row, txt:txt + seg] = True
-        pos, txt = pos + seg, txt + seg
+        text_positions.extend(range(pos, pos + seg))
+        pos += seg
+    fill_row(batch, row, text_positions=text_positions, image_starts=image_starts)
   return batch
 
 

@@ -29,6 +29,24 @@ def test_builders_follow_the_contract():
   assert (padded["labels"][:, 9:] == batch_lib.IGNORE_INDEX).all()
 
 
+
+def test_a_row_is_filled_from_its_example_and_text_takes_the_smallest_bucket_that_fits():
+  assert [batch_lib.text_bucket((16, 32), n) for n in (0, 16, 17, 32, 33)] == [16, 16, 32, 32, None]
+  p = CFG.tokens_per_image
+  batch = batch_lib.empty(2, 16, max_images=2, tokens_per_image=p, image_size=CFG.vision.image_size)
+  pixels = np.ones((1, CFG.vision.image_size, CFG.vision.image_size, 3), np.float32)
+  batch_lib.fill_row(batch, 1, text_positions=[0, 1, 2 + p], image_starts=[2], input_ids=[5, 6, 7],
+                     labels=[6, -100, -100], pixel_values=pixels)
+  assert batch["text_valid"][1].tolist() == [True] * 3 + [False] * 13 and not batch["text_valid"][0].any()
+  assert batch["input_ids"][1, :3].tolist() == [5, 6, 7] and batch["labels"][1, :4].tolist() == [6, -100, -100, -100]
+  assert batch["image_valid"][1].tolist() == [True, False] and (batch["pixel_values"][1, 0] == 1).all()
+  assert batch["visual_positions"][1, :p].tolist() == list(range(2, 2 + p))
+  assert not batch["visual_positions"][1, p:].any()
+  batch_lib.validate(batch, CFG, keys=batch_lib.TRAIN_KEYS)
+  with pytest.raises(ValueError, match="2 images for 1 image positions"):
+    batch_lib.fill_row(batch, 0, text_positions=[0], image_starts=[1], pixel_values=np.repeat(pixels, 2, axis=0))
+
+
 @pytest.mark.parametrize("key,bad,message", [
     ("input_ids", lambda x: x.astype(np.float32), "batch['input_ids'] has dtype float32; expected an integer"),
     ("text_valid", lambda x: x.astype(np.int32), "batch['text_valid'] has dtype int32; expected a bool"),

@@ -2,7 +2,9 @@
 
 import json
 import logging
+import pickle
 
+from absl import flags
 import grain
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from PIL import Image
 
 from ee_mllm_jax.config import ModelConfig
 from ee_mllm_jax.data import pipeline, synthetic
+from ee_mllm_jax.data import records as records_lib
 
 ONE_PROCESS = grain.sharding.NoSharding()
 
@@ -69,7 +72,7 @@ GOOD = {"id": "r-good", "image": "good.png", "conversations": conv()}
 def test_raise_mode_names_the_record_the_file_and_the_reason(base, reason):
   bad, names = CASES[reason]
   cfg = config(base, [GOOD, bad])
-  with pytest.raises(pipeline.BadRecordError) as info:
+  with pytest.raises(records_lib.BadRecordError) as info:
     list(pipeline.make_eval_iterator(cfg, shard=ONE_PROCESS))
   error = info.value
   assert error.reason == reason
@@ -83,7 +86,7 @@ def test_skip_mode_counts_reports_and_leaves_an_empty_row(base, reason, caplog):
   bad, _ = CASES[reason]
   cfg = config(base, [GOOD, bad, GOOD], on_bad_record="skip")
   it = pipeline.make_eval_iterator(cfg, shard=ONE_PROCESS, with_meta=True)
-  with caplog.at_level(logging.WARNING, logger=pipeline.__name__):
+  with caplog.at_level(logging.WARNING, logger="ee_mllm_jax.data"):  # the pipeline's and the reader's
     batches = list(it)
   assert it.stats.counts[reason] == 1 and it.stats.total == 1
   assert reason in caplog.text and (bad["id"] if isinstance(bad, dict) else "line 2") in caplog.text
@@ -100,16 +103,18 @@ def test_skip_mode_counts_reports_and_leaves_an_empty_row(base, reason, caplog):
 def test_with_worker_processes_errors_and_counts_reach_the_parent(base):
   records = [GOOD] + [bad for bad, _ in CASES.values()] + [GOOD]
   cfg = config(base, records, worker_count=2, on_bad_record="skip", num_epochs=1)
+  parsed = flags.FLAGS.is_parsed()
   it = pipeline.make_train_iterator(cfg, shard=ONE_PROCESS)
   batches = list(it)
   it.close()
+  assert flags.FLAGS.is_parsed() == parsed  # starting Grain's workers leaves absl's parse state alone
   assert len(batches) == 7  # 13 parsed records (2 lines dropped when read) -> 13 rows, padded to 14
-  assert it.stats.counts == {reason: 1 for reason in pipeline.BAD_RECORD_REASONS}
+  assert it.stats.counts == {reason: 1 for reason in records_lib.BAD_RECORD_REASONS}
   assert sum(b["text_valid"].any(1).sum() for b in batches) == 2
   it = pipeline.make_train_iterator(cfg.replace(on_bad_record="raise", shuffle=False,
                                                 train_file=config(base, [GOOD, CASES["corrupt_image"][0]]).train_file),
                                     shard=ONE_PROCESS)
-  with pytest.raises(pipeline.BadRecordError) as info:
+  with pytest.raises(records_lib.BadRecordError) as info:
     list(it)
   it.close()
   assert info.value.reason == "corrupt_image" and info.value.record_id == "r-truncated"
@@ -162,22 +167,32 @@ def test_a_file_that_is_not_utf8_is_named_with_its_line(base, tmp_path):
   good = json.dumps(GOOD).encode()
   jsonl = tmp_path / "latin1.jsonl"
   jsonl.write_bytes(good + b"\n" + json.dumps(dict(GOOD, id="r-latin")).encode().replace(b"Colour", b"Col\xf6ur") + b"\n")
-  with pytest.raises(pipeline.BadRecordError, match=r"line 2.*latin1.jsonl.*not UTF-8"):
-    pipeline.load_records(str(jsonl))
-  records, stats = pipeline.load_records(str(jsonl), on_bad_record="skip")
+  with pytest.raises(records_lib.BadRecordError, match=r"line 2.*latin1.jsonl.*not UTF-8"):
+    records_lib.load_records(str(jsonl))
+  records, stats = records_lib.load_records(str(jsonl), on_bad_record="skip")
   assert len(records) == 1 and stats.counts["malformed_json"] == 1
   listing = tmp_path / "latin1.json"
   listing.write_bytes(b"[" + good + b",\n" + good.replace(b"Colour", b"Col\xf6ur") + b"]")
   with pytest.raises(ValueError, match=r"latin1.json is not UTF-8: .* \(line 2\)"):
-    pipeline.load_records(str(listing))
+    records_lib.load_records(str(listing))
 
 
 def test_null_records_and_duplicate_ids(base, tmp_path, caplog):
   listing = tmp_path / "records.json"
   listing.write_text(json.dumps([GOOD, None, GOOD, dict(GOOD, id="r-other")]))
-  with pytest.raises(pipeline.BadRecordError, match="index 1.*null_record"):
-    pipeline.load_records(str(listing))
-  with caplog.at_level(logging.WARNING, logger=pipeline.__name__):
-    records, stats = pipeline.load_records(str(listing), on_bad_record="skip")
+  with pytest.raises(records_lib.BadRecordError, match="index 1.*null_record"):
+    records_lib.load_records(str(listing))
+  with caplog.at_level(logging.WARNING, logger=records_lib.__name__):
+    records, stats = records_lib.load_records(str(listing), on_bad_record="skip")
   assert [r["id"] for r in records] == ["r-good", "r-good", "r-other"] and stats.counts["null_record"] == 1
   assert "1 record ids occur more than once (2 records in all), e.g. 'r-good'" in caplog.text
+
+
+def test_one_error_for_a_bad_record_named_where_the_record_is_known():
+  error = records_lib.BadRecordError("missing_image", "image file not found: a.png")
+  assert str(error) == "image file not found: a.png"  # as the image code raises it (eval quotes it so)
+  named = error.named("r-7", "train.jsonl")
+  assert str(named) == "bad record 'r-7' in train.jsonl (missing_image): image file not found: a.png"
+  copy = pickle.loads(pickle.dumps(named))  # worker processes send it to the parent
+  assert (copy.reason, copy.message, copy.record_id, copy.source, str(copy)) == (
+      named.reason, named.message, named.record_id, named.source, str(named))

@@ -8,6 +8,7 @@ from PIL import Image
 
 from ee_mllm_jax.config import CLIP_MEAN, CLIP_STD
 from ee_mllm_jax.data import images as image_lib
+from ee_mllm_jax.data.records import BadRecordError
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 
@@ -131,7 +132,7 @@ def test_unusable_files_name_the_file_and_the_reason(tmp_path):
   cases = {"missing.png": "missing_image", "empty.png": "empty_image",
            "truncated.png": "corrupt_image", "text.png": "not_an_image"}
   for name, reason in cases.items():
-    with pytest.raises(image_lib.ImageError) as info:
+    with pytest.raises(BadRecordError) as info:
       image_lib.load_pixels(str(tmp_path / name), size=8, mean=CLIP_MEAN, std=CLIP_STD)
     assert info.value.reason == reason and name in str(info.value)
   assert image_lib.load_pixels(str(good), size=8, mean=CLIP_MEAN, std=CLIP_STD).shape == (8, 8, 3)
@@ -153,7 +154,7 @@ def test_a_thin_image_bomb_is_refused_from_its_header_without_decoding(tmp_path,
   for load in (lambda: image_lib.load_pixels(str(thin), size=8, mean=CLIP_MEAN, std=CLIP_STD),
                lambda: image_lib.load_pixels_from_bytes(thin.read_bytes(), "thin", size=8, mean=CLIP_MEAN,
                                                         std=CLIP_STD)):
-    with pytest.raises(image_lib.ImageError, match=r"image is 20000 x 1 pixels, beyond the bounds") as info:
+    with pytest.raises(BadRecordError, match=r"image is 20000 x 1 pixels, beyond the bounds") as info:
       load()
     assert info.value.reason == "image_too_large"
   monkeypatch.undo()

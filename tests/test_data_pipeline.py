@@ -14,6 +14,7 @@ from PIL import Image
 from ee_mllm_jax.config import ModelConfig
 from ee_mllm_jax.data import pipeline, synthetic
 from ee_mllm_jax.data import text as text_lib
+from ee_mllm_jax.data.records import BadRecordError
 
 ONE_PROCESS = grain.sharding.NoSharding()
 ARRAY_KEYS = {"pixel_values", "image_valid", "input_ids", "text_positions", "text_valid",
@@ -264,7 +265,7 @@ def test_truncate_turns_drops_trailing_rounds_and_their_images(cfg, tmp_path):
       {"from": "human", "value": "<image>\n" + long_question}, {"from": "gpt", "value": "blue"}]}
   cfg = cfg.replace(template="chatml", buckets=(32, 64), max_images=2,
                     train_file=write_records(tmp_path, [record]), global_batch_size=1)
-  with pytest.raises(pipeline.BadRecordError, match="too_long"):
+  with pytest.raises(BadRecordError, match="too_long"):
     next(pipeline.make_train_iterator(cfg, shard=ONE_PROCESS))
   batch = next(pipeline.make_train_iterator(cfg.replace(truncate_turns=True), shard=ONE_PROCESS))
   check_layout(batch, cfg)

@@ -7,6 +7,7 @@ import tokenizers
 from ee_mllm_jax.batch import IGNORE_INDEX
 from ee_mllm_jax.data import synthetic
 from ee_mllm_jax.data import text as text_lib
+from ee_mllm_jax.data.records import BadRecordError
 
 P = 4  # visual tokens per image in these tests
 
@@ -171,7 +172,7 @@ def test_system_turn_replaces_the_default_system_prompt(tokenizer):
     (conversation("q", "an <image> in an answer"), "bad_conversation"),
 ])
 def test_unusable_conversations_name_their_reason(conv, reason):
-  with pytest.raises(text_lib.ConversationError) as info:
+  with pytest.raises(BadRecordError) as info:
     text_lib.parse_conversation(conv)
   assert info.value.reason == reason
 
@@ -234,6 +235,6 @@ def test_typed_control_token_text_is_tokenised_in_one_piece(tokenizer, template)
 
 
 def test_noncharacters_next_to_typed_control_token_text_are_refused(tokenizer):
-  with pytest.raises(text_lib.ConversationError):
+  with pytest.raises(BadRecordError):
     encode(tokenizer, "vicuna_v1", conversation("What is </s> \ufdd1?", "red"))
   encode(tokenizer, "vicuna_v1", conversation("What is \ufdd1?", "red"))  # alone: fine

@@ -8,17 +8,14 @@
 """
 
 from ee_mllm_jax.data.pipeline import (
-    BAD_RECORD_REASONS,
-    BadRecordError,
-    BadRecordStats,
     DataConfig,
     DataIterator,
-    load_records,
     make_eval_iterator,
     make_iterator,
     make_prompt_iterator,
     make_train_iterator,
 )
+from ee_mllm_jax.data.records import BAD_RECORD_REASONS, BadRecordError, BadRecordStats, load_records
 from ee_mllm_jax.data.text import ChatTemplate, load_tokenizer
 
 _SYNTHETIC = ("SyntheticDataset", "answer_prior", "ensure_dataset", "generate")

@@ -17,6 +17,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageOps
 
+from ee_mllm_jax.data.records import BadRecordError
+
 PreprocessMode = Literal["pad", "resize", "crop"]
 Background = Literal["white", "mean"]
 
@@ -31,27 +33,15 @@ MAX_ASPECT = 32.0  # longer side / shorter side
 PAD_MAX_SIDE = 4096
 
 
-class ImageError(Exception):
-  """An image file that cannot be used; `reason` is one of the bad-record reasons."""
-
-  def __init__(self, reason: str, message: str):
-    super().__init__(reason, message)
-    self.reason = reason
-    self.message = message
-
-  def __str__(self):
-    return self.message
-
-
 def contained_path(root: str, path: str, *, hint: str = "") -> str:
   """`path` (relative to `root`; an absolute one replaces it) resolved, `..` and symlinks
-  followed; ImageError("outside_image_root") when that leaves `root`. Training's records and
+  followed; BadRecordError("outside_image_root") when that leaves `root`. Training's records and
   eval.py's benchmark files go through this one check."""
   root = os.path.realpath(root)
   resolved = os.path.realpath(os.path.join(root, path))
   if os.path.commonpath([resolved, root]) != root:
-    raise ImageError("outside_image_root", f"image {path!r} resolves to {resolved}, outside the image directory "
-                     f"{root}" + (f" ({hint})" if hint else ""))
+    raise BadRecordError("outside_image_root", f"image {path!r} resolves to {resolved}, outside the image "
+                         f"directory {root}" + (f" ({hint})" if hint else ""))
   return resolved
 
 
@@ -59,10 +49,10 @@ def check_header(img: Image.Image, name: str):
   """Refuses, from the header alone, an image whose side or aspect ratio is out of bounds."""
   width, height = img.size
   if width < 1 or height < 1:
-    raise ImageError("corrupt_image", f"image has no pixels ({width} x {height}): {name}")
+    raise BadRecordError("corrupt_image", f"image has no pixels ({width} x {height}): {name}")
   if max(width, height) > MAX_SIDE or max(width, height) > MAX_ASPECT * min(width, height):
-    raise ImageError("image_too_large", f"image is {width} x {height} pixels, beyond the bounds (longer side <= "
-                     f"{MAX_SIDE}, aspect ratio <= {MAX_ASPECT:g}); not decoded: {name}")
+    raise BadRecordError("image_too_large", f"image is {width} x {height} pixels, beyond the bounds (longer "
+                         f"side <= {MAX_SIDE}, aspect ratio <= {MAX_ASPECT:g}); not decoded: {name}")
 
 
 def mean_colour(mean: tuple[float, float, float]) -> tuple[int, int, int]:
@@ -75,11 +65,11 @@ def open_image(path: str) -> Image.Image:
   try:
     size = os.path.getsize(path)
   except FileNotFoundError:
-    raise ImageError("missing_image", f"image file not found: {path}") from None
+    raise BadRecordError("missing_image", f"image file not found: {path}") from None
   except OSError as e:
-    raise ImageError("missing_image", f"image file cannot be read: {path}: {e}") from None
+    raise BadRecordError("missing_image", f"image file cannot be read: {path}: {e}") from None
   if size == 0:
-    raise ImageError("empty_image", f"image file is empty (0 bytes): {path}")
+    raise BadRecordError("empty_image", f"image file is empty (0 bytes): {path}")
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -87,12 +77,12 @@ def open_image(path: str) -> Image.Image:
         check_header(img, path)
         img.load()
         return ImageOps.exif_transpose(img)
-  except ImageError:
+  except BadRecordError:
     raise
   except Image.UnidentifiedImageError:
-    raise ImageError("not_an_image", f"not an image file: {path}") from None
+    raise BadRecordError("not_an_image", f"not an image file: {path}") from None
   except Exception as e:  # truncated data, bad CRC, decompression bomb, codec errors
-    raise ImageError("corrupt_image", f"corrupt or truncated image: {path}: {e}") from None
+    raise BadRecordError("corrupt_image", f"corrupt or truncated image: {path}: {e}") from None
 
 
 def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
@@ -168,14 +158,14 @@ def preprocess(img: Image.Image, *, size: int, mean, std, mode: PreprocessMode =
 
 
 def load_pixels(path: str, **kwargs) -> np.ndarray:
-  """`open_image` + `preprocess`; raises ImageError naming the file."""
+  """`open_image` + `preprocess`; raises BadRecordError naming the file."""
   img = open_image(path)
   try:
     return preprocess(img, **kwargs)
-  except ImageError:
+  except BadRecordError:
     raise
   except Exception as e:  # an exotic mode Pillow cannot convert
-    raise ImageError("corrupt_image", f"cannot convert image {path} ({img.mode}): {e}") from None
+    raise BadRecordError("corrupt_image", f"cannot convert image {path} ({img.mode}): {e}") from None
 
 
 def load_pixels_from_bytes(data: bytes, name: str, **kwargs) -> np.ndarray:
@@ -183,7 +173,7 @@ def load_pixels_from_bytes(data: bytes, name: str, **kwargs) -> np.ndarray:
   what errors call it."""
   import io  # pylint: disable=g-import-not-at-top
   if not data:
-    raise ImageError("empty_image", f"image is empty (0 bytes): {name}")
+    raise BadRecordError("empty_image", f"image is empty (0 bytes): {name}")
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -191,13 +181,13 @@ def load_pixels_from_bytes(data: bytes, name: str, **kwargs) -> np.ndarray:
         check_header(img, name)
         img.load()
         img = ImageOps.exif_transpose(img)
-  except ImageError:
+  except BadRecordError:
     raise
   except Image.UnidentifiedImageError:
-    raise ImageError("not_an_image", f"not an image: {name}") from None
+    raise BadRecordError("not_an_image", f"not an image: {name}") from None
   except Exception as e:  # truncated data, bad CRC, decompression bomb, codec errors
-    raise ImageError("corrupt_image", f"corrupt or truncated image: {name}: {e}") from None
+    raise BadRecordError("corrupt_image", f"corrupt or truncated image: {name}: {e}") from None
   try:
     return preprocess(img, **kwargs)
   except Exception as e:  # an exotic mode Pillow cannot convert
-    raise ImageError("corrupt_image", f"cannot convert image {name} ({img.mode}): {e}") from None
+    raise BadRecordError("corrupt_image", f"cannot convert image {name} ({img.mode}): {e}") from None

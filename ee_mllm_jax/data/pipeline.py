@@ -4,6 +4,8 @@
       -> map(encode: tokenize, lay out, decode images) -> batch(collate: pad to a bucket)
       -> to_iter_dataset -> mp_prefetch(workers) -> DataIterator
 
+Reading the records file, and a bad record's error and counts, live in `data.records`.
+
 Batches follow the contract of `ee_mllm_jax.batch` (B = the per-process batch, I =
 `max_images`, P = `tokens_per_image`, T = the smallest bucket that fits the batch's longest
 row): text left-aligned with the pad id after it, image i's tokens at [i*P:(i+1)*P] at
@@ -29,10 +31,7 @@ Design choices:
 
 from __future__ import annotations
 
-import bisect
-import collections
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -48,54 +47,9 @@ from ee_mllm_jax import batch as batch_lib
 from ee_mllm_jax.config import CLIP_MEAN, CLIP_STD
 from ee_mllm_jax.data import images as image_lib
 from ee_mllm_jax.data import text as text_lib
+from ee_mllm_jax.data.records import BadRecordError, BadRecordStats, Records, load_records
 
 log = logging.getLogger(__name__)
-
-BAD_RECORD_REASONS = (
-    "malformed_json",  # a JSONL line that does not parse to an object
-    "bad_conversation",  # missing/odd fields, unknown role
-    "no_assistant_turn",
-    "image_count_mismatch",  # number of <image> placeholders != number of images
-    "too_many_images",  # more than DataConfig.max_images
-    "too_long",  # text longer than the largest bucket
-    "missing_image",
-    "empty_image",  # 0-byte file
-    "not_an_image",
-    "corrupt_image",  # truncated, bad data, unconvertible
-    "outside_image_root",  # the path (symlinks resolved) leaves the image directory
-    "image_too_large",  # side or aspect ratio beyond data.images' bounds (read from the header)
-    "null_record",  # a JSON null where a record should be
-)
-
-
-class BadRecordError(Exception):
-  """A record that cannot be used. Names the record, its file and the reason."""
-
-  def __init__(self, record_id: str, reason: str, message: str, source: str = ""):
-    super().__init__(record_id, reason, message, source)
-    self.record_id, self.reason, self.message, self.source = record_id, reason, message, source
-
-  def __str__(self):
-    return f"bad record {self.record_id!r} in {self.source or '?'} ({self.reason}): {self.message}"
-
-
-@dataclasses.dataclass
-class BadRecordStats:
-  """How many bad records were skipped, per reason (see BAD_RECORD_REASONS)."""
-
-  counts: dict[str, int] = dataclasses.field(
-      default_factory=lambda: dict.fromkeys(BAD_RECORD_REASONS, 0))
-
-  @property
-  def total(self) -> int:
-    return sum(self.counts.values())
-
-  def add(self, reason: str, n: int = 1):
-    self.counts[reason] = self.counts.get(reason, 0) + n
-
-  def __str__(self):
-    parts = ", ".join(f"{k}={v}" for k, v in self.counts.items() if v)
-    return f"{self.total} bad records skipped" + (f" ({parts})" if parts else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,79 +110,7 @@ class DataConfig:
                tokens_per_image=model_config.tokens_per_image, **fields)
 
 
-# ----------------------------------------------------------------------------- records
-
-
-Records = tuple[list[dict], BadRecordStats]
-
-
-def load_records(path: str, on_bad_record: str = "raise") -> Records:
-  """A LLaVA JSON list or a JSONL file -> records (each with a string "id").
-
-  A JSONL line that is not a UTF-8 JSON object, and a `null` in a JSON list, is a bad record
-  (named by its line / index; skipped and counted with on_bad_record="skip"). Duplicate ids
-  are warned about, with their count."""
-  stats = BadRecordStats()
-  path = str(path)
-
-  def bad(record_id: str, reason: str, message: str) -> None:
-    error = BadRecordError(record_id, reason, message, path)
-    if on_bad_record == "raise":
-      raise error
-    log.warning("Skipping %s", error)
-    stats.add(reason)
-
-  if path.endswith(".jsonl"):
-    records = []
-    with open(path, "rb") as f:
-      for line_no, raw in enumerate(f, 1):
-        try:
-          line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-          bad(f"line {line_no}", "malformed_json", f"not UTF-8 ({e.reason} at byte {e.start} of the line)")
-          continue
-        if not line.strip():
-          continue
-        try:
-          record = json.loads(line)
-        except ValueError as e:
-          bad(f"line {line_no}", "malformed_json", str(e))
-          continue
-        if record is None:
-          bad(f"line {line_no}", "null_record", "the record is null")
-          continue
-        if not isinstance(record, dict):
-          bad(f"line {line_no}", "malformed_json", f"expected a JSON object, got {type(record).__name__}")
-          continue
-        records.append(record)
-  else:
-    with open(path, "rb") as f:
-      raw = f.read()
-    try:
-      text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-      line = raw.count(b"\n", 0, e.start) + 1
-      raise ValueError(f"{path} is not UTF-8: {e.reason} at byte {e.start} (line {line})") from None
-    try:
-      records = json.loads(text)
-    except ValueError as e:  # one broken JSON document: nothing to skip to
-      raise ValueError(f"{path} is not valid JSON ({e}); JSONL input can skip bad lines") from None
-    if not isinstance(records, list):
-      raise ValueError(f"{path}: expected a JSON list of records")
-    nulls = [i for i, r in enumerate(records) if r is None]
-    for i in nulls:  # None marks padding rows in the pipeline: a null record must not become one
-      bad(f"index {i}", "null_record", "the record is null")
-    if nulls:
-      records = [r for r in records if r is not None]
-  for i, record in enumerate(records):
-    if isinstance(record, dict):
-      record["id"] = str(record.get("id", i))
-  ids = collections.Counter(r["id"] for r in records if isinstance(r, dict))
-  duplicated = {k: n for k, n in ids.items() if n > 1}
-  if duplicated:
-    log.warning("%s: %d record ids occur more than once (%d records in all), e.g. %s", path, len(duplicated),
-                sum(duplicated.values()), ", ".join(repr(k) for k in list(duplicated)[:3]))
-  return records, stats
+# ----------------------------------------------------------------------------- records -> rows
 
 
 @dataclasses.dataclass
@@ -261,8 +143,8 @@ class EncodeRecord:
     record_id = str(record.get("id", "?")) if isinstance(record, dict) else "?"
     try:
       return self._encode(record)
-    except (text_lib.ConversationError, image_lib.ImageError) as e:
-      error = BadRecordError(record_id, e.reason, e.message, self.source)
+    except BadRecordError as e:
+      error = e.named(record_id, self.source)
     if self.cfg.on_bad_record == "raise":
       raise error
     return Skipped(error.record_id, error.reason, str(error))
@@ -270,22 +152,22 @@ class EncodeRecord:
   def _encode(self, record) -> Example:
     cfg = self.cfg
     if not isinstance(record, dict):
-      raise text_lib.ConversationError("bad_conversation", "record is not a JSON object")
+      raise BadRecordError("bad_conversation", "record is not a JSON object")
     paths = record.get("image", [])
     paths = [paths] if isinstance(paths, str) else paths
     if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
-      raise text_lib.ConversationError("bad_conversation", "'image' must be a path or a list of paths")
+      raise BadRecordError("bad_conversation", "'image' must be a path or a list of paths")
     turns = text_lib.parse_conversation(record.get("conversations"),
                                         prompt_turn=cfg.prompt_turn if self.prompt else None,
                                         image_in_place=cfg.image_in_place)
     placeholders = sum(t["value"].count(text_lib.IMAGE_PLACEHOLDER) for t in record["conversations"])
     if placeholders != len(paths):
-      raise text_lib.ConversationError(
+      raise BadRecordError(
           "image_count_mismatch", f"{placeholders} {text_lib.IMAGE_PLACEHOLDER} placeholders for {len(paths)} images")
     layout = self._layout(turns)
     paths = paths[:len(layout.image_starts)]  # prompt cut / truncation may drop images
     if len(paths) > cfg.max_images:
-      raise text_lib.ConversationError("too_many_images", f"{len(paths)} images, max_images is {cfg.max_images}")
+      raise BadRecordError("too_many_images", f"{len(paths)} images, max_images is {cfg.max_images}")
     pixels = np.zeros((len(paths), cfg.image_size, cfg.image_size, 3), np.float32)
     for i, path in enumerate(paths):
       pixels[i] = image_lib.load_pixels(
@@ -316,7 +198,7 @@ class EncodeRecord:
     while len(layout.input_ids) > limit:
       rounds = sum(role == text_lib.HUMAN for role, _ in turns.turns)
       if self.prompt or not self.cfg.truncate_turns or rounds <= 1:
-        raise text_lib.ConversationError(
+        raise BadRecordError(
             "too_long", f"{len(layout.input_ids)} text tokens do not fit the largest bucket ({limit})"
             + ("" if self.cfg.truncate_turns else "; truncate_turns=True would drop trailing turns"))
       turns = turns.without_last_round()
@@ -331,12 +213,11 @@ class Collate:
     self.cfg, self.batch_size, self.pad_id, self.with_meta = cfg, batch_size, pad_id, with_meta
 
   def __call__(self, examples) -> dict[str, Any]:
-    cfg, B, P = self.cfg, self.batch_size, self.cfg.tokens_per_image
-    good = [e for e in examples if isinstance(e, Example)]
-    longest = max((len(e.layout.input_ids) for e in good), default=0)
-    T = cfg.buckets[bisect.bisect_left(cfg.buckets, longest)]
-    batch = batch_lib.empty(B, T, max_images=cfg.max_images, tokens_per_image=P, image_size=cfg.image_size,
-                            pad_id=self.pad_id)
+    cfg, B = self.cfg, self.batch_size
+    longest = max((len(e.layout.input_ids) for e in examples if isinstance(e, Example)), default=0)
+    T = batch_lib.text_bucket(cfg.buckets, longest)  # encoding refused longer text: one fits
+    batch = batch_lib.empty(B, T, max_images=cfg.max_images, tokens_per_image=cfg.tokens_per_image,
+                            image_size=cfg.image_size, pad_id=self.pad_id)
     skipped, meta = [], [None] * B
     for row, example in enumerate(examples):
       if isinstance(example, Skipped):
@@ -344,15 +225,9 @@ class Collate:
         meta[row] = {"id": example.record_id, "skipped": example.reason}
       if not isinstance(example, Example):
         continue
-      layout, n, k = example.layout, len(example.layout.input_ids), len(example.pixels)
-      batch["input_ids"][row, :n] = layout.input_ids
-      batch["text_positions"][row, :n] = layout.positions
-      batch["text_valid"][row, :n] = True
-      batch["labels"][row, :n] = layout.labels
-      batch["pixel_values"][row, :k] = example.pixels
-      batch["image_valid"][row, :k] = True
-      for i, start in enumerate(layout.image_starts):
-        batch["visual_positions"][row, i * P:(i + 1) * P] = np.arange(start, start + P)
+      layout = example.layout
+      batch_lib.fill_row(batch, row, text_positions=layout.positions, image_starts=layout.image_starts,
+                         input_ids=layout.input_ids, labels=layout.labels, pixel_values=example.pixels)
       meta[row] = example.meta
     batch["_skipped"] = skipped
     if self.with_meta:
@@ -377,6 +252,20 @@ def _exit_with_parent(worker_index: int, worker_count: int, poll_s: float = 0.5)
         os._exit(1)
 
   threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _let_grain_read_its_flags():
+  """Grain reads an absl flag of its own when it starts worker processes (0.2.18:
+  --grain_enable_multiprocess_worker_profiling, by `.value`), which raises before absl has parsed
+  the command line: under pytest, or a script without absl.app.run. Marking only Grain's flags
+  present lets them be read (at their defaults, or values set in code), as Grain itself does in
+  its workers; the global parsed state, which absl logging and the application's own flags go by,
+  stays as it was."""
+  if flags.FLAGS.is_parsed():
+    return
+  for name in flags.FLAGS:
+    if name.startswith("grain_") and not flags.FLAGS[name].present:
+      flags.FLAGS[name].present = 1
 
 
 class DataIterator(grain.DatasetIterator):
@@ -410,8 +299,7 @@ class DataIterator(grain.DatasetIterator):
       ds = self._batches[self._next:].to_iter_dataset(grain.ReadOptions(
           num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_batches))
       if cfg.worker_count > 0:
-        if not flags.FLAGS.is_parsed():  # Grain reads its absl flags; entry points without
-          flags.FLAGS.mark_as_parsed()  # absl.app.run (pytest, scripts) get their defaults
+        _let_grain_read_its_flags()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size),
             worker_init_fn=_exit_with_parent)

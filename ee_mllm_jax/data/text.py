@@ -22,6 +22,7 @@ import numpy as np
 import tokenizers
 
 from ee_mllm_jax.batch import IGNORE_INDEX
+from ee_mllm_jax.data.records import BadRecordError
 
 IMAGE_PLACEHOLDER = "<image>"
 HUMAN, ASSISTANT = "human", "gpt"
@@ -32,18 +33,6 @@ _ROLES = {"human": HUMAN, "user": HUMAN, "gpt": ASSISTANT, "assistant": ASSISTAN
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 CHATML_SYSTEM = "You are a helpful assistant."
-
-
-class ConversationError(Exception):
-  """A conversation that cannot be trained on; `reason` is a bad-record reason."""
-
-  def __init__(self, reason: str, message: str):
-    super().__init__(reason, message)
-    self.reason = reason
-    self.message = message
-
-  def __str__(self):
-    return self.message
 
 
 def load_tokenizer(path: str) -> tokenizers.Tokenizer:
@@ -172,33 +161,33 @@ def parse_conversation(conversations, *, prompt_turn: int | None = None, image_i
   the assistant reply that followed it, if any, becomes the reference answer.
   """
   if not isinstance(conversations, list) or not conversations:
-    raise ConversationError("bad_conversation", "'conversations' must be a non-empty list")
+    raise BadRecordError("bad_conversation", "'conversations' must be a non-empty list")
   system, turns = None, []
   for i, turn in enumerate(conversations):
     if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-      raise ConversationError("bad_conversation", f"turn {i} has no string 'value'")
+      raise BadRecordError("bad_conversation", f"turn {i} has no string 'value'")
     role = turn.get("from")
     if role == "system" and i == 0:
       system = turn["value"]
       continue
     if role not in _ROLES:
-      raise ConversationError("bad_conversation", f"turn {i} has unknown role {role!r}")
+      raise BadRecordError("bad_conversation", f"turn {i} has unknown role {role!r}")
     if _ROLES[role] == ASSISTANT and IMAGE_PLACEHOLDER in turn["value"]:
-      raise ConversationError("bad_conversation", f"assistant turn {i} contains {IMAGE_PLACEHOLDER}")
+      raise BadRecordError("bad_conversation", f"assistant turn {i} contains {IMAGE_PLACEHOLDER}")
     turns.append((_ROLES[role], turn["value"]))
   if not image_in_place and sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns) == 1:
     turns = [(role, image_first(text) if IMAGE_PLACEHOLDER in text else text) for role, text in turns]
   if prompt_turn is None:
     if not any(role == ASSISTANT for role, _ in turns):
-      raise ConversationError("no_assistant_turn", "conversation has no assistant ('gpt') turn")
+      raise BadRecordError("no_assistant_turn", "conversation has no assistant ('gpt') turn")
     if turns[0][0] != HUMAN:
-      raise ConversationError("bad_conversation", "conversation does not start with a human turn")
+      raise BadRecordError("bad_conversation", "conversation does not start with a human turn")
     return Turns(tuple(turns), system)
   human = [i for i, (role, _) in enumerate(turns) if role == HUMAN]
   try:
     cut = human[prompt_turn]
   except IndexError:
-    raise ConversationError(
+    raise BadRecordError(
         "bad_conversation", f"no human turn {prompt_turn} to prompt with ({len(human)} human turns)") from None
   follows = turns[cut + 1] if cut + 1 < len(turns) else None
   answer = follows[1] if follows and follows[0] == ASSISTANT else None
@@ -294,8 +283,8 @@ def encode(tokenizer: tokenizers.Tokenizer, template: ChatTemplate, turns: Turns
       enc = tokenizer.encode(text[a:b], add_special_tokens=False)
       return [(i, a + x, a + y) for i, (x, y) in zip(enc.ids, enc.offsets)]
     if _NONCHARACTERS.search(text, a, b):
-      raise ConversationError("bad_conversation", "a message holds a control token's text and Unicode noncharacters "
-                              "(U+FDD0..U+FDEF), which the tokenisation of that text reserves")
+      raise BadRecordError("bad_conversation", "a message holds a control token's text and Unicode noncharacters "
+                           "(U+FDD0..U+FDEF), which the tokenisation of that text reserves")
     # One call of the plain tokenizer, the template's control tokens written as their stand-ins.
     piece, stand_ins = list(text[a:b]), {}
     for s, e, _ in controls:

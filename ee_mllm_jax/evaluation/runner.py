@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ee_mllm_jax import batch as batch_lib
 from ee_mllm_jax import sharding
 from ee_mllm_jax.data import images as image_lib
+from ee_mllm_jax.data.records import BadRecordError
 from ee_mllm_jax.data.text import IMAGE_PLACEHOLDER, TextLayout
 from ee_mllm_jax.evaluation import metrics as metrics_lib
 from ee_mllm_jax.evaluation import prompts as prompts_lib
@@ -70,11 +71,6 @@ class _Item:
 
 def _round_up(n: int, m: int = 8) -> int:
   return max(m, -(-n // m) * m)
-
-
-def _bucket(buckets: Sequence[int], n: int) -> int | None:
-  fits = [b for b in buckets if b >= n]
-  return fits[0] if fits else None
 
 
 class Runner:
@@ -124,7 +120,7 @@ class Runner:
     if len(layout.image_starts) != 1:
       raise EvalError(f"question {q.qid}: its text contains {IMAGE_PLACEHOLDER!r}, the marker of the image's place, "
                       "which a question cannot hold")
-    if _bucket(self.model.buckets, len(layout.input_ids)) is None:
+    if batch_lib.text_bucket(self.model.buckets, len(layout.input_ids)) is None:
       raise EvalError(f"question {q.qid}: its prompt has {len(layout.input_ids)} text tokens, more than the largest "
                       f"bucket ({self.model.buckets[-1]})")
 
@@ -155,7 +151,7 @@ class Runner:
       if q.image_root is not None:  # the benchmark file's paths stay inside --image-root
         path = image_lib.contained_path(q.image_root, path)
       return image_lib.load_pixels(path, **kw)
-    except image_lib.ImageError as e:
+    except BadRecordError as e:
       raise EvalError(f"question {q.qid}: {e}") from None
 
   def _collate(self, layouts: Sequence[TextLayout], pixels: Sequence[np.ndarray], rows: int) -> dict:
@@ -163,16 +159,12 @@ class Runner:
     layouts = list(layouts) + [layouts[-1]] * (rows - len(layouts))
     pixels = list(pixels) + [pixels[-1]] * (rows - len(pixels))
     p, size = self.model.cfg.tokens_per_image, self.model.cfg.vision.image_size
-    width = _bucket(self.model.buckets, max(len(x.input_ids) for x in layouts)) or _round_up(
+    width = batch_lib.text_bucket(self.model.buckets, max(len(x.input_ids) for x in layouts)) or _round_up(
         max(len(x.input_ids) for x in layouts))
     batch = batch_lib.empty(rows, width, max_images=1, tokens_per_image=p, image_size=size, pad_id=self.pad_id)
     for r, (x, px) in enumerate(zip(layouts, pixels)):
-      n = len(x.input_ids)
-      batch["input_ids"][r, :n], batch["text_positions"][r, :n] = x.input_ids, x.positions
-      batch["text_valid"][r, :n], batch["labels"][r, :n] = True, x.labels
-      batch["pixel_values"][r, 0], batch["image_valid"][r, 0] = px, True
-      (start,) = x.image_starts
-      batch["visual_positions"][r] = np.arange(start, start + p)
+      batch_lib.fill_row(batch, r, text_positions=x.positions, image_starts=x.image_starts, input_ids=x.input_ids,
+                         labels=x.labels, pixel_values=px[None])
     return batch
 
   def _split(self, batch: dict, image_of_row: Sequence[int]) -> tuple[dict, dict, np.ndarray]:
@@ -193,7 +185,8 @@ class Runner:
       labels[r, :len(got)] = got
     rest["labels"] = labels
     prefix = {k: v for k, v in batch_lib.pad_text(prefix, _round_up(prefix["input_ids"].shape[1])).items()}
-    width = _bucket(self.model.buckets, rest["input_ids"].shape[1]) or _round_up(rest["input_ids"].shape[1])
+    width = batch_lib.text_bucket(self.model.buckets, rest["input_ids"].shape[1]) or _round_up(
+        rest["input_ids"].shape[1])
     rest = batch_lib.pad_text(rest, width)
     return prefix, rest, np.asarray(list(image_of_row), np.int32)
 
