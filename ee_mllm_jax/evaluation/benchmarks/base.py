@@ -196,7 +196,13 @@ def image_root(path: str, root: str | None) -> str:
   return os.path.abspath(root or os.path.dirname(os.path.abspath(path)))
 
 
-def row_id(row, key: str, i: int, listed: str = "data") -> tuple[Any, str]:
-  """(the row's id or "#i", "question ID (listed[i])") for error messages."""
-  qid = row.get(key, f"#{i}") if isinstance(row, dict) else f"#{i}"
-  return qid, f"question {qid} ({listed}[{i}])"
+def each_row(items: list, id_key: str, listed: str = "data"):
+  """(row, "question ID (listed[i])" for error messages) for each row; ID is "#i" where it has none."""
+  for i, row in enumerate(items):
+    qid = row.get(id_key, f"#{i}") if isinstance(row, dict) else f"#{i}"
+    yield row, f"question {qid} ({listed}[{i}])"
+
+
+def file_question(root: str, qid, image: str, question: str, answers: tuple[str, ...], **fields) -> Question:
+  """A question about the image file `image` (relative to, and kept inside, `root`)."""
+  return Question(str(qid), os.path.join(root, image), f"file:{image}", question, answers, image_root=root, **fields)

@@ -46,14 +46,12 @@ class ChartQA(base.Benchmark):
   def load(self, path, image_root):
     root, rows = base.image_root(path, image_root), base.Rows(path)
     questions = []
-    for i, r in enumerate(base.load_json(path, None)[1]):
-      _, where = base.row_id(r, "question_id", i)
+    for i, (r, where) in enumerate(base.each_row(base.load_json(path, None)[1], "question_id")):
       label = rows.field(r, "label", where, (str, int, float))
       qid = r.get("question_id", i)  # the dataset's files have no ids: the position in the file
       image = os.path.join("png", rows.field(r, "imgname", where))
-      split = r.get("type") or _split(path)
-      questions.append(base.Question(str(qid), os.path.join(root, image), f"file:{image}",
-                                     rows.field(r, "query", where), (str(label),), category=split, image_root=root))
+      questions.append(base.file_question(root, qid, image, rows.field(r, "query", where), (str(label),),
+                                          category=r.get("type") or _split(path)))
     return questions
 
   def score(self, q, output):

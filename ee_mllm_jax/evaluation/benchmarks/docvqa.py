@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import os
 
 from ee_mllm_jax.evaluation import metrics
 from ee_mllm_jax.evaluation.benchmarks import base
@@ -17,15 +16,11 @@ class DocVQA(base.Benchmark):
   synthetic_kind, synthetic_file = "doc", "docvqa_val.json"
 
   def load(self, path, image_root):
-    root, rows = base.image_root(path, image_root), base.Rows(path)
-    questions = []
-    for i, r in enumerate(base.load_json(path, "data")[1]):
-      _, where = base.row_id(r, "questionId", i)
-      qid = rows.field(r, "questionId", where, (int, str))
-      image = rows.field(r, "image", where)
+    root, rows, questions = base.image_root(path, image_root), base.Rows(path), []
+    for r, where in base.each_row(base.load_json(path, "data")[1], "questionId"):
+      qid, image = rows.field(r, "questionId", where, (int, str)), rows.field(r, "image", where)
       answers = rows.answers(r, where)
-      questions.append(base.Question(str(qid), os.path.join(root, image), f"file:{image}",
-                                     rows.field(r, "question", where), answers, image_root=root))
+      questions.append(base.file_question(root, qid, image, rows.field(r, "question", where), answers))
     return questions
 
   def score(self, q, output):

@@ -31,8 +31,7 @@ class SEEDBench(base.Benchmark):
     doc, items = base.load_json(path, "questions")
     type_names = {v: k for k, v in (doc.get("question_type") or {}).items()}
     questions = []
-    for i, r in enumerate(items):
-      _, where = base.row_id(r, "question_id", i, "questions")
+    for r, where in base.each_row(items, "question_id", "questions"):
       if rows.field(r, "data_type", where) != "image":
         continue
       options = {c: rows.field(r, f"choice_{c.lower()}", where, (str, int, float)) for c in "ABCD"}
@@ -41,10 +40,10 @@ class SEEDBench(base.Benchmark):
         rows.fail(where, f"answer {answer!r} is not one of A-D")
       type_id = rows.field(r, "question_type_id", where, (int, str))
       image = rows.field(r, "data_id", where)
-      questions.append(base.Question(
-          str(rows.field(r, "question_id", where, (int, str))), os.path.join(root, image), f"file:{image}",
-          rows.field(r, "question", where), (answer,), {k: str(v) for k, v in options.items()},
-          category=type_names.get(type_id, type_names.get(str(type_id), str(type_id))), image_root=root))
+      questions.append(base.file_question(
+          root, rows.field(r, "question_id", where, (int, str)), image, rows.field(r, "question", where), (answer,),
+          options={k: str(v) for k, v in options.items()},
+          category=type_names.get(type_id, type_names.get(str(type_id), str(type_id)))))
     return questions
 
   def score(self, q, output):

@@ -20,8 +20,7 @@ class TextVQA(base.Benchmark):
   def load(self, path, image_root):
     root, rows = base.image_root(path, image_root), base.Rows(path)
     questions = []
-    for i, r in enumerate(base.load_json(path, "data")[1]):
-      _, where = base.row_id(r, "question_id", i)
+    for r, where in base.each_row(base.load_json(path, "data")[1], "question_id"):
       qid = rows.field(r, "question_id", where, (int, str))
       image_id = rows.field(r, "image_id", where)
       answers = rows.answers(r, where)
@@ -29,9 +28,8 @@ class TextVQA(base.Benchmark):
       if not isinstance(ocr, list) or not all(isinstance(t, str) for t in ocr):
         rows.fail(where, "'ocr_tokens' must be a list of strings")
       image = r.get("image_path") or os.path.join("train_images", f"{image_id}.jpg")
-      questions.append(base.Question(str(qid), os.path.join(root, image), f"file:{image}",
-                                     rows.field(r, "question", where), answers, ocr_tokens=tuple(ocr),
-                                     image_root=root))
+      questions.append(base.file_question(root, qid, image, rows.field(r, "question", where), answers,
+                                          ocr_tokens=tuple(ocr)))
     return questions
 
   def context(self, q, style):
