@@ -1,4 +1,5 @@
-"""Evaluate a model on TextVQA, DocVQA, MMBench or SEED-Bench, or ask it about one image.
+"""Evaluate a model on a benchmark (TextVQA, DocVQA, MMBench, SEED-Bench, ChartQA: `--benchmark`),
+or ask it about one image.
 
     python eval.py --checkpoint RUN_DIR[/checkpoints/STEP] --benchmark mmbench --data MMBench_DEV_EN.tsv \
         [--image-root DIR] [--out DIR] [--config.attention=composite --config.visual_ffn=true ...]
@@ -23,6 +24,7 @@ from ml_collections import config_flags
 
 def default_config() -> ml_collections.ConfigDict:
   from ee_mllm_jax import mode as mode_lib  # pylint: disable=g-import-not-at-top
+  from ee_mllm_jax.evaluation import prompts  # pylint: disable=g-import-not-at-top
   unset = lambda kind: ml_collections.FieldReference(None, field_type=kind)
   # Every mode flag, None: as trained. attention="composite" on a self checkpoint is EE-MLLM-F (the
   # visual FFN kept unless visual_ffn=false); composite_from_layer=n keeps layers [0, n) self.
@@ -35,16 +37,21 @@ def default_config() -> ml_collections.ConfigDict:
       dtype=unset(str),
       batch_size=16, images_per_batch=0, max_new_tokens=16, reuse_prefix=True, likelihood=True,
       on_bad_image="raise",  # or "skip"
-      short_answer_prompt="Answer the question using a single word or phrase.",
+      short_answer_prompt=prompts.SHORT_ANSWER,
       ocr_tokens=True, progress_bar=True, limit=0,
       mmbench_rotations=True,  # MMBench rows without rotations get them (CircularEval on any TSV)
       mesh=ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))))
 
 
+def benchmark_names() -> list[str]:
+  from ee_mllm_jax.evaluation import benchmarks  # pylint: disable=g-import-not-at-top
+  return list(benchmarks.names())
+
+
 config_flags.DEFINE_config_dict("config", default_config(), "Evaluation settings.", lock_config=True)
 flags.DEFINE_string("checkpoint", None, "A train.py run dir, its checkpoints/ dir, or one step.")
 flags.DEFINE_string("hf", None, "A local HF LLaVA directory (config.json, *.safetensors, tokenizer.json).")
-flags.DEFINE_enum("benchmark", None, ["textvqa", "docvqa", "mmbench", "seedbench"], "Benchmark.")
+flags.DEFINE_enum("benchmark", None, benchmark_names(), "Benchmark (`ee_mllm_jax.evaluation.benchmarks`).")
 flags.DEFINE_string("data", None, "The benchmark file.")
 flags.DEFINE_string("image-root", None, "Image paths are relative to it (default: the benchmark file's dir).")
 flags.DEFINE_string("out", None, "Output directory (default: eval_out/<benchmark>).")

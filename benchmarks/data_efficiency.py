@@ -64,7 +64,7 @@ from ee_mllm_jax import data as data_lib  # noqa: E402
 from ee_mllm_jax import flops as flops_lib  # noqa: E402
 from ee_mllm_jax import params as params_lib  # noqa: E402
 from ee_mllm_jax import sharding  # noqa: E402
-from ee_mllm_jax.evaluation import circular, readers  # noqa: E402
+from ee_mllm_jax.evaluation import benchmarks  # noqa: E402
 from ee_mllm_jax.evaluation import model as model_lib  # noqa: E402
 from ee_mllm_jax.evaluation import prompts as prompts_lib  # noqa: E402
 from ee_mllm_jax.evaluation import runner as runner_lib  # noqa: E402
@@ -86,12 +86,9 @@ STAGE2 = r"(projector|resampler|llm)/"
 MIX = {"color": 1.0, "shape": 1.0, "count": 1.0, "position": 1.0, "choice_attribute": 1.0, "choice_spatial": 1.0,
        "text": 0.5, "doc": 0.5}
 OPEN_TYPES = ("color", "shape", "count", "position")
-# (name in tables, eval.py benchmark, file under the dataset, headline metric)
-BENCHMARKS = (("open", "textvqa", "open_val.json", "accuracy"),
-              ("MMBench", "mmbench", "benchmarks/mmbench_dev.tsv", "circular_accuracy"),
-              ("SEED", "seedbench", "benchmarks/seed_bench.json", "accuracy"),
-              ("TextVQA", "textvqa", "benchmarks/textvqa_val.json", "accuracy"),
-              ("DocVQA", "docvqa", "benchmarks/docvqa_val.json", "anls"))
+# (name in tables, benchmark: its synthetic file and headline metric; "open": the open questions as TextVQA)
+BENCHMARKS = (("open", "textvqa"), ("MMBench", "mmbench"), ("SEED", "seedbench"), ("TextVQA", "textvqa"),
+              ("DocVQA", "docvqa"))
 # Second readings shown beside the headline ones (not in the mean): per-row MMBench accuracy (a
 # guesser's CircularEval is ~0 at any size) and SEED ranked by the options' likelihood.
 EXTRA_METRICS = (("MMBench rows", "MMBench", "row_accuracy"), ("SEED lik.", "SEED", "likelihood_accuracy"))
@@ -454,15 +451,14 @@ def evaluate(run: dict, ds, files, work: str, scale: Scale, variant: str = "", *
                                      style=prompts_lib.PromptStyle(short_answer=""))
   runner = runner_lib.Runner(model, settings, sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1)))
   scores, t0 = {}, time.perf_counter()
-  for table_name, benchmark, file, metric in BENCHMARKS:
-    path = files["open_val"] if table_name == "open" else ds.path(file)
-    questions = readers.read(benchmark, path, ds.root)
-    if benchmark == "mmbench":
-      questions = circular.with_rotations(questions)
+  for table_name, benchmark in BENCHMARKS:
+    bench = benchmarks.get(benchmark)
+    path = files["open_val"] if table_name == "open" else ds.benchmarks[benchmark]
+    questions = bench.expand(bench.read(path, ds.root))  # MMBench: with its circular rotations
     if not questions:
       continue
-    summary = runner_lib.evaluate(runner, benchmark, questions, os.path.join(work, "evals", name, table_name))
-    scores[table_name] = summary["metrics"][metric]
+    summary = runner_lib.evaluate(runner, bench, questions, os.path.join(work, "evals", name, table_name))
+    scores[table_name] = summary["metrics"][bench.metric]
   result = dict(name=name, model_mode=model.mode, scores=scores, mean=float(np.mean(list(scores.values()))),
                 seconds=time.perf_counter() - t0, cfg=model.cfg.to_dict())
   os.makedirs(os.path.dirname(out_path), exist_ok=True)

@@ -13,14 +13,11 @@ the questions once to compile, then once timed; prints questions/s and the reuse
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
-from ee_mllm_jax.evaluation import circular, readers, runner as runner_lib
+from ee_mllm_jax.data import synthetic
+from ee_mllm_jax.evaluation import benchmarks, runner as runner_lib
 from ee_mllm_jax.evaluation import model as model_lib
-
-FILES = {"mmbench": "mmbench_dev.tsv", "seedbench": "seed_bench.json", "textvqa": "textvqa_val.json",
-         "docvqa": "docvqa_val.json"}
 
 
 def questions_per_second(model, benchmark, questions, reuse: bool, batch_size: int) -> float:
@@ -37,15 +34,15 @@ def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--checkpoint", required=True)
   p.add_argument("--synthetic", required=True, help="a synthetic dataset directory (its benchmarks/ files)")
-  p.add_argument("--benchmarks", nargs="+", default=["mmbench", "seedbench"], choices=list(FILES))
+  p.add_argument("--benchmarks", nargs="+", default=["mmbench", "seedbench"],
+                 choices=[b.name for b in benchmarks.synthetic()])
   p.add_argument("--questions", type=int, default=64, help="questions per benchmark (after MMBench rotations)")
   p.add_argument("--batch-size", type=int, default=16)
   args = p.parse_args()
   rows = []
   for benchmark in args.benchmarks:
-    qs = readers.read(benchmark, os.path.join(args.synthetic, "benchmarks", FILES[benchmark]), args.synthetic)
-    if benchmark == "mmbench":
-      qs = circular.with_rotations(qs)
+    bench = benchmarks.get(benchmark)
+    qs = bench.expand(bench.read(synthetic.SyntheticDataset(args.synthetic).benchmarks[benchmark], args.synthetic))
     qs = qs[:args.questions]
     for mode in ("self", "composite"):
       model = model_lib.from_checkpoint(args.checkpoint, attention=mode, visual_ffn=mode == "self" or None)

@@ -123,7 +123,7 @@ def test_benchmark_files_parse_and_agree_with_the_val_set(dataset):
     assert row["answer"] == r["answer"] and row[row["answer"]] in r["conversations"][0]["value"]
     assert base64.b64decode(row["image"]) == open(os.path.join(dataset.root, r["image"]), "rb").read()
 
-  seed = json.load(open(files["seed_bench"]))
+  seed = json.load(open(files["seedbench"]))
   assert {int(q["question_id"]) for q in seed["questions"]} == of_type("choice_spatial")
   for q in seed["questions"]:
     r = val[int(q["question_id"])]

@@ -1,14 +1,12 @@
-"""eval.py's package: readers on the synthetic files in the real formats, the runner's
+"""eval.py's package (the benchmarks' readers and scores: test_eval_benchmarks.py): the runner's
 properties (prefix reuse = no reuse, 8 devices = 1, resume = one run, SIGTERM leaves a valid
 file), bad input, and the command line."""
 
-import base64
-import csv
 import dataclasses
-import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,11 +19,12 @@ from PIL import Image
 import ee_mllm_jax as eem
 from ee_mllm_jax import sharding
 from ee_mllm_jax.data import synthetic
-from ee_mllm_jax.evaluation import circular, model as model_lib, prompts as prompts_lib, readers, runner as runner_lib
+from ee_mllm_jax.evaluation import benchmarks, model as model_lib, prompts as prompts_lib, runner as runner_lib
 from ee_mllm_jax.mode import Composite, Self
 from ee_mllm_jax.train import checkpoint as ckpt_lib
 import conftest
 from models import forward, init_params
+from test_eval_benchmarks import circular_rows, write_mmbench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 384
@@ -74,115 +73,13 @@ def _lines(path):
     return [json.loads(line) for line in f]
 
 
-# ----------------------------------------------------------------------------- readers
-
-
-def test_readers_take_the_synthetic_files_in_the_real_formats(bench):
-  with open(bench.val_file) as f:
-    val = json.load(f)
-  kinds = {"textvqa": "text", "docvqa": "doc", "mmbench": "choice_attribute", "seedbench": "choice_spatial"}
-  files = {"textvqa": "textvqa", "docvqa": "docvqa", "mmbench": "mmbench", "seedbench": "seed_bench"}
-  for benchmark, kind in kinds.items():
-    questions = readers.read(benchmark, bench.benchmarks[files[benchmark]], bench.root)
-    expected = [r for r in val if r["question_type"] == kind]
-    assert len(questions) == len(expected) > 0, benchmark
-    for q, r in zip(questions, expected):
-      assert q.question == r["question"] and q.qid == str(int(r["id"].split("-")[1]))
-      if r.get("options"):
-        assert list(q.options.values()) == r["options"] and q.answers == (r["answer"],)
-      else:
-        assert r["answer"] in q.answers
-      if isinstance(q.image, str):
-        assert os.path.exists(q.image), q.image
-  seed = readers.read("seedbench", bench.benchmarks["seed_bench"], bench.root)
-  assert {q.category for q in seed} <= {"Instances Counting", "Spatial Relation"}
-
-
-def _png(colour, size=32) -> bytes:
-  buf = io.BytesIO()
-  Image.new("RGB", (size, size), colour).save(buf, format="PNG")
-  return buf.getvalue()
-
-
-def write_mmbench(path, rows):
-  """A TSV in MMBench's columns; rows: dicts with index, question, options (list), answer, image, hint."""
-  with open(path, "w", newline="") as f:
-    w = csv.writer(f, delimiter="\t", lineterminator="\n")
-    w.writerow(["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image", "l2-category"])
-    for r in rows:
-      opts = list(r["options"]) + ["nan"] * (4 - len(r["options"]))
-      w.writerow([r["index"], r["question"], r.get("hint", "nan"), *opts, r["answer"], r.get("category", "cat"),
-                  r["image"], "l2"])
-
-
-def circular_rows():
-  """Two questions, each in 4 rotations (index + k * 1e6); later rotations point at the first
-  row's image by its index, as the circular MMBench files do; one has a hint, one 3 options."""
-  rows = []
-  for base, colour, opts, hint in ((7, (200, 30, 30), ["red", "blue", "green", "pink"], "nan"),
-                                   (9, (30, 30, 200), ["blue", "red", "black"], "A picture.")):
-    image = base64.b64encode(_png(colour)).decode()
-    for k in range(len(opts)):
-      rotated = opts[k:] + opts[:k]
-      rows.append(dict(index=base + k * 1_000_000, question="What colour is it?", options=rotated,
-                       answer="ABCD"[rotated.index(opts[0])], image=image if k == 0 else str(base), hint=hint,
-                       category=f"c{base}"))
-  return rows
-
-
-def test_mmbench_reader_rotations_hint_and_image_references(tmp_path):
-  path = str(tmp_path / "mmbench.tsv")
-  write_mmbench(path, circular_rows())
-  qs = readers.read("mmbench", path)
-  assert len(qs) == 7 and [q.index % 1_000_000 for q in qs] == [7] * 4 + [9] * 3
-  assert len({q.image_key for q in qs[:4]}) == 1 and qs[0].image_key != qs[4].image_key
-  assert qs[0].hint is None and qs[4].hint == "A picture."  # "nan" is no hint
-  assert list(qs[4].options) == ["A", "B", "C"]  # D is "nan": absent
-  assert [q.answers[0] for q in qs[:4]] == ["A", "D", "C", "B"]
-
-
-def test_rotations_are_added_to_single_row_questions_only(tmp_path):
-  rows = circular_rows()
-  path = str(tmp_path / "mmbench.tsv")
-  write_mmbench(path, rows[:4] + [dict(rows[4], index=9)])  # question 7 has its rotations, 9 does not
-  qs = circular.with_rotations(readers.read("mmbench", path))
-  assert [q.index for q in qs] == [7, 1_000_007, 2_000_007, 3_000_007, 9, 1_000_009, 2_000_009]
-  for q in qs[4:]:  # the answer letter follows the correct text
-    assert q.options[q.answers[0]] == "blue" and q.image_key == qs[4].image_key
-  assert [q.answers[0] for q in qs[4:]] == ["A", "C", "B"]
-
-
-@pytest.mark.parametrize("benchmark, content, message", [
-    ("textvqa", {"data": [{"question_id": 5, "image_id": "x", "question": "q?"}]}, "question 5 (data[0]): has no 'answers'"),
-    ("docvqa", {"data": [{"questionId": 3, "image": 4, "question": "q", "answers": ["a"]}]}, "question 3 (data[0]): 'image' is int"),
-    ("seedbench", {"questions": [{"question_id": "q1", "data_type": "image", "choice_a": "1", "choice_b": "2",
-                                  "choice_c": "3", "choice_d": "4", "answer": "E", "data_id": "x.png",
-                                  "question_type_id": 1, "question": "?"}]}, "question q1 (questions[0]): answer 'E'"),
-    ("textvqa", {"questions": []}, "with a 'data' list"),
-])
-def test_bad_benchmark_files_name_the_question(tmp_path, benchmark, content, message):
-  path = tmp_path / "bad.json"
-  path.write_text(json.dumps(content))
-  with pytest.raises(readers.BenchmarkFormatError, match=re.escape(message)):
-    readers.read(benchmark, str(path))
-
-
-def test_bad_mmbench_rows_name_the_row(tmp_path):
-  rows = circular_rows()
-  rows[2]["answer"] = "E"
-  path = str(tmp_path / "mmbench.tsv")
-  write_mmbench(path, rows)
-  with pytest.raises(readers.BenchmarkFormatError, match=r"row 4 \(index '2000007'\): answer 'E'"):
-    readers.read("mmbench", path)
-
-
 # ----------------------------------------------------------------------------- the runner
 
 
 def test_prefix_reuse_gives_the_same_predictions_as_no_reuse(model, tmp_path):
   path = str(tmp_path / "mmbench.tsv")
   write_mmbench(path, circular_rows())
-  qs = readers.read("mmbench", path)
+  qs = benchmarks.get("mmbench").read(path)
   out = {}
   for reuse in (True, False):
     runner_lib.evaluate(_runner(model, reuse_prefix=reuse), "mmbench", qs, str(tmp_path / str(reuse)))
@@ -192,7 +89,7 @@ def test_prefix_reuse_gives_the_same_predictions_as_no_reuse(model, tmp_path):
 
 
 def test_seed_option_likelihoods_with_a_shared_prefix_equal_full_forwards(model, bench, tmp_path):
-  qs = readers.read("seedbench", bench.benchmarks["seed_bench"], bench.root)[:6]
+  qs = benchmarks.get("seedbench").read(bench.benchmarks["seedbench"], bench.root)[:6]
   scores = {}
   for reuse in (True, False):
     summary = runner_lib.evaluate(_runner(model, reuse_prefix=reuse), "seedbench", qs, str(tmp_path / str(reuse)))
@@ -203,7 +100,7 @@ def test_seed_option_likelihoods_with_a_shared_prefix_equal_full_forwards(model,
 
 
 def test_eight_devices_give_the_same_predictions_as_one(model, bench, tmp_path):
-  qs = readers.read("textvqa", bench.benchmarks["textvqa"], bench.root)
+  qs = benchmarks.get("textvqa").read(bench.benchmarks["textvqa"], bench.root)
   one = _runner(model)
   eight = _runner(model, sharding.make_mesh((8, 1, 1)))
   assert eight.rows == 8 and len(jax.devices()) == 8
@@ -214,7 +111,7 @@ def test_eight_devices_give_the_same_predictions_as_one(model, bench, tmp_path):
 
 
 def test_resume_skips_done_questions_and_gives_the_same_metrics(model, bench, tmp_path):
-  qs = readers.read("docvqa", bench.benchmarks["docvqa"], bench.root)
+  qs = benchmarks.get("docvqa").read(bench.benchmarks["docvqa"], bench.root)
   full = runner_lib.evaluate(_runner(model), "docvqa", qs, str(tmp_path / "full"))
   lines = open(tmp_path / "full" / runner_lib.PREDICTIONS).readlines()
   os.makedirs(tmp_path / "part")
@@ -227,7 +124,7 @@ def test_resume_skips_done_questions_and_gives_the_same_metrics(model, bench, tm
 
 
 def test_sigterm_stops_after_a_batch_and_leaves_a_valid_file(model, bench, tmp_path):
-  qs = readers.read("textvqa", bench.benchmarks["textvqa"], bench.root)
+  qs = benchmarks.get("textvqa").read(bench.benchmarks["textvqa"], bench.root)
   qs += [dataclasses.replace(q, qid=q.qid + "-again", image_key=q.image_key + "-again") for q in qs]
   assert len(qs) > SETTINGS.images_per_batch  # more than one batch
   runner = _runner(model)
@@ -248,7 +145,7 @@ def test_sigterm_stops_after_a_batch_and_leaves_a_valid_file(model, bench, tmp_p
 
 
 def test_a_missing_image_is_an_error_naming_the_question_and_skip_mode_counts_it(model, bench, tmp_path):
-  qs = readers.read("docvqa", bench.benchmarks["docvqa"], bench.root)
+  qs = benchmarks.get("docvqa").read(bench.benchmarks["docvqa"], bench.root)
   os.makedirs(tmp_path / "images", exist_ok=True)
   broken = qs[1].__class__(**{**qs[1].__dict__, "image": os.path.join(bench.root, "images", "gone.png"),
                               "image_key": "gone"})  # inside the image root (outside: refused as such)
@@ -257,6 +154,28 @@ def test_a_missing_image_is_an_error_naming_the_question_and_skip_mode_counts_it
     runner_lib.evaluate(_runner(model), "docvqa", qs, str(tmp_path / "raise"))
   summary = runner_lib.evaluate(_runner(model, on_bad_image="skip"), "docvqa", qs, str(tmp_path / "skip"))
   assert summary["metrics"]["skipped"] == 1 and summary["metrics"]["questions"] == 3
+
+
+def test_a_fifth_benchmark_runs_through_the_runner_from_its_one_file(model, bench, tmp_path):
+  """ChartQA (`benchmarks/chartqa.py`, nothing else): a file in its format made of the synthetic
+  count questions runs, its records carry the relaxed score, its metrics the per-split mean."""
+  from ee_mllm_jax.evaluation.benchmarks import chartqa  # pylint: disable=g-import-not-at-top
+  with open(bench.val_file) as f:
+    count = [r for r in json.load(f) if r["question_type"] == "count"][:5]
+  os.makedirs(tmp_path / "png")
+  for r in count:
+    shutil.copy(os.path.join(bench.root, r["image"]), tmp_path / "png")
+  rows = [{"imgname": os.path.basename(r["image"]), "query": r["question"], "label": r["answer"]} for r in count]
+  (tmp_path / "test_augmented.json").write_text(json.dumps(rows))
+  qs = benchmarks.get("chartqa").read(str(tmp_path / "test_augmented.json"))
+  summary = runner_lib.evaluate(_runner(model), "chartqa", qs, str(tmp_path / "out"))
+  lines = _lines(str(tmp_path / "out"))
+  assert [r["score"] for r in lines] == [float(chartqa.relaxed_correct(r["output"], r["answers"][0])) for r in lines]
+  assert all(prompts_lib.SHORT_ANSWER + "<|im_end|>" in r["prompt"] for r in lines) and len(lines) == 5
+  mean = sum(r["score"] for r in lines) / 5
+  assert summary["metrics"] == {"questions": 5, "skipped": 0, "relaxed_accuracy": mean,
+                                "per_split": {"augmented_test": mean}}
+  assert "relaxed_accuracy" in runner_lib.summary_table(summary)
 
 
 # ----------------------------------------------------------------------------- model and command line
@@ -405,7 +324,7 @@ def test_a_bad_benchmark_file_is_reported_before_the_model_loads(checkpoint, tmp
   monkeypatch.setattr(cli, "load_model", no_model)
   bad = tmp_path / "bad.json"
   bad.write_text(json.dumps({"data": [{"question_id": 1, "image_id": "x", "answers": ["a"]}]}))
-  with pytest.raises(readers.BenchmarkFormatError, match="question 1 .*has no 'question' field"):
+  with pytest.raises(benchmarks.BenchmarkFormatError, match="question 1 .*has no 'question' field"):
     cli.run(_cli_config(), checkpoint=checkpoint, benchmark="textvqa", data=str(bad), out=str(tmp_path / "out"))
 
 
@@ -464,7 +383,7 @@ def test_benchmark_image_paths_stay_inside_the_image_root(model, tmp_path):
   data = tmp_path / "docvqa.json"
   data.write_text(json.dumps({"data": [{"questionId": k, "image": v, "question": "What?", "answers": ["x"]}
                                        for k, v in images.items()]}))
-  qs = readers.read("docvqa", str(data), str(root))
+  qs = benchmarks.get("docvqa").read(str(data), str(root))
   for bad in ("q-dotdot", "q-absolute", "q-symlink"):
     with pytest.raises(runner_lib.EvalError, match=f"question {bad}: image .* outside the image directory"):
       _runner(model).pixels(next(q for q in qs if q.qid == bad))
@@ -484,7 +403,7 @@ def test_a_thin_image_bomb_is_refused_before_decoding_naming_the_question(model,
   data = tmp_path / "docvqa.json"
   data.write_text(json.dumps({"data": [{"questionId": k, "image": v, "question": "What?", "answers": ["x"]}
                                        for k, v in (("q-thin", "thin.png"), ("q-ok", "ok.png"))]}))
-  qs = readers.read("docvqa", str(data), str(root))
+  qs = benchmarks.get("docvqa").read(str(data), str(root))
   padded = []
   real_pad = image_lib.expand_to_square
   monkeypatch.setattr(image_lib, "expand_to_square", lambda img, fill: padded.append(img.size) or real_pad(img, fill))
@@ -497,7 +416,7 @@ def test_a_thin_image_bomb_is_refused_before_decoding_naming_the_question(model,
 
 @pytest.mark.parametrize("kind", ["image marker", "too long"])
 def test_a_question_that_cannot_be_asked_is_named_or_counted(model, bench, tmp_path, kind):
-  qs = readers.read("docvqa", bench.benchmarks["docvqa"], bench.root)[:4]
+  qs = benchmarks.get("docvqa").read(bench.benchmarks["docvqa"], bench.root)[:4]
   text = "What is <image> here?" if kind == "image marker" else " ".join(["colour"] * 400)
   qs[1] = dataclasses.replace(qs[1], question=text)
   message = "its text contains '<image>'" if kind == "image marker" else "its prompt has"

@@ -9,10 +9,9 @@ from ee_mllm_jax import batch as batch_lib
 from ee_mllm_jax import mode as mode_lib
 from ee_mllm_jax import sharding
 from ee_mllm_jax import storage
-from ee_mllm_jax.evaluation import circular
+from ee_mllm_jax.evaluation import benchmarks
 from ee_mllm_jax.evaluation import model as model_lib
 from ee_mllm_jax.evaluation import prompts as prompts_lib
-from ee_mllm_jax.evaluation import readers
 from ee_mllm_jax.evaluation import run_header
 from ee_mllm_jax.evaluation import runner as runner_lib
 from ee_mllm_jax.train import checkpoint as ckpt_lib
@@ -22,7 +21,7 @@ class UsageError(ValueError):
   """Flags that do not make a command."""
 
 
-USER_ERRORS = (UsageError, FileNotFoundError, readers.BenchmarkFormatError, runner_lib.EvalError,
+USER_ERRORS = (UsageError, FileNotFoundError, benchmarks.BenchmarkFormatError, runner_lib.EvalError,
                ckpt_lib.ConfigMismatchError, batch_lib.BatchError, run_header.MixedRunError, storage.DiskFullError)
 
 
@@ -57,10 +56,8 @@ def ask(runner: runner_lib.Runner, image: str, question: str) -> str:
   """The model's answer to one question about one image file."""
   if not os.path.exists(image):
     raise FileNotFoundError(f"--image {image} does not exist")
-  q = readers.Question("cli", os.path.abspath(image), "cli", question, ("",))
-  (item,) = runner.items("ask", [q])
-  item.layout = runner.encoder.prompt(question)  # the user's words as they are, no answer-style suffix
-  runner.check_layout(q, item.layout)
+  q = benchmarks.Question("cli", os.path.abspath(image), "cli", question, ("",))
+  item = runner.item(q, question)  # the user's words as they are, no answer-style suffix
   return runner._generate([item], [runner.pixels(q)], [0])[0]  # pylint: disable=protected-access
 
 
@@ -81,9 +78,13 @@ def run(config, *, checkpoint=None, hf=None, benchmark=None, data=None, image_ro
   elif not os.path.exists(data):
     raise FileNotFoundError(f"--data {data} does not exist")
   if not image:  # a bad benchmark file is reported before a model is loaded
-    questions = readers.read(benchmark, data, image_root)
-    if benchmark == "mmbench" and config.mmbench_rotations:
-      questions = circular.with_rotations(questions)
+    try:
+      bench = benchmarks.get(benchmark)
+    except ValueError as e:
+      raise UsageError(str(e)) from None
+    questions = bench.read(data, image_root)
+    if config.mmbench_rotations:  # MMBench rows without rotations get them; others are as read
+      questions = bench.expand(questions)
   model = load_model(config, checkpoint=checkpoint, hf=hf)
   try:
     mesh = sharding.make_mesh(dict(config.mesh))

@@ -1,10 +1,12 @@
-"""A benchmark question -> the user message LLaVA-1.5's eval scripts write, and its token layout
-in the chat template the model was trained with (`ee_mllm_jax.data.text`, the training code path).
+"""The user message LLaVA-1.5's eval scripts write, and its token layout in the chat template the
+model was trained with (`ee_mllm_jax.data.text`, the training code path). Each benchmark
+(`evaluation.benchmarks`) fills the layout:
 
     textvqa   "{question}[\\nReference OCR token: a, b, c]\\n{SHORT_ANSWER}"
     docvqa    "{question}\\n{SHORT_ANSWER}"
     mmbench   "[{hint}\\n]{question}\\nA. ...\\nB. ...[\\nC. ...]\\n{CHOOSE_LETTER}"
     seedbench "{question}\\nA. ...\\nB. ...\\nC. ...\\nD. ...\\n{CHOOSE_LETTER}"
+    chartqa   "{question}\\n{SHORT_ANSWER}"
 
 Each message starts with "<image>\\n", as LLaVA's do. The likelihood method asks the question
 without its options and scores each option as the assistant's reply (its tokens and the
@@ -14,11 +16,11 @@ end-of-turn token, so that an option which is a prefix of another is not favoure
 from __future__ import annotations
 
 import dataclasses
+from typing import Mapping, Sequence
 
 import tokenizers
 
 from ee_mllm_jax.data import text as text_lib
-from ee_mllm_jax.evaluation.readers import Question
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 CHOOSE_LETTER = "Answer with the option's letter from the given choices directly."
@@ -31,18 +33,18 @@ class PromptStyle:
   ocr_tokens: bool = True  # TextVQA: the file's OCR tokens, as LLaVA's textvqa eval gives them
 
 
-def message(q: Question, benchmark: str, style: PromptStyle = PromptStyle(), *, with_options: bool = True) -> str:
-  """The user message (after "<image>\\n") for `q`."""
-  lines = []
-  if q.hint:
-    lines.append(q.hint)
-  lines.append(q.question)
-  if q.options and with_options:
-    lines += [f"{letter}. {text}" for letter, text in q.options.items()]
+def user_message(question: str, options: Mapping[str, str] | None = None, *, hint: str | None = None,
+                 context: Sequence[str] = (), style: PromptStyle = PromptStyle()) -> str:
+  """LLaVA-1.5's layout of a user message (after "<image>\\n"): [hint], the question, then the
+  lettered options and `style.choose_letter`, or the `context` lines and `style.short_answer`
+  (a style line that is "" is left out). The synthetic dataset's questions use it too."""
+  lines = [hint] if hint else []
+  lines.append(question)
+  if options:
+    lines += [f"{letter}. {text}" for letter, text in options.items()]
     suffix = style.choose_letter
   else:
-    if benchmark == "textvqa" and style.ocr_tokens and q.ocr_tokens:
-      lines.append("Reference OCR token: " + ", ".join(q.ocr_tokens))
+    lines += list(context)
     suffix = style.short_answer
   if suffix:
     lines.append(suffix)

@@ -1,5 +1,5 @@
-"""Batched evaluation of one benchmark: prompts -> greedy generation (and, for SEED-Bench,
-option likelihoods) -> predictions.jsonl -> metrics.json.
+"""Batched evaluation of one benchmark (`evaluation.benchmarks`): prompts -> greedy generation (and
+option likelihoods where it ranks options, as SEED-Bench) -> predictions.jsonl -> metrics.json.
 
 Questions about one image are batched together; with prefix reuse (the default) each batch
 runs the vision tower and the prefill of [system text; image] once per distinct image
@@ -33,10 +33,10 @@ from ee_mllm_jax import sharding
 from ee_mllm_jax.data import images as image_lib
 from ee_mllm_jax.data.records import BadRecordError
 from ee_mllm_jax.data.text import IMAGE_PLACEHOLDER, TextLayout
-from ee_mllm_jax.evaluation import metrics as metrics_lib
+from ee_mllm_jax.evaluation import benchmarks
 from ee_mllm_jax.evaluation import prompts as prompts_lib
+from ee_mllm_jax.evaluation.benchmarks import Benchmark, Question
 from ee_mllm_jax.evaluation.model import EvalModel
-from ee_mllm_jax.evaluation.readers import Question
 from ee_mllm_jax.generate import generate, labelled_logprobs, prefill_prefix, split_at_last_image
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class EvalSettings:
   images_per_batch: int = 0  # G: image (prefix) rows per step; 0: B / (questions per image in the data)
   max_new_tokens: int = 16
   reuse_prefix: bool = True
-  likelihood: bool = True  # SEED-Bench: also rank the options by likelihood
+  likelihood: bool = True  # benchmarks that rank options (SEED-Bench): also rank them by likelihood
   on_bad_image: str = "raise"  # or "skip": counted and reported
   style: prompts_lib.PromptStyle = prompts_lib.PromptStyle()
   progress_bar: bool = True
@@ -99,14 +99,15 @@ class Runner:
 
   # -------------------------------------------------------------------------- inputs
 
-  def items(self, benchmark: str, questions: Iterable[Question]) -> list[_Item]:
+  def items(self, benchmark: str | Benchmark, questions: Iterable[Question]) -> list[_Item]:
     """The questions' prompts. One that cannot be asked (too long for the model, or with an
     image marker in its text) is an EvalError naming it, or in skip mode (`on_bad_image`) an
     item marked skipped, counted like a bad image."""
-    out = []
+    bench, s, out = benchmarks.get(benchmark), self.settings, []
     for q in questions:
       try:
-        out.append(self._item(benchmark, q))
+        plain = bench.message(q, s.style, with_options=False) if bench.ranks_options and s.likelihood else None
+        out.append(self.item(q, bench.message(q, s.style), plain))
       except EvalError as e:
         if self.settings.on_bad_image != "skip":
           raise
@@ -124,18 +125,15 @@ class Runner:
       raise EvalError(f"question {q.qid}: its prompt has {len(layout.input_ids)} text tokens, more than the largest "
                       f"bucket ({self.model.buckets[-1]})")
 
-  def _item(self, benchmark: str, q: Question) -> _Item:
-    msg = prompts_lib.message(q, benchmark, self.settings.style)
+  def item(self, q: Question, msg: str, plain: str | None = None) -> _Item:
+    """`q` asked as the user message `msg`; with `plain` (the message without its options), each
+    of its options is also scored as the answer to it (likelihood ranking)."""
     layout = self.encoder.prompt(msg)
     self.check_layout(q, layout)
-    options = None
-    if benchmark == "seedbench" and self.settings.likelihood:
-      plain = prompts_lib.message(q, benchmark, self.settings.style, with_options=False)
-      options = [self.encoder.answered(plain, text) for text in q.options.values()]
-      for option in options:
-        if len(option.image_starts) != 1:
-          raise EvalError(f"question {q.qid}: an option contains {IMAGE_PLACEHOLDER!r}, the marker of the image's "
-                          "place, which a question cannot hold")
+    options = None if plain is None else [self.encoder.answered(plain, text) for text in q.options.values()]
+    if options and any(len(option.image_starts) != 1 for option in options):
+      raise EvalError(f"question {q.qid}: an option contains {IMAGE_PLACEHOLDER!r}, the marker of the image's "
+                      "place, which a question cannot hold")
     rendered = "".join(t for t, _, _ in self.model.template.render(
         [("human", "<image>\n" + msg)], prompt=True))
     return _Item(q, layout, rendered, options)
@@ -228,8 +226,7 @@ class Runner:
       sums, _ = labelled_logprobs(self.params, self.model.cfg,
                                       self._shard({k: rest[k] for k in batch_lib.TEXT_KEYS + ("labels",)}), cache=cache)
     else:
-      sums, _ = labelled_logprobs(self.params, self.model.cfg,
-                                      self._shard({k: batch[k] for k in batch_lib.TRAIN_KEYS}))
+      sums, _ = labelled_logprobs(self.params, self.model.cfg, self._shard({k: batch[k] for k in batch_lib.TRAIN_KEYS}))
     sums = np.asarray(jax.device_get(sums))
     return [sums[i * n_opt:(i + 1) * n_opt].tolist() for i in range(len(items))]
 
@@ -256,8 +253,9 @@ class Runner:
 
   # -------------------------------------------------------------------------- the run
 
-  def predict(self, benchmark: str, items: list[_Item], sink, stop=lambda: False) -> dict[str, int]:
+  def predict(self, benchmark: str | Benchmark, items: list[_Item], sink, stop=lambda: False) -> dict[str, int]:
     """Runs `items`, calling `sink(records)` after every batch; -> counts (done, skipped, stopped)."""
+    bench = benchmarks.get(benchmark)
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     self.fit_image_rows(items)
     counts = collections.Counter()
@@ -295,7 +293,7 @@ class Runner:
         if kept:
           outputs = self._generate(kept, pixels, image_of_row)
           scores = (self._option_logprobs(kept, pixels, image_of_row) if kept[0].options else [None] * len(kept))
-          records += [record(benchmark, it, out, sc) for it, out, sc in zip(kept, outputs, scores)]
+          records += [record(bench, it, out, sc) for it, out, sc in zip(kept, outputs, scores)]
         sink(records)
         counts["done"] += len(batch)
         bar.update(len(batch))
@@ -306,51 +304,16 @@ class Runner:
     return dict(counts)
 
 
-def record(benchmark: str, it: _Item, output: str, option_scores: list[float] | None) -> dict[str, Any]:
-  """One predictions.jsonl line: ids, prompt, raw output, parsed answer, ground truth, score."""
-  q = it.q
-  r = dict(question_id=q.qid, prompt=it.prompt, output=output)
-  if benchmark == "textvqa":
-    r.update(parsed=metrics_lib.normalize_vqa_answer(output), answers=list(q.answers),
-             score=metrics_lib.vqa_accuracy(output, q.answers))
-  elif benchmark == "docvqa":
-    r.update(parsed=output, answers=list(q.answers), score=metrics_lib.anls(output, q.answers))
-  elif benchmark == "mmbench":
-    parsed, method = metrics_lib.mmbench_option(output, q.options)
-    r.update(parsed=parsed, parse_method=method, answer=q.answers[0], correct=parsed == q.answers[0], index=q.index,
-             category=q.category, l2_category=q.l2_category, options=q.options)
-  else:
-    parsed = metrics_lib.seed_letter(output)
-    r.update(parsed=parsed, answer=q.answers[0], correct=metrics_lib.seed_correct(output, q.answers[0]),
-             question_type=q.category)
-    if option_scores is not None:
-      best = list(q.options)[int(np.argmax(option_scores))]
-      r.update(option_logprobs=option_scores, likelihood_choice=best, likelihood_correct=best == q.answers[0])
-  return r
+def record(benchmark: str | Benchmark, it: _Item, output: str, option_scores: list[float] | None) -> dict[str, Any]:
+  """One predictions.jsonl line: ids, prompt, raw output, then the benchmark's (parsed, truth, score)."""
+  return dict(question_id=it.q.qid, prompt=it.prompt, output=output,
+              **benchmarks.get(benchmark).record(it.q, output, option_scores))
 
 
-def score(benchmark: str, records: Sequence[dict]) -> dict[str, Any]:
+def score(benchmark: str | Benchmark, records: Sequence[dict]) -> dict[str, Any]:
   """metrics.json from all predictions of a benchmark (skipped questions counted, not scored)."""
   done = [r for r in records if "skipped" not in r]
-  out: dict[str, Any] = {"questions": len(done), "skipped": len(records) - len(done)}
-  if benchmark in ("textvqa", "docvqa"):
-    name = "accuracy" if benchmark == "textvqa" else "anls"
-    out[name] = sum(r["score"] for r in done) / max(len(done), 1)
-  elif benchmark == "mmbench":
-    out.update(metrics_lib.circular_eval(done))
-    out["unparseable"] = sum(r["parsed"] is None for r in done)
-    # Rows lmms-eval's rules cannot read, where it would ask its GPT judge (a heuristic here).
-    out["needed_judge"] = sum(r.get("parse_method", "rule") != "rule" for r in done)
-  else:
-    out["accuracy"] = sum(r["correct"] for r in done) / max(len(done), 1)
-    out["per_question_type"] = metrics_lib.accuracy_by(done, "question_type")
-    out["unparseable"] = sum(r["parsed"] not in "ABCD" or not r["parsed"] for r in done)
-    ranked = [r for r in done if "likelihood_correct" in r]
-    if ranked:
-      out["likelihood_accuracy"] = sum(r["likelihood_correct"] for r in ranked) / len(ranked)
-      out["likelihood_per_question_type"] = metrics_lib.accuracy_by(
-          [dict(question_type=r["question_type"], correct=r["likelihood_correct"]) for r in ranked], "question_type")
-  return out
+  return {"questions": len(done), "skipped": len(records) - len(done), **benchmarks.get(benchmark).summary(done)}
 
 
 def read_predictions(path: str) -> list[dict]:
@@ -378,9 +341,10 @@ def read_predictions(path: str) -> list[dict]:
   return records
 
 
-def evaluate(runner: Runner, benchmark: str, questions: Sequence[Question], out_dir: str) -> dict[str, Any]:
+def evaluate(runner: Runner, benchmark: str | Benchmark, questions: Sequence[Question], out_dir: str) -> dict[str, Any]:
   """Predicts what `out_dir/predictions.jsonl` lacks, then writes `metrics.json`. -> summary
-  {benchmark, mode, metrics, run: counts and questions/s}."""
+  {benchmark (its name), mode, metrics, run: counts and questions/s}."""
+  benchmark = benchmarks.get(benchmark)
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, PREDICTIONS)
   if runner.settings.limit > 0:
@@ -416,7 +380,7 @@ def evaluate(runner: Runner, benchmark: str, questions: Sequence[Question], out_
              stopped=bool(counts.get("stopped")), seconds=seconds,
              questions_per_s=counts.get("done", 0) / seconds if seconds > 0 else math.nan,
              complete=len(records) == len(wanted))
-  return dict(benchmark=benchmark, mode=runner.model.mode, metrics=result, run=run)
+  return dict(benchmark=benchmark.name, mode=runner.model.mode, metrics=result, run=run)
 
 
 def _main_thread() -> bool:
@@ -430,17 +394,7 @@ def summary_table(summary: dict[str, Any]) -> str:
   lines = [f"{summary['benchmark']}  |  mode: {summary['mode']}",
            f"  questions {m['questions']}  skipped {m['skipped']}  ({run['predicted']} predicted now, "
            f"{run['resumed']} resumed, {run['questions_per_s']:.2f} questions/s)"]
-  for key in ("accuracy", "anls", "circular_accuracy", "row_accuracy", "likelihood_accuracy"):
-    if key in m:
-      lines.append(f"  {key:<22} {100 * m[key]:6.2f}")
-  if "unparseable" in m:
-    lines.append(f"  {'unparseable outputs':<22} {m['unparseable']:6d}")
-  if "needed_judge" in m:
-    lines.append(f"  {'needed GPT judge':<22} {m['needed_judge']:6d}  (lmms-eval's; read by a heuristic here)")
-  for key, label in (("per_category", "category"), ("per_l2_category", "l2-category"),
-                     ("per_question_type", "question type"), ("likelihood_per_question_type", "likelihood, type")):
-    for name, value in (m.get(key) or {}).items():
-      lines.append(f"    {label:<18} {name:<44} {100 * value:6.2f}")
+  lines += benchmarks.get(summary["benchmark"]).metric_lines(m)
   if run["stopped"]:
     lines.append("  stopped by SIGTERM: re-run with the same --out to finish")
   return "\n".join(lines)
