@@ -24,7 +24,6 @@ tower's k_proj bias, carry pure rounding noise: compare them by absolute value.)
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 
@@ -48,10 +47,7 @@ def dump(out: str, steps: int, config_file: str, data_dir: str | None):
   # pylint: enable=g-import-not-at-top
 
   print("package:", os.path.dirname(ee_mllm_jax.__file__), flush=True)
-  spec = importlib.util.spec_from_file_location("first_steps_config", config_file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = experiment.load_config_file(config_file)
   if data_dir:
     config.synthetic.dir = data_dir
   exp = experiment.resolve(config)

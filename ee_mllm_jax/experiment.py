@@ -12,6 +12,7 @@ The train records are parsed once here; the train iterator reuses them.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -30,6 +31,18 @@ MODEL_FIELDS = {"projector": str, "dtype": str, "param_dtype": str, "remat": str
 # What the data pipeline needs to turn text into the model's input, recorded in checkpoints.
 DATA_FIELDS_RECORDED = ("tokenizer_file", "template", "system_prompt", "max_images", "image_preprocess",
                         "alpha_background", "buckets")
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of an experiment config file (`configs/*.py`), read by path: what
+  `--config=path` gives train.py, for scripts and tests that build on a config. A config that
+  imports another (`from configs import ...`) needs the repository root on sys.path, as train.py has."""
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0] + "_config", path)
+  if spec is None:
+    raise FileNotFoundError(f"no config file at {path}")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def model_section(preset: str, *, llm=(), vision=(), **values) -> ml_collections.ConfigDict:
