@@ -33,6 +33,10 @@ What it does, in order (every step is cached under --work; a rerun skips what is
    1024 / 2304) at the width-scaled LLaVA-1.5-7B shape (benchmarks/common.py), and with
    --preset at that preset's real shape (a GPU run).
 7. **docs/results.md**, `results.json` and the PNG plots, with the command, machine and wall time.
+
+This file is the procedure. Beside it: `data_efficiency_settings.py` (what is compared, and each
+scale), `tower_pretraining.py` (step 2's tower), `speed_table.py` (step 6) and `results_report.py`
+with `results_template.md` (step 7, drawn from results.json alone).
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ import ee_mllm_jax as eem
 import results_report
 import speed_table
 import tower_pretraining
+from data_efficiency_settings import (BENCHMARKS, EXTRA_METRICS, MIX, MODE_LABELS, MODES, OPEN_TYPES, SCALES, STAGE1,
+                                      STAGE2, Scale)
 from ee_mllm_jax import data as data_lib
 from ee_mllm_jax import experiment
 from ee_mllm_jax import flops as flops_lib
@@ -66,7 +72,6 @@ from ee_mllm_jax.evaluation import benchmarks
 from ee_mllm_jax.evaluation import model as model_lib
 from ee_mllm_jax.evaluation import prompts as prompts_lib
 from ee_mllm_jax.evaluation import runner as runner_lib
-from ee_mllm_jax.mode import Composite, Cross, Self
 from ee_mllm_jax.train import checkpoint as ckpt_lib
 from ee_mllm_jax.train import loop as loop_lib
 from ee_mllm_jax.train.state import split_params
@@ -74,88 +79,6 @@ from ee_mllm_jax.train.state import split_params
 # The demo config's recipe is every run's starting point (benchmarks/ runs as a script: configs/
 # is read by path, not imported).
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
-
-# The three modes, as ModelConfig switches of one model. Flamingo: a gated cross-attention block
-# before every second layer and a perceiver resampler (its ratio of latents to visual tokens, 1/4,
-# is Flamingo-7B's 64 of 256).
-MODES = {"llava": Self(), "ee-mllm": Composite(visual_ffn=False), "flamingo": Cross(every=2, resampler_depth=2)}
-MODE_LABELS = {key: f"{m.paper} ({m.name})" for key, m in MODES.items()}  # "LLaVA (self)", ...
-# Stage 1 trains the connector, stage 2 also the LLM (regexes over parameter paths, re.match).
-STAGE1 = {"llava": r"projector/", "ee-mllm": r"projector/", "flamingo": r"(projector|resampler|llm/cross)/"}
-STAGE2 = r"(projector|resampler|llm)/"
-# The training mix: the four open types, and the benchmark types (MMBench / SEED / TextVQA / DocVQA).
-MIX = {"color": 1.0, "shape": 1.0, "count": 1.0, "position": 1.0, "choice_attribute": 1.0, "choice_spatial": 1.0,
-       "text": 0.5, "doc": 0.5}
-OPEN_TYPES = ("color", "shape", "count", "position")
-# (name in tables, benchmark: its synthetic file and headline metric; "open": the open questions as TextVQA)
-BENCHMARKS = (("open", "textvqa"), ("MMBench", "mmbench"), ("SEED", "seedbench"), ("TextVQA", "textvqa"),
-              ("DocVQA", "docvqa"))
-# Second readings shown beside the headline ones (not in the mean): per-row MMBench accuracy (a
-# guesser's CircularEval is ~0 at any size) and SEED ranked by the options' likelihood.
-EXTRA_METRICS = (("MMBench rows", "MMBench", "row_accuracy"), ("SEED lik.", "SEED", "likelihood_accuracy"))
-
-
-@dataclasses.dataclass(frozen=True)
-class Scale:
-  """Everything that sets the experiment's size."""
-
-  sizes: tuple[int, ...]  # training-set sizes (nested prefixes of the experiment pool)
-  pretrain: int  # pretraining-pool records
-  val: int
-  image_size: int
-  patch_size: int
-  vision: dict  # VisionConfig fields
-  llm: dict  # LLMConfig fields (vocab_size: the tokenizer's)
-  resampler_latents: int
-  vocab: int  # synthetic tokenizer size
-  batch: int
-  buckets: tuple[int, ...]  # text-length buckets (each one more compile per run)
-  stage1_epochs: float
-  stage2_epochs: float
-  stage1_lr: float
-  stage2_lr: float
-  pretrain_epochs: float
-  pretrain_lr: float
-  tower_images: int
-  tower_steps: int
-  seeds: tuple[int, ...]  # seeds of every mode at `spread_size` (the first is the main run's)
-  spread_size: int
-  eval_batch: int
-  speed_width: int
-  speed_layers: int
-  speed_image_sizes: tuple[int, ...]
-  speed_text: int
-
-
-SCALES = {
-    "default": Scale(
-        sizes=(1000, 3000, 9000), pretrain=12000, val=800, image_size=48, patch_size=6,
-        vision=dict(width=96, depth=3, num_heads=3, mlp_dim=384),
-        llm=dict(width=128, depth=4, num_heads=4, num_kv_heads=2, head_dim=32, mlp_dim=352),
-        resampler_latents=16, vocab=512, batch=32, buckets=(32, 64, 128),
-        stage1_epochs=1.0, stage2_epochs=2.0, stage1_lr=2e-3, stage2_lr=1e-3, pretrain_epochs=2.0,
-        pretrain_lr=2e-3, tower_images=12000, tower_steps=1500, seeds=(0, 1), spread_size=3000, eval_batch=64,
-        speed_width=512, speed_layers=4, speed_image_sizes=(336, 448, 672), speed_text=64),
-    # For a GPU (untested here: this project's machines lent none so far): a wider, deeper model at
-    # 84 px (196 visual tokens) and 4x the data.
-    "large": Scale(
-        sizes=(4000, 16000, 64000), pretrain=48000, val=2000, image_size=84, patch_size=6,
-        vision=dict(width=256, depth=6, num_heads=4, mlp_dim=1024),
-        llm=dict(width=512, depth=8, num_heads=8, num_kv_heads=4, head_dim=64, mlp_dim=1408),
-        resampler_latents=48, vocab=1024, batch=64, buckets=(32, 64, 128),
-        stage1_epochs=1.0, stage2_epochs=2.0, stage1_lr=1e-3, stage2_lr=3e-4, pretrain_epochs=2.0,
-        pretrain_lr=1e-3, tower_images=48000, tower_steps=6000, seeds=(0, 1), spread_size=16000, eval_batch=128,
-        speed_width=1024, speed_layers=8, speed_image_sizes=(336, 448, 672), speed_text=64),
-    "tiny": Scale(
-        sizes=(64, 128, 256), pretrain=256, val=96, image_size=32, patch_size=8,
-        vision=dict(width=32, depth=2, num_heads=2, mlp_dim=64),
-        llm=dict(width=64, depth=2, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128),
-        resampler_latents=4, vocab=384, batch=16, buckets=(96,),
-        stage1_epochs=1.0, stage2_epochs=1.0, stage1_lr=2e-3, stage2_lr=1e-3, pretrain_epochs=1.0,
-        pretrain_lr=2e-3, tower_images=256, tower_steps=30, seeds=(0, 1), spread_size=64, eval_batch=32,
-        speed_width=128, speed_layers=2, speed_image_sizes=(56, 84), speed_text=16),
-}
-
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
