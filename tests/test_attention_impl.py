@@ -13,7 +13,7 @@ from jaxpr_shapes import shapes_in_jaxpr
 from models import embed_image, forward, init_params
 from reference import naive_llm_logits
 from ee_mllm_jax.batch import model_inputs, visual_valid
-from ee_mllm_jax.models import attention as attention_lib
+from ee_mllm_jax.models import kernels as kernels_lib
 from ee_mllm_jax.models.layers import Linear
 
 # Small enough that every sequence spans several key blocks and S is not a multiple of it
@@ -149,8 +149,8 @@ def test_auto_picks_a_cpu_implementation():
   assert jax.default_backend() == "cpu"
   q = jax.ShapeDtypeStruct((1, 8, 4, 16), jnp.bfloat16)
   short, long = (jax.ShapeDtypeStruct((1, n, 2, 16), jnp.bfloat16) for n in (64, 4096))
-  assert attention_lib.choose_impl(q, short, short) == "xla"
-  assert attention_lib.choose_impl(q, long, long) == "chunked"
+  assert kernels_lib.choose_impl(q, short, short) == "xla"
+  assert kernels_lib.choose_impl(q, long, long) == "chunked"
   cfg = config("auto", "self")
   batch = make_batch(cfg, MIXED_PLANS)
   params = init_params(cfg)
@@ -164,8 +164,8 @@ def test_fully_masked_rows_are_finite_with_finite_gradients():
   k, v = (jnp.asarray(rng.standard_normal((1, 20, 2, 16)), jnp.float32) for _ in range(2))
   q_pos = jnp.asarray([[-1, 5, 30]])  # the first query sees no key
   k_pos, k_valid = jnp.arange(20)[None], jnp.ones((1, 20), bool)
-  f = lambda q, k, v: jnp.sum(attention_lib.attend(q, k, v, q_pos, k_pos, k_valid, impl="chunked", block=BLOCK))
-  out = attention_lib.attend(q, k, v, q_pos, k_pos, k_valid, impl="chunked", block=BLOCK)
+  f = lambda q, k, v: jnp.sum(kernels_lib.attend(q, k, v, q_pos, k_pos, k_valid, impl="chunked", block=BLOCK))
+  out = kernels_lib.attend(q, k, v, q_pos, k_pos, k_valid, impl="chunked", block=BLOCK)
   np.testing.assert_array_equal(np.asarray(out[0, 0]), 0.0)
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.grad(f, argnums=(0, 1, 2))(q, k, v))
 

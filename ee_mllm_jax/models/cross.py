@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from ee_mllm_jax.config import LLMConfig
 from ee_mllm_jax.mode import Cross
-from ee_mllm_jax.models.attention import attend
+from ee_mllm_jax.models.kernels import attend
 from ee_mllm_jax.models.layers import LayerNorm, Linear, logical, scan_layers
 
 

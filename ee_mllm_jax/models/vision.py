@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from ee_mllm_jax.config import VisionConfig
-from ee_mllm_jax.models.attention import attend
+from ee_mllm_jax.models.kernels import attend
 from ee_mllm_jax.models.layers import ACTIVATIONS, LayerNorm, Linear, logical, scan_layers
 
 
