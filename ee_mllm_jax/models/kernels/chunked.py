@@ -18,7 +18,10 @@ from ee_mllm_jax.models.kernels.dense import MASKED
 # in blocks of `blk`: scores of one (query block, key block) pair (B,K,G,qblk,blk) float32,
 # running max m and sum l (B,K,G,qblk) float32, accumulator (B,qblk,K,G,H) float32. A pair in
 # which the mask allows nothing (causal-by-position: keys after every query of the block) is
-# skipped with `lax.cond`, which halves self-mode attention when positions are in order.
+# skipped with `lax.cond`, which halves self-mode attention when positions are in order. Which
+# pairs to skip is decided for all pairs at once before the loops (`_pairs_allowed`): one
+# reduction over the batch, where `jnp.any(mask)` in the loop would be one per pair -- under a
+# batch-sharded mask, one all-reduce across devices per block pair.
 #
 # Blocks are read with dynamic slices in place (no padded or transposed copy of k/v, which at
 # decode time is the whole cache): when a length is not a multiple of the block, the last block
@@ -59,6 +62,26 @@ def _block_mask(qi, qblk, ki, kblk, nq, s, q_pos, k_pos, k_valid):
   return mask[:, None, None], qs, ks, q_new
 
 
+def _pairs_allowed(q_pos, k_pos, k_valid, nq, s, qblk, nqb, kblk, nkb, new_queries_only=False):
+  """(nqb, nkb) bool: whether the mask of `_block_mask(qi, .., ki, ..)` allows anything, i.e.
+  some row has a new valid key of block ki at or before the last query position of block qi
+  (of its new queries only, for the backward pass). Equals `jnp.any` of each block's mask."""
+  q_idx, q_new = jax.vmap(lambda i: _shifted(i, qblk, nq))(jnp.arange(nqb))  # (nqb,), (nqb, qblk)
+  k_idx, k_new = jax.vmap(lambda i: _shifted(i, kblk, s))(jnp.arange(nkb))
+  q_idx, k_idx = q_idx[:, None] + jnp.arange(qblk), k_idx[:, None] + jnp.arange(kblk)  # (nqb, qblk), (nkb, kblk)
+  k_ok = k_new[None] if k_valid is None else k_new[None] & jnp.take(k_valid, k_idx, axis=1)  # (B or 1, nkb, kblk)
+  q_ok = q_new if new_queries_only else jnp.ones_like(q_new)  # (nqb, qblk)
+  if q_pos is None:  # no causal mask: any allowed key will do
+    pairs = jnp.any(q_ok, axis=1)[None, :, None] & jnp.any(k_ok, axis=2)[:, None, :]
+  else:
+    big = jnp.iinfo(jnp.asarray(k_pos).dtype).max
+    first_key = jnp.min(jnp.where(k_ok, jnp.take(k_pos, k_idx, axis=1), big), axis=2)  # (B, nkb)
+    last_query = jnp.max(jnp.where(q_ok, jnp.take(q_pos, q_idx, axis=1), -big), axis=2)  # (B, nqb)
+    pairs = ((first_key[:, None, :] <= last_query[:, :, None]) & jnp.any(k_ok, axis=2)[:, None, :]
+             & jnp.any(q_ok, axis=1)[None, :, None])
+  return jnp.any(pairs, axis=0)
+
+
 def _scores(qb, kb):
   return jnp.einsum("bqkgh,bskh->bkgqs", qb, kb, preferred_element_type=jnp.float32) * qb.shape[-1] ** -0.5
 
@@ -84,6 +107,7 @@ def _chunked_fwd_impl(q, k, v, q_pos, k_pos, k_valid, blk, layer=None):
   b, nq, kv, g, h = q.shape
   s = k.shape[-3]
   qblk, nqb, kblk, nkb = _blocks(q, k, blk)
+  allowed = _pairs_allowed(q_pos, k_pos, k_valid, nq, s, qblk, nqb, kblk, nkb)
 
   def q_block(_, qi):
     qs, _ = _shifted(qi, qblk, nq)
@@ -103,7 +127,7 @@ def _chunked_fwd_impl(q, k, v, q_pos, k_pos, k_valid, blk, layer=None):
         pv = jnp.einsum("bkgqs,bskh->bqkgh", p.astype(v.dtype), vb, preferred_element_type=jnp.float32)
         return m_new, l * corr + jnp.sum(p, axis=-1), acc * jnp.moveaxis(corr, 3, 1)[..., None] + pv
 
-      return jax.lax.cond(jnp.any(mask), update, lambda c: c, carry), None
+      return jax.lax.cond(allowed[qi, ki], update, lambda c: c, carry), None
 
     init = (jnp.full((b, kv, g, qblk), MASKED, jnp.float32), jnp.zeros((b, kv, g, qblk), jnp.float32),
             jnp.zeros((b, qblk, kv, g, h), jnp.float32))
@@ -134,6 +158,7 @@ def _chunked_bwd(blk, res, d_out):
   q, k, v, q_pos, k_pos, k_valid, out, lse = res
   nq, s = q.shape[1], k.shape[1]
   qblk, nqb, kblk, nkb = _blocks(q, k, blk)
+  allowed = _pairs_allowed(q_pos, k_pos, k_valid, nq, s, qblk, nqb, kblk, nkb, new_queries_only=True)
   d_out = d_out.astype(jnp.float32)
   delta = jnp.moveaxis(jnp.sum(d_out * out.astype(jnp.float32), axis=-1), 1, 3)  # (B,K,G,Q)
   scale = q.shape[-1] ** -0.5
@@ -157,7 +182,7 @@ def _chunked_bwd(blk, res, d_out):
         dq = dq + jnp.einsum("bkgqs,bskh->bqkgh", ds, kb, preferred_element_type=jnp.float32)
         return dq, (jnp.einsum("bkgqs,bqkgh->bskh", ds, qb, preferred_element_type=jnp.float32), dv)
 
-      return jax.lax.cond(jnp.any(mask), update, lambda dq: (dq, (zeros, zeros)), dq)
+      return jax.lax.cond(allowed[qi, ki], update, lambda dq: (dq, (zeros, zeros)), dq)
 
     dq, (dk_b, dv_b) = jax.lax.scan(k_block, jnp.zeros(qb.shape, jnp.float32), jnp.arange(nkb))
     # A shifted last key block overlaps the previous one only on keys it masked (zero gradient).
