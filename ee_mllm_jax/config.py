@@ -25,7 +25,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
 
-# How attention is computed (`ee_mllm_jax.models.attention.attend`); the same function in every
+# How attention is computed (`ee_mllm_jax.models.kernels.attend`); the same function in every
 # case: "xla" dense einsum (the reference), "chunked" online softmax over key blocks (memory
 # linear in the keys, any backend), "cudnn" fused GPU kernel, "auto" the best that runs here.
 AttentionImpl = Literal["xla", "chunked", "cudnn", "auto"]

@@ -52,24 +52,31 @@ class Generation(NamedTuple):
   logprobs: jax.Array  # (B, max_new_tokens) float32: log-softmax of the logits at each chosen token; 0 after stop
 
 
-def sample_token(logits: jax.Array, rng: jax.Array | None, *, temperature: float = 0.0,
-                 top_p: float = 1.0) -> jax.Array:
+def sample_token(logits: jax.Array, rng: jax.Array | None, *, temperature: float | jax.Array = 0.0,
+                 top_p: float | jax.Array = 1.0) -> jax.Array:
   """(B, vocab) logits -> (B,) int32 tokens: argmax if temperature == 0, else a sample from
-  softmax(logits / temperature) restricted to the smallest set of tokens whose mass >= top_p."""
-  if temperature == 0.0:
+  softmax(logits / temperature) restricted to the smallest set of tokens whose mass >= top_p.
+  `temperature` and `top_p` may be traced (then temperature > 0 and top_p < 1 are assumed:
+  `_decode` chooses greedy / nucleus statically and passes only the values traced)."""
+  if _known(temperature) and temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   if rng is None:
     raise ValueError("sampling (temperature > 0) needs an explicit rng")
-  if not 0.0 < top_p <= 1.0:
+  if _known(top_p) and not 0.0 < top_p <= 1.0:
     raise ValueError(f"top_p must be in (0, 1], got {top_p}")
   logits = logits.astype(jnp.float32) / temperature
-  if top_p < 1.0:
+  if not _known(top_p) or top_p < 1.0:
     desc = -jnp.sort(-logits, axis=-1)
     probs = jax.nn.softmax(desc, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs  # the top token has 0 < top_p: always kept
     cutoff = jnp.min(jnp.where(mass_before < top_p, desc, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits >= cutoff, logits, -jnp.inf)
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def _known(x) -> bool:
+  """Whether a sampling setting is a Python number (static) rather than an array."""
+  return isinstance(x, (int, float))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_size"))
@@ -98,10 +105,16 @@ def _extend_prompt(params, cfg, text, cache, cache_size):
   return jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0], cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_p", "stop_ids",
-                                             "pad_id"))
-def _decode(params, cfg, logits, cache, next_pos, rng, max_new_tokens, temperature, top_p, stop_ids, pad_id):
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy", "nucleus", "stop_ids", "pad_id"))
+def _decode(params, cfg, logits, cache, next_pos, rng, max_new_tokens, greedy, nucleus, temperature, top_p, stop_ids,
+            pad_id):
+  """`greedy` (temperature == 0) and `nucleus` (top_p < 1) choose the program; the values of
+  `temperature` and `top_p` are traced, so a new value compiles nothing."""
   model = EEMLLM(cfg)
+  if greedy:
+    temperature = 0.0
+  elif not nucleus:
+    top_p = 1.0
   b, n = logits.shape[0], max_new_tokens
   stops = jnp.asarray(stop_ids, jnp.int32)
   is_stop = lambda t: jnp.isin(t, stops) if stop_ids else jnp.zeros(t.shape, bool)
@@ -142,8 +155,15 @@ def decode(params, cfg: ModelConfig, logits: jax.Array, cache: Cache, next_pos: 
   with `fold_in(rng, i)`, so a seed reproduces a run. A row stops after emitting any of
   `stop_ids`; later tokens are `pad_id`.
   """
-  return _decode(params, cfg, logits, cache, next_pos, rng, max_new_tokens, float(temperature), float(top_p),
-                 tuple(int(t) for t in stop_ids), int(pad_id))
+  temperature, top_p = float(temperature), float(top_p)
+  greedy = temperature == 0.0
+  if not greedy:  # the checks of sample_token, on the host values
+    if rng is None:
+      raise ValueError("sampling (temperature > 0) needs an explicit rng")
+    if not 0.0 < top_p <= 1.0:
+      raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+  return _decode(params, cfg, logits, cache, next_pos, rng, max_new_tokens, greedy, top_p < 1.0,
+                 jnp.float32(temperature), jnp.float32(top_p), tuple(int(t) for t in stop_ids), int(pad_id))
 
 
 def generate(params, cfg: ModelConfig, batch: dict[str, Any], *, max_new_tokens: int,
@@ -160,7 +180,9 @@ def generate(params, cfg: ModelConfig, batch: dict[str, Any], *, max_new_tokens:
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   batch_lib.validate(batch, cfg if cache is None else None, keys=MODEL_KEYS if cache is None else TEXT_KEYS)
-  batch_lib.check_prompts_end_with_text(batch, cache)
+  prefix = cache
+  if prefix is None:
+    batch_lib.check_prompts_end_with_text(batch)  # host values of the batch: no device read
   text = batch_lib.text_inputs(batch)
   if cache is None:
     logits, cache = prefill(params, cfg, batch, cache_size=batch_lib.prefill_slots(cfg, batch) + max_new_tokens - 1)
@@ -168,8 +190,13 @@ def generate(params, cfg: ModelConfig, batch: dict[str, Any], *, max_new_tokens:
     size = cache.size + text["input_ids"].shape[1] + max_new_tokens - 1
     logits, cache = _extend_prompt(params, cfg, text, cache, size)
   next_pos = next_positions(text["text_positions"], text["text_valid"])
-  return decode(params, cfg, logits, cache, next_pos, max_new_tokens=max_new_tokens, rng=rng,
-                temperature=temperature, top_p=top_p, stop_ids=stop_ids, pad_id=pad_id)
+  out = decode(params, cfg, logits, cache, next_pos, max_new_tokens=max_new_tokens, rng=rng,
+               temperature=temperature, top_p=top_p, stop_ids=stop_ids, pad_id=pad_id)
+  if prefix is not None:
+    # Reads the prefix's positions from the device, so only once the prompt and the decode loop are
+    # dispatched: the device runs on from the prefill while the host waits here.
+    batch_lib.check_prompts_end_with_text(batch, prefix)
+  return out
 
 
 def split_at_last_image(batch: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import ee_mllm_jax as eem
 from batches import MIXED_PLANS, make_batch
@@ -13,7 +14,8 @@ from jaxpr_shapes import shapes_in_jaxpr
 from models import embed_image, forward, init_params
 from reference import naive_llm_logits
 from ee_mllm_jax.batch import model_inputs, visual_valid
-from ee_mllm_jax.models import attention as attention_lib
+from ee_mllm_jax.models import kernels as kernels_lib
+from ee_mllm_jax.models.kernels import chunked as chunked_lib
 from ee_mllm_jax.models.layers import Linear
 
 # Small enough that every sequence spans several key blocks and S is not a multiple of it
@@ -149,8 +151,8 @@ def test_auto_picks_a_cpu_implementation():
   assert jax.default_backend() == "cpu"
   q = jax.ShapeDtypeStruct((1, 8, 4, 16), jnp.bfloat16)
   short, long = (jax.ShapeDtypeStruct((1, n, 2, 16), jnp.bfloat16) for n in (64, 4096))
-  assert attention_lib.choose_impl(q, short, short) == "xla"
-  assert attention_lib.choose_impl(q, long, long) == "chunked"
+  assert kernels_lib.choose_impl(q, short, short) == "xla"
+  assert kernels_lib.choose_impl(q, long, long) == "chunked"
   cfg = config("auto", "self")
   batch = make_batch(cfg, MIXED_PLANS)
   params = init_params(cfg)
@@ -164,8 +166,8 @@ def test_fully_masked_rows_are_finite_with_finite_gradients():
   k, v = (jnp.asarray(rng.standard_normal((1, 20, 2, 16)), jnp.float32) for _ in range(2))
   q_pos = jnp.asarray([[-1, 5, 30]])  # the first query sees no key
   k_pos, k_valid = jnp.arange(20)[None], jnp.ones((1, 20), bool)
-  f = lambda q, k, v: jnp.sum(attention_lib.attend(q, k, v, q_pos, k_pos, k_valid, impl="chunked", block=BLOCK))
-  out = attention_lib.attend(q, k, v, q_pos, k_pos, k_valid, impl="chunked", block=BLOCK)
+  f = lambda q, k, v: jnp.sum(kernels_lib.attend(q, k, v, q_pos, k_pos, k_valid, impl="chunked", block=BLOCK))
+  out = kernels_lib.attend(q, k, v, q_pos, k_pos, k_valid, impl="chunked", block=BLOCK)
   np.testing.assert_array_equal(np.asarray(out[0, 0]), 0.0)
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.grad(f, argnums=(0, 1, 2))(q, k, v))
 
@@ -193,3 +195,39 @@ def test_aligner_without_grouping_projects_directly():
     assert ({e.primitive.name for e in jaxpr.jaxpr.eqns} == {"remat2"}) == folds
     want = lin.apply(params, jnp.repeat(x, repeats, axis=2))
     np.testing.assert_allclose(lin.apply(params, x, repeats, method="repeated_input"), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("new_queries_only", [False, True])
+def test_block_pairs_to_skip_are_those_whose_mask_allows_nothing(causal, new_queries_only):
+  """The chunked kernel decides which (query block, key block) pairs to skip before its loops:
+  exactly the pairs whose `_block_mask` is all False (shifted last blocks, pads, unsorted
+  positions), the forward's and the backward's (new queries only)."""
+  rng = np.random.default_rng(1)
+  nq, s, blk = 21, 27, 8  # neither a multiple of the block: both last blocks shifted
+  q_pos = jnp.asarray(rng.integers(0, 40, (3, nq))) if causal else None
+  k_pos = jnp.asarray(rng.integers(10, 60, (3, s)))
+  k_valid = jnp.asarray(rng.random((3, s)) < 0.3).at[:, 8:16].set(False)  # key block 1: all pads
+  qblk, nqb, kblk, nkb = chunked_lib._blocks(jnp.zeros((3, nq)), jnp.zeros((3, s, 1, 1)), blk)
+  table = chunked_lib._pairs_allowed(q_pos, k_pos, k_valid, nq, s, qblk, nqb, kblk, nkb, new_queries_only)
+  for qi in range(nqb):
+    for ki in range(nkb):
+      mask, _, _, q_new = chunked_lib._block_mask(qi, qblk, ki, kblk, nq, s, q_pos, k_pos, k_valid)
+      if new_queries_only:
+        mask = mask & q_new[:, None]
+      assert bool(table[qi, ki]) == bool(jnp.any(mask)), (qi, ki)
+  assert not bool(jnp.all(table))  # guard: some pair is skipped
+
+
+def test_chunked_under_a_batch_sharded_mask_reduces_outside_its_loops():
+  """Which block pairs to skip is one reduction over the batch before the loops, not one
+  `jnp.any(mask)` per pair: with the batch sharded over devices, no all-reduce runs per pair."""
+  mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+  sharded = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P("data")))
+  q, k = sharded((8, 64, 4, 16), jnp.float32), sharded((8, 64, 2, 16), jnp.float32)
+  pos, valid = sharded((8, 64), jnp.int32), sharded((8, 64), bool)
+  loss = lambda q, k, v, p, m: jnp.sum(kernels_lib.attend(q, k, v, p, p, m, impl="chunked", block=16))
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, k, pos, valid).compile().as_text()
+  reduces = [line for line in hlo.splitlines() if " all-reduce(" in line or " all-reduce-start(" in line]
+  assert reduces  # guard: the table's reduction over the sharded batch is there
+  assert not [line for line in reduces if "while/body" in line], reduces

@@ -1,6 +1,8 @@
 """Cached generation: equals repeated full forward passes, batching and prefix reuse change no
 token, stop ids, reproducible sampling, and composite mode computes no visual queries."""
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,8 @@ from batches import MIXED_PLANS, make_batch
 from jaxpr_shapes import shapes_in_jaxpr
 from models import forward, greedy_by_full_forward, init_params
 from ee_mllm_jax.generate import prefill_prefix, sample_token, split_at_last_image
+
+generate_lib = sys.modules["ee_mllm_jax.generate"]  # the package's `generate` attribute is the function
 
 # (attention, visual_ffn): LLaVA, EE-MLLM, EE-MLLM-F; all run the same LLaVA-style parameters
 MODES = {"self": ("self", True), "composite": ("composite", False), "ee-mllm-f": ("composite", True)}
@@ -103,6 +107,19 @@ def test_sampling_is_reproducible_for_a_seed():
   greedy = np.asarray(eem.generate(params, cfg, batch, max_new_tokens=STEPS).tokens)
   assert np.mean(a != greedy) > 0.5
   np.testing.assert_array_equal(sample(3, top_p=1e-6), greedy)  # top-p keeps only the top token
+
+
+def test_new_temperature_or_top_p_compiles_nothing():
+  """temperature and top_p are traced: only greedy vs sampling and top_p < 1 vs 1 choose the
+  decode program, so a sweep over their values compiles it once."""
+  cfg, batch, params = setup("composite")
+  run = lambda t, p: eem.generate(params, cfg, batch, max_new_tokens=2, rng=jax.random.key(0), temperature=t,
+                                  top_p=p).tokens.block_until_ready()
+  run(0.7, 0.9)
+  compiled = generate_lib._decode._cache_size()
+  run(1.3, 0.5)
+  run(0.2, 0.95)
+  assert generate_lib._decode._cache_size() == compiled
 
 
 def test_top_p_keeps_the_smallest_set_with_enough_mass():

@@ -2,6 +2,8 @@
 the naive reference with the mask switching at layer n, its ends equal the two modes, two scans
 with the right work in each, cached generation, gradients, and one parameter tree for every n."""
 
+import flax.errors
+import flax.linen as nn
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -14,6 +16,7 @@ from jaxpr_shapes import shapes_in_jaxpr
 from models import forward, greedy_by_full_forward, init_params
 from test_model import assert_close_on_valid, naive_logits
 from ee_mllm_jax.batch import model_inputs
+from ee_mllm_jax.models.llm import DecoderLayer
 from ee_mllm_jax.params import abstract_params
 
 DEPTH = 4
@@ -144,3 +147,30 @@ def test_gradient_reaches_every_layer_and_matches_finite_differences(setup):
   numeric = (shifted(1) - shifted(-1)) / (2 * eps)
   analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
   assert abs(float(numeric) - float(analytic)) < 1e-2 * abs(float(analytic)), (float(numeric), float(analytic))
+
+
+@pytest.mark.parametrize("cfg", [config(2), eem.ModelConfig.preset("tiny", attention="cross", cross_every=1)],
+                         ids=["schedule", "cross"])
+def test_rngs_reach_the_layers_that_run_through_a_view(cfg):
+  """Schedule runs and cross groups read slices of `layers/` through a lifted view
+  (`stack_view`), so an rng passed to `apply` reaches every decoder layer: dropout added to a
+  layer would run there (a detached `.apply` would raise for want of the rng)."""
+  batch = model_inputs(make_batch(cfg, [[3, "img", 5, "img", 4]]))
+  params = jax.eval_shape(lambda: nn.meta.unbox(eem.EEMLLM(cfg).init(jax.random.key(0), **batch)["params"]))
+  drawn = []
+
+  def probe(next_fun, args, kwargs, context):
+    if isinstance(context.module, DecoderLayer) and context.method_name == "forward":
+      context.module.make_rng("dropout")
+      drawn.append(context.module.scope.path)
+    return next_fun(*args, **kwargs)
+
+  def run(rngs):
+    with nn.intercept_methods(probe):
+      return jax.eval_shape(lambda p: eem.EEMLLM(cfg).apply({"params": p}, **batch, rngs=rngs), params)
+
+  run({"dropout": jax.random.key(1)})
+  runs = cfg.mode.schedule(cfg.llm.depth) if cfg.mode.visual_in_decoder else [(None, 1)] * (1 + (cfg.mode.every > 1))
+  assert len(set(drawn)) == len(runs)  # every scan's layer drew one
+  with pytest.raises(flax.errors.InvalidRngError):
+    run({})

@@ -31,13 +31,26 @@ the latents attend to [media; latents] and adds an FFN (4 x E); a final LayerNor
 from __future__ import annotations
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
 from ee_mllm_jax.config import LLMConfig
 from ee_mllm_jax.mode import Cross
-from ee_mllm_jax.models.attention import attend
+from ee_mllm_jax.models.kernels import attend
 from ee_mllm_jax.models.layers import LayerNorm, Linear, logical, scan_layers
+
+
+@flax.struct.dataclass
+class MediaContext:
+  """What the cross blocks read besides their keys/values. Text positions (B, T), each image's
+  last position and validity (B, I), and the media (B, I, M, E) the keys/values are computed from
+  (forward phase; None when they come from the cache)."""
+
+  pos_t: jax.Array
+  media_pos: jax.Array
+  media_valid: jax.Array
+  media: jax.Array | None = None
 
 
 def media_visible(q_pos: jax.Array, media_pos: jax.Array, media_valid: jax.Array) -> jax.Array:
@@ -97,8 +110,8 @@ def _projections(query_dim: int, kv_dim: int, heads: int, head_dim: int, kw, nam
 
 class GatedCrossBlock(nn.Module):
   """Text stream (B,T,D) += gated cross-attention to the media, then a gated FFN (`update`).
-  The decoder's scanned step subclasses it (`models.llm.CrossGroup`), so that its parameters
-  sit directly under `llm/cross/`."""
+  Stacked over the decoder's groups, its parameters sit under `llm/cross/` (`models.llm.CrossGroup`
+  runs it inside each group)."""
 
   cfg: LLMConfig
   cross: Cross  # the mode: media masking, FFN width and activation, heads
@@ -114,6 +127,11 @@ class GatedCrossBlock(nn.Module):
     self.ffn = FeedForward(c.width, x.ffn_mult * c.width, x.ffn_activation, **kw)
     gate = lambda name: self.param(name, logical(nn.initializers.zeros, ()), (), self.param_dtype)
     self.attn_gate, self.ff_gate = gate("attn_gate"), gate("ff_gate")
+
+  def __call__(self, x_t, media_ctx: MediaContext):
+    """The whole block from the media (a scanned step: -> (new x_t, None)); creates the parameters."""
+    kv = self.keys_values(media_ctx.media)
+    return self.update(x_t, media_ctx.pos_t, kv, media_ctx.media_pos, media_ctx.media_valid), None
 
   def keys_values(self, media: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(B, I, M, E) media -> keys and values (B, I, M, N, H): what the cache keeps per block."""

@@ -184,3 +184,17 @@ def scan_layers(layer_cls, *, length: int, remat: str, unroll, in_axes=nn.broadc
       unroll=unroll,
       metadata_params={nn.PARTITION_NAME: "layers"},
   )
+
+
+def stack_view(module_cls, view):
+  """`module_cls` reading its parameters through `view`, a function of the parameters of the
+  scope it runs in (slices of a stacked layer axis, regrouped): `nn.map_variables`, a lifted
+  transform, so rngs and the other collections reach the layers as in any submodule. Read-only:
+  the full stack that the view reads creates the parameters, so paths do not depend on views."""
+  return nn.map_variables(module_cls, "params", trans_in_fn=lambda v: {"params": view(nn.meta.unbox(v["params"]))},
+                          mutable=False)
+
+
+def layer_slice(tree, start: int, stop: int):
+  """Layers [start, stop) of a tree of stacked (L, ...) arrays."""
+  return jax.tree.map(lambda a: a[start:stop], tree)

@@ -13,24 +13,27 @@ A layer runs in one of two phases, told by the type of its context:
   layer's slot, so a decode step copies no cache. Text queries attend to all earlier keys in
   every mode, so this phase has no mode switch.
 
-A layer schedule (`Composite(from_layer=n)`, `Mode.schedule`):
-the forward phase runs two scans, n self-attention layers then depth - n composite layers, each
-applied, as a module of its own, to its slice of the one `layers/` stack (L, ...); the extend
-phase, the same in every mode, stays one scan over all layers. So the parameters, the HF
-checkpoint and the cache do not depend on n.
+A slice of the one `layers/` stack (L, ...) runs through `layers.stack_view`: `nn.map_variables`
+presents the stack's parameters to a scan of fewer layers as that scan's own, sliced or
+regrouped, so rngs and collections reach those layers as in any submodule. The whole stack
+creates the parameters (at init) and runs the extend phase, which is the same in every mode.
+
+A layer schedule (`Composite(from_layer=n)`, `Mode.schedule`): the forward phase runs two scans,
+n self-attention layers then depth - n composite layers (`ScheduleRuns`), each over its slice of
+`layers/`. So the parameters, the HF checkpoint and the cache do not depend on n.
 
 Cross mode (Flamingo, `models/cross.py`): the decoder layers run over text only (their
 self-attention keys are text keys; the visual stream is empty), and a gated cross-attention
 block before layers k-1, 2k-1, ..., L-1 (OpenFlamingo's placement) reads the media. One `nn.scan`
-over the L/k groups, each an inner scan of its first k-1 decoder layers, the block, then its last
-layer. The cross blocks' parameters are the group
-scan's own (`cross/...`, stacked over groups); the decoder's stay `layers/...` (L, ...) as in
-every mode, so a pretrained LLM loads unchanged, and each group reads its k layers from that
-stack viewed as (L/k, k, ...). In both phases the group also takes (forward) or returns
-(prefill) the cross keys/values of its block, computed once from the media.
+over the L/k groups (`CrossGroup`), each a scan of its first k-1 decoder layers, the block, then
+its last layer. The view regroups the parameters: `layers/` (L, ...) as (L/k, k, ...) and the
+blocks' own `cross/` (L/k, ...), so a pretrained LLM loads unchanged. The group returns (forward)
+or takes (extend, from the cache) the cross keys/values of its block, computed once from the media.
 """
 
 from __future__ import annotations
+
+import functools
 
 import flax.linen as nn
 import flax.struct
@@ -41,8 +44,8 @@ from ee_mllm_jax.batch import Cache, last_valid_index
 from ee_mllm_jax.config import LLMConfig
 from ee_mllm_jax.mode import Cross, LayerKind, Mode
 from ee_mllm_jax.models.attention import Attention
-from ee_mllm_jax.models.cross import GatedCrossBlock
-from ee_mllm_jax.models.layers import Linear, RMSNorm, SwiGLU, logical, scan_layers
+from ee_mllm_jax.models.cross import GatedCrossBlock, MediaContext
+from ee_mllm_jax.models.layers import Linear, RMSNorm, SwiGLU, layer_slice, logical, scan_layers, stack_view
 
 
 @flax.struct.dataclass
@@ -131,79 +134,126 @@ class DecoderLayer(nn.Module):
     return nn.with_logical_constraint(x_t, ("activation_batch", "activation_length", "activation_embed"))
 
 
-@flax.struct.dataclass
-class MediaContext:
-  """Cross mode: what the cross blocks read besides their keys/values. Text positions (B, T),
-  each image's last position and validity (B, I), and the media (B, I, M, D) the keys/values
-  are computed from (forward phase; None when they come from the cache)."""
-
-  pos_t: jax.Array
-  media_pos: jax.Array
-  media_valid: jax.Array
-  media: jax.Array | None = None
-
-
 def _decoder_stack(length: int, remat: str, unroll):
   """The scanned decoder layer class (`length` layers; xs: the layer indices in the extend phase)."""
   return scan_layers(DecoderLayer, length=length, remat=remat, unroll=unroll, in_axes=(0, nn.broadcast))
 
 
-def detached_stack(cfg: LLMConfig, length: int, mode: LayerKind, visual_ffn: bool, *, remat: str, unroll,
-                   dtype, param_dtype):
-  """`length` scanned decoder layers as a module of their own (no parent), to be applied to a
-  slice (length, ...) of LLM's `layers/` parameters: the runs of a layer schedule, the layers of
-  a cross-mode group."""
-  return _decoder_stack(length, remat, unroll)(cfg, mode, visual_ffn, parent=None, dtype=dtype,
-                                               param_dtype=param_dtype)
+def _concat_layers(*kvs):
+  """Per-layer (k, v) of consecutive runs of layers -> one (k, v) stacked over all of them."""
+  return jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *kvs)
 
 
-class CrossGroup(GatedCrossBlock):
-  """One group of cross mode: `every` decoder layers with the gated cross-attention block (whose
-  parameters it owns) before the last of them, as OpenFlamingo places its blocks (before layer l
-  when (l + 1) % every == 0: layers every-1, 2*every-1, ..., L-1), so that no block reads the raw
-  embeddings unless every == 1.
+@flax.struct.dataclass
+class Decoded:
+  """The forward phase's result: the final text stream (B, T, D); every layer's keys and values,
+  each (L, B, V+T, K, H) (cross mode: text keys only, (L, B, T, K, H)); in cross mode every
+  block's keys/values of the media, each (J, B, I, M, N, H) (None in the other modes)."""
 
-  The scanned step over groups: the first every-1 layers (an inner scan), the block, the last
-  layer. xs: this group's decoder parameters (k, ...) and, in the extend phase, its block's cached
-  keys/values and the group's layer indices."""
+  x_t: jax.Array
+  k: jax.Array | None
+  v: jax.Array | None
+  cross_k: jax.Array | None = None
+  cross_v: jax.Array | None = None
 
+
+class ScheduleRuns(nn.Module):
+  """The forward phase through a multi-run layer schedule: one scan per run (`runs_0`,
+  `runs_1`), the carry handed on; -> final carry and (k, v) over all L layers. It runs as a
+  `stack_view` of LLM's `layers/` (`_run_views`): each run reads its slice of the one stack."""
+
+  cfg: LLMConfig
+  mode: Mode
+  remat: str = "none"
+  unroll: int | bool = 1
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.runs = [_decoder_stack(count, self.remat, self.unroll)(self.cfg, kind, self.mode.visual_ffn_in(kind), **kw)
+                 for kind, count in self.mode.schedule(self.cfg.depth)]
+
+  def __call__(self, carry: Streams, ctx: ForwardContext):
+    kvs = []
+    for run in self.runs:
+      carry, kv = run(carry, None, ctx)
+      kvs.append(kv)
+    return carry, _concat_layers(*kvs)
+
+
+def _run_views(schedule, layers):
+  """`layers/` (L, ...) -> {"runs_i": its slice} for `ScheduleRuns`."""
+  views, start = {}, 0
+  for i, (_, count) in enumerate(schedule):
+    views[f"runs_{i}"] = layer_slice(layers, start, start + count)
+    start += count
+  return views
+
+
+@flax.struct.dataclass
+class GroupCache:
+  """Extend phase, per cross group (the group scan's xs): the block's cached media keys/values,
+  each (B, I, M, N, H), and the indices (k,) of the group's decoder layers in the stacked cache."""
+
+  cross_k: jax.Array
+  cross_v: jax.Array
+  layers: jax.Array
+
+
+class CrossGroup(nn.Module):
+  """One group of cross mode: `every` decoder layers with the gated cross-attention block before
+  the last of them, as OpenFlamingo places its blocks (before layer l when (l + 1) % every == 0:
+  layers every-1, 2*every-1, ..., L-1), so that no block reads the raw embeddings unless every == 1.
+
+  The scanned step over groups, run as a `stack_view` of LLM's parameters (`_group_views`):
+  `before` reads the group's first every-1 layers of `layers/`, `last` its last one, `cross` its
+  block (`cross/`). Forward phase (xs None): -> ((k, v) of the group's layers, the block's media
+  (k, v)); extend phase (xs a `GroupCache`): -> None."""
+
+  cfg: LLMConfig
+  cross_mode: Cross
+  media_dim: int
   every: int = 1
   remat: str = "none"
   unroll: int | bool = 1
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
 
-  def _decoder(self, length: int):
-    """`length` decoder layers, detached: applied to a slice of this group's part of `layers/`."""
-    return detached_stack(self.cfg, length, "self", False, remat=self.remat, unroll=self.unroll,
-                          dtype=self.dtype, param_dtype=self.param_dtype)
-
-  def _layers(self, carry, layer_params, layers, ctx, before_block: bool):
-    """The group's layers before the block (the first every-1) or after it (the last one)."""
-    k = self.every
-    part = (lambda a: a[:k - 1]) if before_block else (lambda a: a[k - 1:])
-    layers = None if layers is None else part(layers)
-    return self._decoder(k - 1 if before_block else 1).apply({"params": jax.tree.map(part, layer_params)}, carry,
-                                                              layers, ctx)
-
-  def __call__(self, carry, xs, media_ctx: MediaContext, ctx):
-    layer_params = xs[0]
-    block = lambda carry, kv_cross: carry.replace(x_t=self.update(carry.x_t, media_ctx.pos_t, kv_cross,
-                                                                  media_ctx.media_pos, media_ctx.media_valid))
-    if isinstance(ctx, ForwardContext):
-      kv_cross = self.keys_values(media_ctx.media)
-      if layer_params is None:  # init: the decoder's parameters are LLM.layers' own
-        return block(carry, kv_cross), (None, kv_cross)
-      kvs = []
-      if self.every > 1:
-        carry, kv = self._layers(carry, layer_params, None, ctx, before_block=True)
-        kvs.append(kv)
-      carry, kv = self._layers(block(carry, kv_cross), layer_params, None, ctx, before_block=False)
-      kv = jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *kvs, kv)  # (k, ...): the group's layers in order
-      return carry, (kv, kv_cross)
-    kv_cross, layers = xs[1], xs[2]
+  def setup(self):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    stack = lambda n: _decoder_stack(n, self.remat, self.unroll)(self.cfg, "self", False, **kw)
     if self.every > 1:
-      carry, _ = self._layers(carry, layer_params, layers, ctx, before_block=True)
-    carry, _ = self._layers(block(carry, kv_cross), layer_params, layers, ctx, before_block=False)
-    return carry, None
+      self.before = stack(self.every - 1)
+    self.last = stack(1)
+    self.cross = GatedCrossBlock(self.cfg, self.cross_mode, self.media_dim, **kw)
+
+  def __call__(self, carry, xs: GroupCache | None, media_ctx: MediaContext, ctx):
+    k = self.every
+    if isinstance(ctx, ForwardContext):
+      kv_cross, before, last = self.cross.keys_values(media_ctx.media), None, None
+    else:
+      kv_cross, before, last = (xs.cross_k, xs.cross_v), xs.layers[:k - 1], xs.layers[k - 1:]
+    kvs = []
+    if k > 1:
+      carry, kv = self.before(carry, before, ctx)
+      kvs.append(kv)
+    carry = carry.replace(x_t=self.cross.update(carry.x_t, media_ctx.pos_t, kv_cross, media_ctx.media_pos,
+                                                media_ctx.media_valid))
+    carry, kv = self.last(carry, last, ctx)
+    if xs is not None:
+      return carry, None
+    return carry, (_concat_layers(*kvs, kv), kv_cross)  # (k, ...): the group's layers in order
+
+
+def _group_views(groups: int, every: int, params):
+  """LLM's parameters -> the view `CrossGroup`'s scan reads: `layers/` (L, ...) as (L/k, k, ...),
+  split into each group's first k-1 layers and its last; `cross/` (L/k, ...) as it is."""
+  grouped = jax.tree.map(lambda a: a.reshape((groups, every) + a.shape[1:]), params["layers"])
+  view = {"cross": params["cross"], "last": jax.tree.map(lambda a: a[:, every - 1:], grouped)}
+  if every > 1:
+    view["before"] = jax.tree.map(lambda a: a[:, :every - 1], grouped)
+  return view
 
 
 class LLM(nn.Module):
@@ -220,36 +270,27 @@ class LLM(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.embed_tokens = nn.Embed(c.vocab_size, c.width, embedding_init=logical(nn.initializers.normal(0.02),
                                                                                ("vocab", "embed")), **kw)
-    cross = isinstance(self.mode, Cross)
-    # With a two-run schedule this stack creates the parameters and runs the extend phase (neither
-    # depends on the mode); the forward phase applies one detached stack per run to its slice.
-    kind = self._runs()[-1][0]
+    # The whole stack creates the parameters and runs the extend phase (neither depends on the mode);
+    # schedule runs and cross groups read slices of it through `stack_view`s.
+    schedule = self.mode.schedule(c.depth)
+    kind = schedule[-1][0]
     self.layers = _decoder_stack(c.depth, self.remat, self.unroll)(c, kind, self.mode.visual_ffn_in(kind), **kw)
-    if cross:
-      groups = scan_layers(CrossGroup, length=self.mode.blocks(c.depth), remat="none", unroll=self.unroll,
-                           in_axes=(0, nn.broadcast, nn.broadcast))
-      self.cross = groups(c, self.mode, self.media_dim or c.width, every=self.mode.every, remat=self.remat,
-                          unroll=self.unroll, **kw)
+    if len(schedule) > 1:
+      self.schedule_runs = stack_view(ScheduleRuns, functools.partial(_run_views, schedule))(
+          c, self.mode, remat=self.remat, unroll=self.unroll, **kw)
+      nn.share_scope(self.schedule_runs, self.layers)  # it reads `layers/`
+    if isinstance(self.mode, Cross):
+      groups, media_dim = self.mode.blocks(c.depth), self.media_dim or c.width
+      blocks = scan_layers(GatedCrossBlock, length=groups, remat="none", unroll=self.unroll)
+      self.cross = blocks(c, self.mode, media_dim, **kw)  # creates `cross/` (init)
+      group_scan = scan_layers(CrossGroup, length=groups, remat="none", unroll=self.unroll,
+                               in_axes=(0, nn.broadcast, nn.broadcast))
+      self.cross_groups = stack_view(group_scan, functools.partial(_group_views, groups, self.mode.every))(
+          c, self.mode, media_dim, every=self.mode.every, remat=self.remat, unroll=self.unroll, **kw)
+      nn.share_scope(self, self.cross_groups)  # it reads `layers/` and `cross/`
     self.norm = RMSNorm(c.rms_norm_eps, **kw)
     if not c.tie_embeddings:
       self.lm_head = Linear((c.width,), (c.vocab_size,), ("embed", "vocab"), **kw)
-
-  def _runs(self) -> tuple[tuple[LayerKind, int], ...]:
-    return self.mode.schedule(self.cfg.depth)
-
-  def _scheduled_layers(self, carry: Streams, ctx: ForwardContext):
-    """The forward phase through a multi-run schedule: one detached scan per run over its slice
-    of `layers/`, the carry handed on; -> final carry and (k, v) stacked over all L layers."""
-    params = nn.meta.unbox(self.variables["params"]["layers"])
-    kvs, start = [], 0
-    for kind, count in self._runs():
-      run = detached_stack(self.cfg, count, kind, self.mode.visual_ffn_in(kind), remat=self.remat, unroll=self.unroll,
-                           dtype=self.dtype, param_dtype=self.param_dtype)
-      piece = jax.tree.map(lambda a, s=start, n=count: jax.lax.slice_in_dim(a, s, s + n, axis=0), params)
-      carry, kv = run.apply({"params": piece}, carry, None, ctx)
-      kvs.append(kv)
-      start += count
-    return carry, jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *kvs)
 
   def embed(self, input_ids):
     return self.embed_tokens(input_ids)
@@ -259,45 +300,34 @@ class LLM(nn.Module):
     logits = self.embed_tokens.attend(h) if self.cfg.tie_embeddings else self.lm_head(h)
     return logits.astype(jnp.float32)
 
-  def _grouped_layers(self):
-    """Cross mode: the decoder's stacked parameters (L, ...) viewed as (L/k, k, ...), one slice per group."""
-    g, every = self.mode.blocks(self.cfg.depth), self.mode.every
-    return jax.tree.map(lambda a: a.reshape((g, every) + a.shape[1:]),
-                        nn.meta.unbox(self.variables["params"]["layers"]))
-
-  def _forward_layers(self, x_v, input_ids, pos_v, pos_t, valid_v, valid_t):
-    """Both streams through every layer -> final text stream (B, T, D), per-layer (k, v) and, in
-    cross mode, every block's cross (k, v) (J, B, I, M, N, H) (None in the other modes).
-
-    Cross mode: x_v (B, I, M, E) are the media, pos_v / valid_v (B, I) each image's last position
-    and validity."""
+  def _forward_layers(self, x_v, input_ids, pos_v, pos_t, valid_v, valid_t) -> Decoded:
+    """Both streams through every layer (see `Decoded`). Cross mode: x_v (B, I, M, E) are the
+    media, pos_v / valid_v (B, I) each image's last position and validity."""
     x_t = self.embed(input_ids)
+    init = self.is_initializing()
     if self.mode.visual_in_decoder:
       ctx = ForwardContext(pos_v=pos_v, pos_t=pos_t, valid_v=valid_v, valid_t=valid_t)
       carry = Streams(x_v=x_v.astype(self.dtype), x_t=x_t)
-      if len(self._runs()) > 1 and not self.is_initializing():
-        carry, kv = self._scheduled_layers(carry, ctx)
-      else:
-        carry, kv = self.layers(carry, None, ctx)
-      return carry.x_t, kv, None
+      run = self.schedule_runs if len(self.mode.schedule(self.cfg.depth)) > 1 and not init else self.layers
+      carry, (k, v) = run(carry, None, ctx) if run is self.layers else run(carry, ctx)
+      return Decoded(x_t=carry.x_t, k=k, v=v)
     b = x_t.shape[0]
     ctx = ForwardContext(pos_v=jnp.zeros((b, 0), pos_t.dtype), pos_t=pos_t, valid_v=jnp.zeros((b, 0), bool),
                          valid_t=valid_t)
     carry = Streams(x_v=jnp.zeros((b, 0, self.cfg.width), self.dtype), x_t=x_t)
     media_ctx = MediaContext(pos_t=pos_t, media_pos=pos_v, media_valid=valid_v, media=x_v.astype(self.dtype))
-    if self.is_initializing():  # creates both stacks' parameters (layers/ first: the groups read them)
+    if init:  # creates both stacks' parameters, which the groups' view reads
       self.layers(carry, None, ctx)
-      carry, (_, kv_cross) = self.cross(carry, (None,), media_ctx, ctx)
-      return carry.x_t, (None, None), kv_cross
-    carry, (kv, kv_cross) = self.cross(carry, (self._grouped_layers(),), media_ctx, ctx)
-    kv = jax.tree.map(lambda a: a.reshape((self.cfg.depth,) + a.shape[2:]), kv)  # (J, k, ...) -> (L, ...)
-    return carry.x_t, kv, kv_cross
+      return Decoded(x_t=self.cross(x_t, media_ctx)[0], k=None, v=None)
+    carry, ((k, v), (cross_k, cross_v)) = self.cross_groups(carry, None, media_ctx, ctx)
+    k, v = (a.reshape((self.cfg.depth,) + a.shape[2:]) for a in (k, v))  # (J, k, ...) -> (L, ...)
+    return Decoded(x_t=carry.x_t, k=k, v=v, cross_k=cross_k, cross_v=cross_v)
 
   def __call__(self, x_v, input_ids, pos_v, pos_t, valid_v, valid_t):
     """Full forward -> text logits (B, T, vocab) and per-layer (k, v), each (L, B, V+T, K, H)
     (cross mode: (L, B, T, K, H), text keys only)."""
-    x_t, kv, _ = self._forward_layers(x_v, input_ids, pos_v, pos_t, valid_v, valid_t)
-    return self.logits(x_t), kv
+    out = self._forward_layers(x_v, input_ids, pos_v, pos_t, valid_v, valid_t)
+    return self.logits(out.x_t), (out.k, out.v)
 
   def prefill(self, x_v, input_ids, pos_v, pos_t, valid_v, valid_t, cache_size: int | None = None):
     """Full forward -> next-token logits (B, vocab) float32 at each row's last valid text token,
@@ -307,16 +337,17 @@ class LLM(nn.Module):
 
     The same layers as `__call__`; only the last token per row goes through the LM head.
     """
-    x_t, (k, v), kv_cross = self._forward_layers(x_v, input_ids, pos_v, pos_t, valid_v, valid_t)
+    out = self._forward_layers(x_v, input_ids, pos_v, pos_t, valid_v, valid_t)
     last = last_valid_index(pos_t, valid_t)
-    logits = self.logits(jnp.take_along_axis(x_t, last[:, None, None], axis=1)[:, 0])
+    logits = self.logits(jnp.take_along_axis(out.x_t, last[:, None, None], axis=1)[:, 0])
+    index = jnp.asarray(out.k.shape[2], jnp.int32)
     if not self.mode.visual_in_decoder:
-      cache = Cache(k=k, v=v, pos=pos_t.astype(jnp.int32), valid=valid_t, index=jnp.asarray(k.shape[2], jnp.int32),
-                    cross_k=kv_cross[0], cross_v=kv_cross[1], media_pos=pos_v.astype(jnp.int32), media_valid=valid_v)
+      cache = Cache(k=out.k, v=out.v, pos=pos_t.astype(jnp.int32), valid=valid_t, index=index, cross_k=out.cross_k,
+                    cross_v=out.cross_v, media_pos=pos_v.astype(jnp.int32), media_valid=valid_v)
     else:
-      cache = Cache(k=k, v=v, pos=jnp.concatenate([pos_v, pos_t], 1).astype(jnp.int32),
-                    valid=jnp.concatenate([valid_v, valid_t], 1), index=jnp.asarray(k.shape[2], jnp.int32))
-    return logits, cache.pad(cache_size or k.shape[2])
+      cache = Cache(k=out.k, v=out.v, pos=jnp.concatenate([pos_v, pos_t], 1).astype(jnp.int32),
+                    valid=jnp.concatenate([valid_v, valid_t], 1), index=index)
+    return logits, cache.pad(cache_size or out.k.shape[2])
 
   def extend(self, input_ids, pos_t, valid_t, cache: Cache):
     """Append text tokens (B, T) at slots [index, index + T) of the cache; -> logits, new cache."""
@@ -326,8 +357,8 @@ class LLM(nn.Module):
     if not self.mode.visual_in_decoder:
       layers = jnp.arange(self.cfg.depth).reshape(self.mode.blocks(self.cfg.depth), self.mode.every)
       media_ctx = MediaContext(pos_t=pos_t, media_pos=cache.media_pos, media_valid=cache.media_valid)
-      xs = (self._grouped_layers(), (cache.cross_k, cache.cross_v), layers)
-      carry, _ = self.cross(carry, xs, media_ctx, ctx)
+      xs = GroupCache(cross_k=cache.cross_k, cross_v=cache.cross_v, layers=layers)
+      carry, _ = self.cross_groups(carry, xs, media_ctx, ctx)
     else:
       carry, _ = self.layers(carry, jnp.arange(self.cfg.depth), ctx)
     return self.logits(carry.x_t), new.replace(k=carry.k, v=carry.v)

@@ -11,12 +11,11 @@ from __future__ import annotations
 import functools
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from ee_mllm_jax.config import VisionConfig
-from ee_mllm_jax.models.attention import attend
-from ee_mllm_jax.models.layers import ACTIVATIONS, LayerNorm, Linear, logical, scan_layers
+from ee_mllm_jax.models.kernels import attend
+from ee_mllm_jax.models.layers import ACTIVATIONS, LayerNorm, Linear, layer_slice, logical, scan_layers, stack_view
 
 
 class VisionLayer(nn.Module):
@@ -41,10 +40,6 @@ class VisionLayer(nn.Module):
     h = act(Linear((c.width,), (c.mlp_dim,), ("embed", "mlp"), use_bias=True, name="fc1", **kw)(h))
     x = x + Linear((c.mlp_dim,), (c.width,), ("mlp", "embed"), use_bias=True, name="fc2", **kw)(h)
     return x, None
-
-
-def _first_layers(n: int, variables):
-  return jax.tree.map(lambda a: a[:n], variables)
 
 
 class VisionTower(nn.Module):
@@ -88,8 +83,7 @@ class VisionTower(nn.Module):
     if n_run == c.depth or self.is_initializing():
       stack = make(length=c.depth)
     else:  # read only the first n_run layers of the stacked parameters
-      stack = nn.map_variables(make(length=n_run), "params",
-                               trans_in_fn=functools.partial(_first_layers, n_run), mutable=False)
+      stack = stack_view(make(length=n_run), lambda p: layer_slice(p, 0, n_run))
     x, _ = stack(c, name="layers", **kw)(x, None)
     if self.is_initializing():  # HF keeps it; LLaVA's features (hidden_states[k]) never use it
       LayerNorm(c.layer_norm_eps, name="post_layernorm", **kw)(x)
