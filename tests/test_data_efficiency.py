@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("llava", "ee-mllm", "flamingo")
 # Two sizes keep the suite's run to a few minutes (every code path of the default's three runs).
 SMALL = ("--sizes", "32,64", "--spread_size", "32")
+pytestmark = pytest.mark.slow  # the benchmark script end to end, in a subprocess
 
 
 def run(out, work, *extra):
