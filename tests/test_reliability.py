@@ -14,12 +14,12 @@ import jax
 import pytest
 from ml_collections import config_dict
 
-from conftest import logged_losses, tiny_config
+from conftest import TINY_RUN_STEPS, logged_losses, tiny_config
 from ee_mllm_jax import experiment
 from ee_mllm_jax.train import checkpoint as ckpt_lib
 from ee_mllm_jax.train import loop
 
-STEPS = 4
+STEPS = TINY_RUN_STEPS
 
 
 def tiny_run_config(dataset, workdir, steps=STEPS, **overrides):
@@ -34,10 +34,11 @@ def train(config):
 
 
 @pytest.fixture(scope="module")
-def finished(tiny_dataset, tmp_path_factory):
-  """A 4-step run with checkpoints 2, 3, 4 and its per-step losses."""
-  workdir = str(tmp_path_factory.mktemp("finished"))
-  train(tiny_run_config(tiny_dataset, workdir))
+def finished(tiny_run):
+  """A 4-step run with checkpoints 2, 3, 4 and its per-step losses (conftest's, shared with the
+  checkpoint tests: the tests here work on copies)."""
+  config, workdir, *_ = tiny_run
+  assert config.steps == STEPS and config.checkpoint.keep == 3
   return workdir, logged_losses(workdir)
 
 
