@@ -74,3 +74,33 @@ def tiny_dataset(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("data") / "synthetic")
   synthetic.ensure_dataset(root, **args)
   return root
+
+
+TINY_RUN_STEPS = 4
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_dataset, tmp_path_factory):
+  """One TINY_RUN_STEPS-step in-process run of the tiny preset (checkpoints 2, 3, 4 kept), shared
+  by the checkpoint and reliability tests, which only read it or work on a copy:
+  (config, workdir, summary, the basenames of the records files parsed during the run)."""
+  from unittest import mock  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from ee_mllm_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from ee_mllm_jax.train import loop  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("tiny_run"))
+  config = tiny_config(tiny_dataset, workdir, TINY_RUN_STEPS, **{"checkpoint.keep": 3})
+  calls = []
+  real = data_lib.load_records
+
+  def counting(path, *args, **kwargs):
+    calls.append(os.path.basename(path))
+    return real(path, *args, **kwargs)
+
+  try:
+    with mock.patch.object(data_lib, "load_records", counting), \
+         mock.patch.object(data_lib.pipeline, "load_records", counting):
+      summary = loop.train(config)
+  finally:
+    jax.set_mesh(None)  # the trainer sets its mesh for the process
+  return config, workdir, summary, calls

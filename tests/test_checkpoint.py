@@ -3,7 +3,6 @@ checkpoint of another model is refused naming the fields; the trainer reads its 
 
 import logging
 import os
-from unittest import mock
 
 import jax
 import numpy as np
@@ -11,7 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 from ml_collections import config_dict
 
-from conftest import demo_config, tiny_config
+from conftest import TINY_RUN_STEPS, demo_config
 from ee_mllm_jax import data as data_lib
 from ee_mllm_jax import experiment
 from ee_mllm_jax.batch import from_plans
@@ -19,28 +18,14 @@ from ee_mllm_jax.train import checkpoint as ckpt_lib
 from ee_mllm_jax.train import loop
 from models import forward, init_params
 
-STEPS = 2
+STEPS = TINY_RUN_STEPS
 
 
 @pytest.fixture(scope="module")
-def run(tiny_dataset, tmp_path_factory):
-  """One short in-process training run; counts how often each records file is parsed."""
-  workdir = str(tmp_path_factory.mktemp("run"))
-  config = tiny_config(tiny_dataset, workdir, STEPS)
-  calls = []
-  real = data_lib.load_records
-
-  def counting(path, *args, **kwargs):
-    calls.append(os.path.basename(path))
-    return real(path, *args, **kwargs)
-
-  try:
-    with mock.patch.object(data_lib, "load_records", counting), \
-         mock.patch.object(data_lib.pipeline, "load_records", counting):
-      summary = loop.train(config)
-  finally:
-    jax.set_mesh(None)  # the trainer sets its mesh for the process
-  return config, workdir, summary, calls
+def run(tiny_run):
+  """One short in-process training run (conftest's, shared with the reliability tests); counts how
+  often each records file is parsed."""
+  return tiny_run
 
 
 def test_the_train_records_are_parsed_once(run):

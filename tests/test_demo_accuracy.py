@@ -32,8 +32,8 @@ import pytest
 
 from conftest import ROOT
 
-slow = pytest.mark.skipif(not os.environ.get("EE_MLLM_SLOW"),
-                          reason="slow tier (~3 min): EE_MLLM_SLOW=1 python -m pytest tests/test_demo_accuracy.py")
+asked_for = pytest.mark.skipif(not os.environ.get("EE_MLLM_SLOW"),
+                               reason="slow tier (~3 min): EE_MLLM_SLOW=1 python -m pytest tests/test_demo_accuracy.py")
 
 SHORT_STEPS = 400
 NUM_TRAIN = 8000
@@ -46,7 +46,8 @@ ACCURACY_FLOOR_ABOVE_PRIOR = 0.04
 BLANK_CEILING_ABOVE_PRIOR = 0.06
 
 
-@slow
+@pytest.mark.slow
+@asked_for
 def test_shortened_demo_beats_the_answer_prior_and_blank_images_do_not(tmp_path):
   workdir = tmp_path / "run"
   overrides = dict(workdir=workdir, steps=SHORT_STEPS, seed=int(os.environ.get("EE_MLLM_SLOW_SEED", 0)),

@@ -234,6 +234,7 @@ def test_a_layer_schedule_on_a_self_checkpoint_runs_that_config_and_names_it(che
     cli.load_model(config, checkpoint=checkpoint, hf=None)
 
 
+@pytest.mark.slow  # eval.py in a subprocess
 def test_ask_about_one_image_from_the_command_line(checkpoint, bench, tmp_path):
   image = os.path.join(bench.root, "images", "val", "000000.png")
   env = {**os.environ, "XLA_FLAGS": conftest.TEST_XLA_FLAGS, "JAX_PLATFORMS": "cpu"}  # one device, fast compiles

@@ -23,6 +23,7 @@ from ee_mllm_jax.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 400
+pytestmark = pytest.mark.slow  # a model trained to an accuracy, then eval.py in subprocesses
 
 
 @pytest.fixture(scope="module")

@@ -136,6 +136,7 @@ def _train(dataset, workdir, *flags, timeout=300):
   return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
+@pytest.mark.slow  # train.py in a subprocess
 def test_a_tiny_cross_run_starts_from_command_line_overrides_alone(tiny_dataset, tmp_path):
   bad = _train(tiny_dataset, str(tmp_path / "bad"), "--config.model.attention=cross")
   assert bad.returncode == 1, bad.stderr[-2000:]

@@ -75,7 +75,12 @@ def family(request, tmp_path_factory):
   return _family(request.param, tmp_path_factory)
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+# The layer schedule is family-independent code (the families' differences, GQA and qkv bias, are
+# compared above in every mode): the second family's schedule runs in the full suite only.
+DEEP_FAMILIES = (FAMILIES[0], pytest.param(FAMILIES[1], marks=pytest.mark.slow))
+
+
+@pytest.fixture(scope="module", params=DEEP_FAMILIES)
 def deep_family(request, tmp_path_factory):
   """A family with a DEPTH-layer decoder, for the layer schedule."""
   return _family(request.param, tmp_path_factory, DEPTH)

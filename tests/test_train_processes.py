@@ -50,6 +50,7 @@ def _start_and_wait(command, workdir, losses: int):
   raise AssertionError(f"train.py ended or hung before step {losses}: {proc.communicate()[0].decode()[-3000:]}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_a_stopped_run_restarts_exactly(uninterrupted, tiny_dataset, tmp_path, sig):
   """SIGTERM: a checkpoint, then a clean exit. SIGKILL: lands while asynchronous saves (one per
@@ -94,6 +95,7 @@ def _alive(pid: int) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_sigkill_leaves_no_worker_process_behind(tiny_dataset, tmp_path):
   workdir = str(tmp_path / "run")
   proc = _start_and_wait(_command(tiny_dataset, workdir, 500, **{"data.worker_count": 2}), workdir, losses=2)
@@ -113,6 +115,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_on_disjoint_data(tiny_dataset, tmp_path):
   """... in lock-step, each global batch padded to the bucket its longest row needs (one
   all-gathered length), not to the config's largest bucket."""
@@ -148,6 +151,7 @@ def test_an_unknown_config_field_is_one_line_naming_it(tiny_dataset, tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == f"error: {field}: {message}"
 
 
+@pytest.mark.slow
 def test_a_second_train_py_on_a_running_workdir_is_refused_naming_the_holder(tiny_dataset, tmp_path):
   """Two train.py on one workdir: the second exits 1 with one line naming the first (host, pid)
   and writes nothing; the first is untouched."""
