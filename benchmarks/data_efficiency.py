@@ -62,6 +62,7 @@ from configs import demo  # noqa: E402
 from ee_mllm_jax import batch as batch_lib  # noqa: E402
 from ee_mllm_jax import data as data_lib  # noqa: E402
 from ee_mllm_jax import flops as flops_lib  # noqa: E402
+from ee_mllm_jax import loading  # noqa: E402
 from ee_mllm_jax import params as params_lib  # noqa: E402
 from ee_mllm_jax import sharding  # noqa: E402
 from ee_mllm_jax.evaluation import circular, readers  # noqa: E402
@@ -70,7 +71,6 @@ from ee_mllm_jax.evaluation import prompts as prompts_lib  # noqa: E402
 from ee_mllm_jax.evaluation import runner as runner_lib  # noqa: E402
 from ee_mllm_jax.generate import prefill, sample_token  # noqa: E402
 from ee_mllm_jax.mode import Composite, Cross, Self  # noqa: E402
-from ee_mllm_jax.train import checkpoint as ckpt_lib  # noqa: E402
 from ee_mllm_jax.train import loop as loop_lib  # noqa: E402
 from ee_mllm_jax.train.state import split_params  # noqa: E402
 
@@ -311,7 +311,7 @@ def pretrained_parts(scale: Scale, ds, files, work: str, vocab: int) -> tuple[st
   llm_run = train_once(run_config(cfg, workdir=os.path.join(work, "pretrain_llm"), train_file=files["pretrain_text"],
                                   ds=ds, steps=steps, lr=scale.pretrain_lr, trainable=r"llm/", batch=scale.batch,
                                   seed=0, buckets=scale.buckets))
-  _, llm_params = ckpt_lib.load_model(llm_run)
+  _, llm_params = loading.load_model(llm_run)
   tower_params, tower_info = pretrain_tower(cfg.vision, scale, seed=0)
   ocp.PyTreeCheckpointer().save(os.path.abspath(out), {"vision": tower_params, "llm": llm_params["llm"]}, force=True)
   info = {"llm": _done(llm_run) | {"records": n, "steps": steps, "what": "the text of the pretraining pool's "

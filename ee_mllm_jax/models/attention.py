@@ -15,16 +15,17 @@ and the mask compares positions, so the memory order of the streams never matter
 from __future__ import annotations
 
 import functools
+import logging
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from absl import logging
 
 from ee_mllm_jax.config import ATTENTION_IMPLS, AttentionImpl, LLMConfig
 from ee_mllm_jax.mode import LayerKind
 from ee_mllm_jax.models.layers import Linear, rope
 
+logger = logging.getLogger(__name__)
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 # Above this many keys, "auto" (without cuDNN) prefers the chunked implementation: the dense
 # (Q, S) float32 score block starts to dominate memory and falls out of cache.
@@ -105,14 +106,14 @@ def _cudnn_works(dtype: str, num_heads: int, num_kv_heads: int, head_dim: int) -
         q, k, k, mask=mask).compile()
     return True
   except Exception as e:  # pylint: disable=broad-except  # any failure means: not here
-    logging.info("cuDNN attention unavailable for %s heads %d/%d dim %d: %s", dtype, num_heads, num_kv_heads,
-                 head_dim, str(e).splitlines()[0] if str(e) else type(e).__name__)
+    logger.info("cuDNN attention unavailable for %s heads %d/%d dim %d: %s", dtype, num_heads, num_kv_heads,
+                head_dim, str(e).splitlines()[0] if str(e) else type(e).__name__)
     return False
 
 
 @functools.cache
 def _log_choice(impl: str, why: str):
-  logging.info("attention_impl='auto' chose %r (%s)", impl, why)
+  logger.info("attention_impl='auto' chose %r (%s)", impl, why)
 
 
 def choose_impl(q, k, v) -> str:
