@@ -119,9 +119,7 @@ def train(config) -> dict[str, Any]:
           if run.step % config.log_every == 0 or run.step == run.total_steps:
             _log(run)
           run.bar.update(1)
-          if run.checkpointer.due(run.step):
-            _log(run)  # a checkpoint is written only after its steps were checked finite
-            run.checkpointer.save(run.step, run.state, run.train_iter)
+          _checkpoint(run)
           if config.eval_every > 0 and run.step % config.eval_every == 0 and run.step < run.total_steps:
             _evaluate(run)
           if _stop_requested(run, stop):
@@ -325,7 +323,14 @@ def _check_update(run: Run, step: int, m: dict[str, Any]):
     logger.warning("step %d: no labelled token in the batch (every row skipped?); no update applied", step)
 
 
-# ------------------------------------------------------------------ evaluate
+# ------------------------------------------------------------------ checkpoint, evaluate
+
+def _checkpoint(run: Run):
+  """Starts an (asynchronous) save when one is due, after its steps were checked finite."""
+  if run.checkpointer.due(run.step):
+    _log(run)
+    run.checkpointer.save(run.step, run.state, run.train_iter)
+
 
 def _evaluate(run: Run) -> tuple[dict[str, Any], list[str]]:
   """Every evaluator on the current parameters -> merged metrics and one phrase each."""
