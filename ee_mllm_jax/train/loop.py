@@ -11,7 +11,9 @@ A run's state between phases is one `Run`; each phase is a function of it. The c
 function; each reads its own shard of the data, and only process 0 logs, writes metrics and
 plots. SIGTERM / SIGINT finish the current step, write a checkpoint and return; a restarted run
 resumes from the latest checkpoint in `checkpoint.dir` by itself and continues exactly where it
-stopped.
+stopped. Processes agree before each step, in one all-gather, on the batch's text length and on
+whether one of them was signalled (`_agree`): the one exchange between processes per step, made
+after the batch was read, so that reading it overlaps the previous step on the devices.
 """
 
 from __future__ import annotations
