@@ -7,14 +7,11 @@ cluster environment that jax.distributed.initialize detects (JAX_COORDINATOR_ADD
 SLURM, Open MPI); every process runs the same command.
 """
 
-import importlib.util
-import logging
 import os
 import re
 import sys
 
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
@@ -24,20 +21,12 @@ flags.DEFINE_integer("process_id", -1, "This process's index (multi-process runs
 flags.DEFINE_bool("library_logs", False, "Show INFO logs of libraries (orbax, grain, jax), not only ours.")
 FLAGS = flags.FLAGS
 
-class _OwnInfoOnly(logging.Filter):
-  """INFO from this project; from libraries only warnings and errors (orbax logs ~40 lines a save)."""
-
-  package_dir = os.path.dirname(importlib.util.find_spec("ee_mllm_jax").origin) + os.sep
-
-  def filter(self, record):
-    return (record.levelno >= logging.WARNING or record.pathname.startswith(self.package_dir)
-            or record.pathname == __file__)
-
 
 def main(argv):
   del argv
   if not FLAGS.library_logs:
-    absl_logging.get_absl_handler().addFilter(_OwnInfoOnly())
+    from ee_mllm_jax import logs  # pylint: disable=g-import-not-at-top
+    logs.quiet_libraries(__file__)
   import jax  # pylint: disable=g-import-not-at-top
   from ee_mllm_jax import experiment  # pylint: disable=g-import-not-at-top
   from ee_mllm_jax import sharding  # pylint: disable=g-import-not-at-top

@@ -16,7 +16,7 @@ What it does, in order (every step is cached under --work; a rerun skips what is
      pool's conversations with the images removed (it learns the template, the words and the
      answer prior, and cannot know what any image shows);
    * the vision tower: trained from scratch on labelled synthetic scenes drawn as the dataset
-     draws its objects (`synthetic.labelled_scene`; no question, no text): linear read-outs of
+     draws its objects (`scenes.labelled_scene`; no question, no text): linear read-outs of
      each visual token's colour and shape and of each image's counts, thrown away after (the
      stand-in for CLIP's pretraining; no decoder, so no mode is favoured).
    Saved together as one Orbax parameter tree, the start of every stage 1.
@@ -66,13 +66,13 @@ from data_efficiency_settings import (BENCHMARKS, EXTRA_METRICS, MIX, MODE_LABEL
 from ee_mllm_jax import data as data_lib
 from ee_mllm_jax import experiment
 from ee_mllm_jax import flops as flops_lib
+from ee_mllm_jax import loading
 from ee_mllm_jax import params as params_lib
 from ee_mllm_jax import sharding
 from ee_mllm_jax.evaluation import benchmarks
 from ee_mllm_jax.evaluation import model as model_lib
 from ee_mllm_jax.evaluation import prompts as prompts_lib
 from ee_mllm_jax.evaluation import runner as runner_lib
-from ee_mllm_jax.train import checkpoint as ckpt_lib
 from ee_mllm_jax.train import loop as loop_lib
 from ee_mllm_jax.train.state import split_params
 
@@ -221,7 +221,7 @@ def pretrained_parts(scale: Scale, ds, files, work: str, vocab: int) -> tuple[st
   llm_run = train_once(run_config(cfg, workdir=os.path.join(work, "pretrain_llm"), train_file=files["pretrain_text"],
                                   ds=ds, steps=steps, lr=scale.pretrain_lr, trainable=r"llm/", batch=scale.batch,
                                   seed=0, buckets=scale.buckets))
-  _, llm_params = ckpt_lib.load_model(llm_run)
+  _, llm_params = loading.load_model(llm_run)
   tower_params, tower_info = tower_pretraining.pretrain_tower(
       cfg.vision, images=scale.tower_images, steps=scale.tower_steps, batch=scale.batch * 2, lr=scale.pretrain_lr,
       seed=0)

@@ -1,7 +1,7 @@
 """The vision tower's pretraining for benchmarks/data_efficiency.py: the stand-in for CLIP.
 
 The tower is trained from scratch on labelled synthetic scenes drawn as the dataset draws its
-objects (`synthetic.labelled_scene`; no question, no text), through linear read-outs of each visual
+objects (`scenes.labelled_scene`; no question, no text), through linear read-outs of each visual
 token's colour and shape and of each image's object counts, which are thrown away after. This is
 a different objective from the package's trainer (which trains the whole MLLM on conversations):
 no decoder is involved, so no attention mode is favoured by how the tower was made.
@@ -18,7 +18,7 @@ import optax
 
 import ee_mllm_jax as eem
 from ee_mllm_jax.data import images as image_lib
-from ee_mllm_jax.data import synthetic
+from ee_mllm_jax.data import scenes
 from ee_mllm_jax.models.vision import VisionTower
 
 
@@ -57,18 +57,18 @@ def scene_labels(placed, cfg: eem.VisionConfig, colours, shapes, max_count):
 
 def pretrain_tower(cfg: eem.VisionConfig, *, images: int, steps: int, batch: int, lr: float,
                    seed: int) -> tuple[dict, dict]:
-  """The vision tower trained from scratch on labelled synthetic scenes (`synthetic.labelled_scene`:
+  """The vision tower trained from scratch on labelled synthetic scenes (`scenes.labelled_scene`:
   the dataset's object drawings, with no question or text): per-token colour and shape, per-image
   counts. -> its parameters and what it reached on held-out scenes."""
   t0 = time.perf_counter()
-  maker = synthetic.SceneMaker(cfg.image_size, "easy")
+  maker = scenes.SceneMaker(cfg.image_size, "easy")
   colours, shapes = maker.colours, maker.shapes
   max_count = (maker.level["grid"] + 1) ** 2
   rng = np.random.default_rng(seed)
   n_total = images + images // 10
   pixels, labels = [], []
   for _ in range(n_total):
-    image, placed = synthetic.labelled_scene(rng, cfg.image_size, "easy")
+    image, placed = scenes.labelled_scene(rng, cfg.image_size, "easy")
     pixels.append(image_lib.preprocess(image, size=cfg.image_size, mean=cfg.image_mean, std=cfg.image_std))
     labels.append(scene_labels(placed, cfg, colours, shapes, max_count))
   pixels = np.stack(pixels)
@@ -99,7 +99,7 @@ def pretrain_tower(cfg: eem.VisionConfig, *, images: int, steps: int, batch: int
   acc = [float(np.mean(np.argmax(np.asarray(o), -1) == y)) for o, y in zip(outs, test_y)]
   objects = test_y[0] > 0  # token accuracy where an object is
   obj_acc = [float(np.mean(np.argmax(np.asarray(o), -1)[objects] == y[objects])) for o, y in zip(outs[:2], test_y[:2])]
-  info = dict(what=f"{images} labelled synthetic object scenes (`synthetic.labelled_scene`, no text): "
+  info = dict(what=f"{images} labelled synthetic object scenes (`scenes.labelled_scene`, no text): "
                    "each visual token's colour and shape, each image's count per colour and shape",
               records=images, steps=steps, seconds=time.perf_counter() - t0, final_loss=float(loss),
               held_out=dict(images=len(test_x), token_colour=acc[0], token_shape=acc[1],

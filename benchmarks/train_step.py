@@ -20,7 +20,6 @@ from absl import app, flags
 import ee_mllm_jax as eem
 from common import images_then_text
 from ee_mllm_jax import flops, sharding
-from ee_mllm_jax.train.loop import PEAK_FLOPS
 from ee_mllm_jax.train.state import OptimConfig, create_sharded_state, make_init_fn, make_optimizer
 from ee_mllm_jax.train.step import make_train_step
 
@@ -77,7 +76,8 @@ def main(argv):
   jax.set_mesh(mesh)
   batch = make_batch(base, FLAGS.batch, FLAGS.text_len, FLAGS.num_images)
   kind = jax.devices()[0].device_kind
-  peak = next((f * jax.device_count() for n, f in PEAK_FLOPS.items() if n.lower() in kind.lower()), None)
+  peak = flops.peak_per_device(kind)
+  peak = peak * jax.device_count() if peak else None
   print(f"{FLAGS.preset} (llm depth {base.llm.depth}, vision depth {base.vision.depth}), batch {FLAGS.batch}, "
         f"{FLAGS.num_images}x{base.tokens_per_image} visual + {FLAGS.text_len} text tokens, {FLAGS.dtype} compute, "
         f"remat {FLAGS.remat}, {jax.device_count()} x {kind}, mesh {dict(mesh.shape)}")
@@ -85,8 +85,7 @@ def main(argv):
   for mode, visual_ffn in (("composite", False), ("self", True)):
     cfg = base.replace(attention=mode, visual_ffn=visual_ffn)
     step_s, compile_s = time_mode(cfg, mesh, batch)
-    train_flops = 3 * flops.forward_flops(cfg, batch=FLAGS.batch, num_images=FLAGS.num_images,
-                                          text_len=FLAGS.text_len)["total"]
+    train_flops = flops.train_step_flops(cfg, batch=FLAGS.batch, num_images=FLAGS.num_images, text_len=FLAGS.text_len)
     results[mode] = (step_s, train_flops)
     print(f"  {mode:9s}: {1e3 * step_s:9.1f} ms/step  (compile {compile_s:5.1f} s)  "
           f"{train_flops / 1e12:8.3f} TFLOP/step  {train_flops / step_s / 1e12:8.3f} TFLOP/s"

@@ -19,6 +19,8 @@ LLM's after the projector, or the tower's with `cross_media_width="vision"`, the
 
 Letters: V visual tokens, T text tokens, S = V + T keys, D width, N/K query/kv heads,
 H head dim, F MLP width, P patches per image, I images, M media tokens per image, R latents.
+
+For MFU, `PEAK_FLOPS` is the dense bf16 peak of the accelerators we know (`peak_per_device`).
 """
 
 from __future__ import annotations
@@ -149,3 +151,20 @@ def decode_step_flops(cfg: ModelConfig, *, cache_len: int, batch: int = 1, media
     heads, head_dim = cfg.cross_attention_shape
     cross = cfg.cross_blocks * (x_lin + 2 * 2 * media_len * heads * head_dim)
   return batch * (c.depth * per_layer + cross + 2 * d * c.vocab_size)
+
+
+def train_step_flops(cfg: ModelConfig, *, batch: int, num_images: int, text_len: int) -> float:
+  """Training FLOPs of one step: 3x the forward (the backward is about twice the forward)."""
+  return 3 * forward_flops(cfg, batch=batch, num_images=num_images, text_len=text_len)["total"]
+
+
+# Dense bf16 peak per device, for MFU; matched against `device.device_kind`.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
+              "L40S": 362e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
+              "TPU v5p": 459e12, "TPU v6": 918e12}
+
+
+def peak_per_device(device_kind: str) -> float | None:
+  """The dense bf16 peak FLOP/s of a device of this kind (`jax.Device.device_kind`), or None
+  for one not in `PEAK_FLOPS` (a CPU, say)."""
+  return next((peak for name, peak in PEAK_FLOPS.items() if name.lower() in device_kind.lower()), None)

@@ -26,5 +26,6 @@ class OwnInfoOnly(logging.Filter):
 
 
 def quiet_libraries(script: str | None = None):
-  """Installs `OwnInfoOnly` on absl's handler (what absl.app.run logs through)."""
+  """Installs `OwnInfoOnly` on absl's handler (what absl.app.run logs through: it sits on the root
+  logger, so the package's stdlib loggers, `logging.getLogger(__name__)`, reach it too)."""
   absl_logging.get_absl_handler().addFilter(OwnInfoOnly(script))

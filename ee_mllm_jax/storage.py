@@ -1,6 +1,8 @@
-"""A full disk is one line, not a traceback: `writing(path)` turns an ENOSPC raised inside its
-block (by Python's file I/O, or by Orbax/TensorStore, whose errors carry the OS message in their
-text) into `DiskFullError("no space left on DEVICE writing PATH")`."""
+"""Writing files. A full disk is one line, not a traceback: `writing(path)` turns an ENOSPC
+raised inside its block (by Python's file I/O, or by Orbax/TensorStore, whose errors carry the OS
+message in their text) into `DiskFullError("no space left on DEVICE writing PATH")`. A file that
+is rewritten is replaced whole (`atomic_open`, `atomic_write`): a reader, or a run killed in
+the middle, never sees part of it."""
 
 from __future__ import annotations
 
@@ -86,3 +88,26 @@ def writing(path: str):
       raise
     target = _filename(e) or path
     raise DiskFullError(device_of(target), target) from e
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "w", **kwargs):
+  """A file to write `path` through: its block writes `path`.tmp, which replaces `path` (one
+  `os.replace`) when the block ends without error, so readers see the old file or the new one,
+  never a part. On an error the .tmp file is removed and `path` is left as it was; a full disk
+  is a DiskFullError naming the .tmp file (`writing`)."""
+  tmp = path + ".tmp"
+  try:
+    with writing(tmp), open(tmp, mode, **kwargs) as f:
+      yield f
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def atomic_write(path: str, data: str | bytes):
+  """Writes `data` (text or bytes) to `path` atomically (`atomic_open`)."""
+  with atomic_open(path, "wb" if isinstance(data, bytes) else "w") as f:
+    f.write(data)

@@ -85,7 +85,6 @@ def tiny_run(tiny_dataset, tmp_path_factory):
   by the checkpoint and reliability tests, which only read it or work on a copy:
   (config, workdir, summary, the basenames of the records files parsed during the run)."""
   from unittest import mock  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
   from ee_mllm_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from ee_mllm_jax.train import loop  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path_factory.mktemp("tiny_run"))
@@ -97,10 +96,7 @@ def tiny_run(tiny_dataset, tmp_path_factory):
     calls.append(os.path.basename(path))
     return real(path, *args, **kwargs)
 
-  try:
-    with mock.patch.object(data_lib, "load_records", counting), \
-         mock.patch.object(data_lib.pipeline, "load_records", counting):
-      summary = loop.train(config)
-  finally:
-    jax.set_mesh(None)  # the trainer sets its mesh for the process
+  with mock.patch.object(data_lib, "load_records", counting), \
+       mock.patch.object(data_lib.pipeline, "load_records", counting):
+    summary = loop.train(config)
   return config, workdir, summary, calls

@@ -321,10 +321,7 @@ def trained_export(hf_dirs, tiny_dataset, tmp_path_factory):
       "model.attention": "self", "model.vision.depth": 3, "model.vision.feature_layer": -2,  # as the README's LLaVA
       "init_from.kind": "hf_parts", "init_from.vision_path": hf_dirs["clip"][1],
       "init_from.llm_path": hf_dirs["llama"][1]})
-  try:
-    loop.train(config)
-  finally:
-    jax.set_mesh(None)
+  loop.train(config)
   out = str(tmp_path_factory.mktemp("export"))
   export_lib.main(["--checkpoint", workdir, "--out", out])
   return workdir, out
@@ -335,11 +332,11 @@ def test_assembled_trained_export_answers_the_same_in_transformers(trained_expor
 
   from ee_mllm_jax.data import images as images_lib  # pylint: disable=g-import-not-at-top
   from ee_mllm_jax.data import text as text_lib  # pylint: disable=g-import-not-at-top
-  from ee_mllm_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from ee_mllm_jax import loading  # pylint: disable=g-import-not-at-top
 
   workdir, out = trained_export
-  cfg, params = ckpt_lib.load_model(workdir)
-  run = ckpt_lib.read_run_config(workdir)
+  cfg, params = loading.load_model(workdir)
+  run = loading.read_run_config(workdir)
   hf = transformers.LlavaForConditionalGeneration.from_pretrained(out).eval()
   processor = transformers.AutoProcessor.from_pretrained(out)
   # started from the HF weights (close to them after 2 steps), and the trained ones were exported
@@ -356,7 +353,7 @@ def test_assembled_trained_export_answers_the_same_in_transformers(trained_expor
   inputs = processor(images=Image.open(png), text=prompt, return_tensors="pt")
 
   # the processor's prompt is the one our pipeline trains on
-  tokenizer = ckpt_lib.load_tokenizer(workdir)
+  tokenizer = loading.load_tokenizer(workdir)
   template = text_lib.ChatTemplate(run["data"]["template"], system=run["data"]["system_prompt"])
   turns = text_lib.parse_conversation([{"from": "human", "value": f"<image>\n{question}"}], prompt_turn=-1)
   layout = text_lib.encode(tokenizer, template, turns, tokens_per_image=cfg.tokens_per_image, prompt=True)
@@ -465,14 +462,14 @@ def test_a_composite_export_is_no_silent_llava_for_stock_transformers(tiny_llava
 
 
 def test_the_export_command_line_says_what_is_wrong_in_one_line(tmp_path, monkeypatch):
-  from ee_mllm_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from ee_mllm_jax import loading  # pylint: disable=g-import-not-at-top
   for argv, message in (([str(tmp_path / "nowhere")], "error: checkpoint {} does not exist"),
                         ([str(tmp_path)], "error: {}: {} is neither a checkpoint nor a directory of checkpoints")):
     with pytest.raises(SystemExit) as e:
       export_lib.main(["--checkpoint", *argv, "--out", str(tmp_path / "out")])
     assert e.value.code == message.format(argv[0], argv[0])
-  monkeypatch.setattr(ckpt_lib, "read_run_config", lambda _: {"model": {"attention": "cross", "cross_every": 1},
-                                                              "tokenizer": "{}"})
+  monkeypatch.setattr(loading, "read_run_config", lambda _: {"model": {"attention": "cross", "cross_every": 1},
+                                                             "tokenizer": "{}"})
   with pytest.raises(SystemExit) as e:
     export_lib.main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "out")])
   assert e.value.code.startswith("error: ") and "has no HF LLaVA equivalent" in e.value.code
@@ -498,22 +495,21 @@ def test_older_rope_scaling_forms_parse():
 def test_hf_parts_refuses_a_pair_that_is_not_the_run_model(hf_dirs):
   from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
 
-  from ee_mllm_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from ee_mllm_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from ee_mllm_jax import loading  # pylint: disable=g-import-not-at-top
   tiny = ModelConfig.preset("tiny")
   cfg = tiny.replace(vision=tiny.vision.replace(depth=3, feature_layer=-2), llm=tiny.llm.replace(
       vocab_size=VOCAB, depth=3))
   init_from = config_dict.ConfigDict(dict(kind="hf_parts", path="", vision_path=hf_dirs["clip"][1],
                                           llm_path=hf_dirs["llama"][1]))
-  with pytest.raises(ckpt_lib.ConfigMismatchError, match=r"llm.depth: checkpoint 2 vs run 3"):
-    loop.load_pretrained(init_from, cfg, params_lib.abstract_params(cfg))
+  with pytest.raises(loading.ConfigMismatchError, match=r"llm.depth: checkpoint 2 vs run 3"):
+    loading.load_pretrained(init_from, cfg, params_lib.abstract_params(cfg))
 
 
 def test_export_refuses_cross_attention_and_an_image_token_without_an_id(monkeypatch):
   import tokenizers  # pylint: disable=g-import-not-at-top
 
-  from ee_mllm_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(ckpt_lib, "read_run_config", lambda _: {"model": {"attention": "cross"}, "tokenizer": "{}"})
+  from ee_mllm_jax import loading  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(loading, "read_run_config", lambda _: {"model": {"attention": "cross"}, "tokenizer": "{}"})
   monkeypatch.setattr(os.path, "exists", lambda p, exists=os.path.exists: p == "run" or exists(p))
   with pytest.raises(ValueError, match=r"cross \(Flamingo\).* has no HF LLaVA equivalent"):
     export_lib.export_checkpoint("run", "out")

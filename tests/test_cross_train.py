@@ -14,9 +14,8 @@ from batches import make_batch
 from tolerances import assert_grads_close, assert_params_within_update_bound
 from conftest import ROOT
 from test_train import PLANS
-from ee_mllm_jax import sharding
+from ee_mllm_jax import loading, sharding
 from ee_mllm_jax.config import ModelConfig
-from ee_mllm_jax.train import checkpoint as ckpt_lib
 from ee_mllm_jax.train.state import OptimConfig, create_sharded_state, make_init_fn, make_optimizer
 from ee_mllm_jax.train.step import make_gradient_fn, make_train_step
 
@@ -99,6 +98,6 @@ def test_cross_settings_matter_only_between_cross_checkpoints():
   """A self checkpoint starts a cross run whatever its cross settings (only the mode is warned
   about); between two cross models, a different block layout is a different model."""
   saved = ModelConfig.preset("tiny", attention="self", visual_ffn=True)
-  ckpt_lib.check_model_config(saved, CFG, "ckpt")  # differs in attention, cross_every, resampler_*: no error
-  with pytest.raises(ckpt_lib.ConfigMismatchError, match="mode.cross_every: checkpoint 2 vs run"):
-    ckpt_lib.check_model_config(CFG.replace(cross_every=2), CFG, "ckpt")
+  loading.check_model_config(saved, CFG, "ckpt")  # differs in attention, cross_every, resampler_*: no error
+  with pytest.raises(loading.ConfigMismatchError, match="mode.cross_every: checkpoint 2 vs run"):
+    loading.check_model_config(CFG.replace(cross_every=2), CFG, "ckpt")

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 import ee_mllm_jax as eem
-from ee_mllm_jax import sharding
+from ee_mllm_jax import loading, sharding
 from ee_mllm_jax.data import synthetic
 from ee_mllm_jax.evaluation import benchmarks, model as model_lib, prompts as prompts_lib, runner as runner_lib
 from ee_mllm_jax.mode import Composite, Self
@@ -186,7 +186,7 @@ def test_composite_on_a_self_checkpoint_is_ee_mllm_f_and_a_wrong_preset_is_named
   assert f.cfg.mode == Composite(visual_ffn=True) and f.cfg.trained_mode == Self()  # the visual FFN kept
   assert f.mode == "EE-MLLM-F: composite, visual FFN, on self-trained weights"
   assert not model_lib.from_checkpoint(checkpoint, attention="composite", visual_ffn=False).cfg.mode.runs_visual_ffn
-  with pytest.raises(ckpt_lib.ConfigMismatchError, match="llm.vocab_size: checkpoint 384 vs run 256"):
+  with pytest.raises(loading.ConfigMismatchError, match="llm.vocab_size: checkpoint 384 vs run 256"):
     model_lib.from_checkpoint(checkpoint, preset="tiny")
 
 
@@ -350,8 +350,8 @@ def test_a_damaged_checkpoint_is_one_line_naming_it(checkpoint, tmp_path, how):
   in one line naming the checkpoint, checked as training checks it (checksums, finite values)."""
   from ee_mllm_jax.evaluation import cli  # pylint: disable=g-import-not-at-top
   step_dir = _damage_checkpoint(checkpoint, str(tmp_path / "run"), how)
-  with pytest.raises(ckpt_lib.DamagedCheckpointError, match=f"^checkpoint {re.escape(step_dir)}") as raised:
-    ckpt_lib.load_model(step_dir)
+  with pytest.raises(loading.DamagedCheckpointError, match=f"^checkpoint {re.escape(step_dir)}") as raised:
+    loading.load_model(step_dir)
   assert "\n" not in str(raised.value)
   with pytest.raises(cli.UsageError, match=f"^checkpoint {re.escape(step_dir)}"):
     cli.load_model(_cli_config(), checkpoint=step_dir, hf=None)

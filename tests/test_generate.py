@@ -11,7 +11,7 @@ import pytest
 import ee_mllm_jax as eem
 from batches import MIXED_PLANS, make_batch
 from jaxpr_shapes import shapes_in_jaxpr
-from models import forward, greedy_by_full_forward, init_params
+from models import greedy_by_full_forward, init_params
 from ee_mllm_jax.generate import prefill_prefix, sample_token, split_at_last_image
 
 generate_lib = sys.modules["ee_mllm_jax.generate"]  # the package's `generate` attribute is the function

@@ -16,9 +16,9 @@ import pytest
 
 import ee_mllm_jax as eem
 from ee_mllm_jax import experiment
+from ee_mllm_jax import loading
 from ee_mllm_jax import mode as mode_lib
 from ee_mllm_jax.mode import Composite, Cross, Self
-from ee_mllm_jax.train import checkpoint as ckpt_lib
 from conftest import ROOT, TEST_XLA_FLAGS, demo_config, tiny_overrides
 
 LLAVA = eem.ModelConfig.preset("llava-1.5-7b")
@@ -37,8 +37,8 @@ def test_switching_self_weights_to_composite_keeps_the_visual_ffn_everywhere():
                  dict(attention="self", visual_ffn=True)):
     cfg = eem.ModelConfig.from_dict({**recorded, **legacy})
     assert cfg.mode == Self()
-    assert ckpt_lib.with_overrides(cfg, dict(attention="composite")).mode == Composite(visual_ffn=True)
-    assert ckpt_lib.with_overrides(cfg, dict(attention="composite", visual_ffn=False)).mode == Composite()
+    assert loading.with_overrides(cfg, dict(attention="composite")).mode == Composite(visual_ffn=True)
+    assert loading.with_overrides(cfg, dict(attention="composite", visual_ffn=False)).mode == Composite()
   for record in (None, {"attention": "self", "visual_ffn": True, "composite_from_layer": 0}):
     mode, trained = mode_lib.from_hf_record({"ee_mllm": record}, 32)
     assert (mode, trained) == (Self(), Self())
@@ -100,11 +100,11 @@ def test_the_mode_decides_what_shapes_parameters_and_which_layers_run_the_visual
   assert Self().params_key() == Composite(True, 2).params_key() != Cross().params_key()
   assert Cross(media="all").params_key() == Cross().params_key() != Cross(every=2).params_key()
   tiny = eem.ModelConfig.preset("tiny", attention="self")
-  ckpt_lib.check_model_config(tiny, tiny.replace(attention="cross", cross_every=2), "ckpt")  # an LLM starts Flamingo
+  loading.check_model_config(tiny, tiny.replace(attention="cross", cross_every=2), "ckpt")  # an LLM starts Flamingo
   cross = tiny.replace(attention="cross", cross_every=2)
-  ckpt_lib.check_model_config(cross, cross.replace(cross_media="all"), "ckpt")
-  with pytest.raises(ckpt_lib.ConfigMismatchError, match=r"mode.cross_ffn_mult: checkpoint 4 vs run 2"):
-    ckpt_lib.check_model_config(cross, cross.replace(cross_ffn_mult=2), "ckpt")
+  loading.check_model_config(cross, cross.replace(cross_media="all"), "ckpt")
+  with pytest.raises(loading.ConfigMismatchError, match=r"mode.cross_ffn_mult: checkpoint 4 vs run 2"):
+    loading.check_model_config(cross, cross.replace(cross_ffn_mult=2), "ckpt")
   assert set(eem.ModelConfig.runtime_fields()) == {
       "dtype", "param_dtype", "remat", "scan_unroll", "vision.attention_impl", "vision.attention_block",
       "llm.attention_impl", "llm.attention_block"}
@@ -146,6 +146,6 @@ def test_a_tiny_cross_run_starts_from_command_line_overrides_alone(tiny_dataset,
   run = _train(tiny_dataset, str(tmp_path / "ok"), "--config.model.attention=cross", "--config.model.cross_every=2",
                "--config.model.resampler_latents=4", "--config.model.resampler_depth=1")
   assert run.returncode == 0, run.stderr[-3000:]
-  cfg, _ = ckpt_lib.load_model(str(tmp_path / "ok"))
+  cfg, _ = loading.load_model(str(tmp_path / "ok"))
   assert cfg.mode == Cross(every=2, resampler_latents=4, resampler_depth=1)
   assert dataclasses.replace(cfg, mode=Self()).mode_name == "self (LLaVA)"

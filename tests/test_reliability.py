@@ -16,8 +16,11 @@ from ml_collections import config_dict
 
 from conftest import TINY_RUN_STEPS, logged_losses, tiny_config
 from ee_mllm_jax import experiment
+from ee_mllm_jax import loading
 from ee_mllm_jax.train import checkpoint as ckpt_lib
 from ee_mllm_jax.train import loop
+from ee_mllm_jax.train import plots
+from ee_mllm_jax.train import progress
 
 STEPS = TINY_RUN_STEPS
 
@@ -27,10 +30,7 @@ def tiny_run_config(dataset, workdir, steps=STEPS, **overrides):
 
 
 def train(config):
-  try:
-    return loop.train(config)
-  finally:
-    jax.set_mesh(None)  # the trainer sets its mesh for the process
+  return loop.train(config)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ def test_a_diverging_run_stops_or_skips_and_never_saves_non_finite_values(tiny_d
   saved = glob.glob(os.path.join(workdir, "checkpoints", "[0-9]*"))
   assert saved
   for step_dir in saved:
-    assert ckpt_lib.all_finite(ckpt_lib.load_model(step_dir)[1]), step_dir
+    assert loading.all_finite(loading.load_model(step_dir)[1]), step_dir
 
 
 def test_bad_settings_are_refused_naming_the_field(tiny_dataset, tmp_path):
@@ -225,9 +225,9 @@ def test_single_bit_flips_in_the_array_files_never_pass_silently(finished, tiny_
     checkpointer.close()
     if differs and any(k.startswith("['params']") for k in differs):
       params_changed += 1
-      with pytest.raises(ckpt_lib.DamagedCheckpointError, match=f"^checkpoint {re.escape(step_dir)}.*"
+      with pytest.raises(loading.DamagedCheckpointError, match=f"^checkpoint {re.escape(step_dir)}.*"
                          + re.escape(differs[0]) + " does not match its checksum"):
-        ckpt_lib.load_model(step_dir)
+        loading.load_model(step_dir)
   assert changed >= 8 and params_changed >= 2, (changed, params_changed)  # enough flips landed in what is read
 
 
@@ -280,7 +280,7 @@ def test_a_full_disk_is_one_line_keeps_the_previous_checkpoint_and_a_restart_fin
   if where == "metrics":
     counter = {"writes": 0}
     real_open = open
-    monkeypatch.setattr(loop, "open", lambda path, *a, **k: _FullDiskFile(real_open(path, *a, **k), counter, 2)
+    monkeypatch.setattr(progress, "open", lambda path, *a, **k: _FullDiskFile(real_open(path, *a, **k), counter, 2)
                         if str(path).endswith("metrics.jsonl") else real_open(path, *a, **k), raising=False)
     failing = os.path.join(workdir, "metrics.jsonl")
   elif where == "checkpoint":
@@ -297,7 +297,7 @@ def test_a_full_disk_is_one_line_keeps_the_previous_checkpoint_and_a_restart_fin
     def plot(path, *args):
       raise OSError(errno.ENOSPC, "No space left on device", path)
 
-    monkeypatch.setattr(loop, "_plot", plot)
+    monkeypatch.setattr(plots, "loss_curve", plot)
     failing = os.path.join(workdir, "loss.png")
   with pytest.raises(storage.DiskFullError) as raised:
     train(tiny_run_config(tiny_dataset, workdir, steps=steps))

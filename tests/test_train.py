@@ -11,7 +11,7 @@ import pytest
 import ee_mllm_jax as eem
 from batches import make_batch
 from tolerances import assert_grads_close, assert_params_within_update_bound
-from ee_mllm_jax import sharding
+from ee_mllm_jax import loading, sharding
 from ee_mllm_jax.train import checkpoint as ckpt_lib
 from ee_mllm_jax.train.state import OptimConfig, create_sharded_state, make_init_fn, make_optimizer
 from ee_mllm_jax.train.step import make_gradient_fn, make_train_step
@@ -119,7 +119,7 @@ def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
   assert q.sharding.mesh.shape == other.shape
   for x, y in zip(jax.tree.leaves(restored), jax.tree.leaves(expected)):
     np.testing.assert_array_equal(np.asarray(x), y)
-  params = ckpt_lib.load_params(str(tmp_path), abstract["params"])  # init_from path
+  params = loading.load_params(str(tmp_path), abstract["params"])  # init_from path
   for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(expected["params"])):
     np.testing.assert_array_equal(np.asarray(x), y)
 

@@ -234,12 +234,12 @@ def export_hf(cfg: ModelConfig, params: Mapping[str, Any], out_dir: str, *, toke
 def export_checkpoint(checkpoint: str, out_dir: str, **kwargs) -> str:
   """A train.py checkpoint (run dir, its checkpoints/ or one step) -> the LLaVA directory, with
   the tokenizer, template and system prompt the run recorded."""
-  from ee_mllm_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from ee_mllm_jax import loading  # pylint: disable=g-import-not-at-top
 
   if not os.path.exists(checkpoint):
     raise ExportError(f"checkpoint {checkpoint} does not exist")
   try:
-    run = ckpt_lib.read_run_config(checkpoint)
+    run = loading.read_run_config(checkpoint)
   except (FileNotFoundError, ValueError) as e:  # no step in it, an unreadable config
     raise ExportError(f"{checkpoint}: {e}") from None
   if run is None or not run.get("tokenizer"):
@@ -248,7 +248,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, **kwargs) -> str:
   if not trained.mode.visual_in_decoder:
     raise ExportError(f"{checkpoint}: a {trained.mode_name} model has no HF LLaVA equivalent; only self and "
                       "composite models export to the LLaVA layout")
-  cfg, params = ckpt_lib.load_model(checkpoint)
+  cfg, params = loading.load_model(checkpoint)
   data = run.get("data") or {}
   return export_hf(cfg, params, out_dir, tokenizer_json=run["tokenizer"], template=data.get("template", "vicuna_v1"),
                    system_prompt=data.get("system_prompt"), image_preprocess=data.get("image_preprocess", "pad"),

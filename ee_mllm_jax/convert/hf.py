@@ -15,17 +15,18 @@ its sharding) before the next one is read, so the host holds the result plus one
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, Callable, Mapping
 
 import numpy as np
-from absl import logging
 
 from ee_mllm_jax.config import LLMConfig, ModelConfig, VisionConfig
 from ee_mllm_jax.mode import Self
 from ee_mllm_jax.convert import hf_config, names
 from ee_mllm_jax.convert.safetensors_io import TensorReader
 
+logger = logging.getLogger(__name__)
 Tensors = Mapping[str, np.ndarray]
 # (our flat path, host array) -> the leaf to keep (default: the numpy array itself).
 Place = Callable[[str, np.ndarray], Any]
@@ -106,8 +107,8 @@ def _report_ignored(source: str, ignored: list[str]):
   if ignored:
     groups = sorted({".".join(n.split(".")[:2 if n.startswith("vision_tower.") else 1])
                      for n in ignored})
-    logging.warning("%s: %d tensors the model does not use were left out: %s", source, len(ignored),
-                    ", ".join(groups))
+    logger.warning("%s: %d tensors the model does not use were left out: %s", source, len(ignored),
+                   ", ".join(groups))
 
 
 def params_from_hf(tensors: Tensors, cfg: ModelConfig, dtype=np.float32, *, missing: str = "raise",
@@ -192,7 +193,7 @@ def assemble(vision_dir: str, llm_dir: str, *, feature_layer: int = -2, dtype=np
   report = params_lib.InitReport.of(params_lib.abstract_params(cfg), params)
   if report.initialised or report.unused:
     raise ValueError(f"assembled parameters do not match the model: {report}")
-  logging.info("assembled %s + %s: projector freshly initialised (seed %d)", vision_dir, llm_dir, seed)
+  logger.info("assembled %s + %s: projector freshly initialised (seed %d)", vision_dir, llm_dir, seed)
   return cfg, params
 
 

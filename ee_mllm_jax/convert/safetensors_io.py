@@ -23,6 +23,8 @@ from typing import Callable, Iterator, Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
+from ee_mllm_jax import storage
+
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "I64": np.int64,
           "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 _NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
@@ -151,14 +153,13 @@ def write_file(path: str, tensors: Sequence[PlannedTensor], metadata: dict[str, 
   header["__metadata__"] = {"format": "pt", **(metadata or {})}
   raw = json.dumps(header, separators=(",", ":")).encode()
   raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-  with open(path + ".tmp", "wb") as f:
+  with storage.atomic_open(path, "wb") as f:
     f.write(struct.pack("<Q", len(raw)) + raw)
     for name, shape, dtype, produce in tensors:
       value = np.ascontiguousarray(produce(), dtype=dtype)
       if value.shape != tuple(shape):
         raise ValueError(f"tensor {name!r} came out {value.shape}, planned {tuple(shape)}")
       f.write(value.tobytes())
-  os.replace(path + ".tmp", path)
 
 
 def write_checkpoint(out_dir: str, tensors: Sequence[PlannedTensor], *, max_shard_bytes: int = 5 << 30) -> list[str]:

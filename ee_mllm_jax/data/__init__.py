@@ -7,23 +7,22 @@
     prompts = data.make_prompt_iterator(cfg)                    # (batch, meta) for eval
 """
 
-from ee_mllm_jax.data.pipeline import (
-    DataConfig,
-    DataIterator,
-    make_eval_iterator,
-    make_iterator,
-    make_prompt_iterator,
-    make_train_iterator,
-)
 from ee_mllm_jax.data.records import BAD_RECORD_REASONS, BadRecordError, BadRecordStats, load_records
 from ee_mllm_jax.data.text import ChatTemplate, load_tokenizer
 
-_SYNTHETIC = ("SyntheticDataset", "answer_prior", "ensure_dataset", "generate")
+# Imported on first use: the pipeline so that loading a model for inference (eval.py, which reads
+# images and text through this package) does not import Grain; synthetic so that
+# `python -m ee_mllm_jax.data.synthetic` does not import it twice.
+_LAZY = {"pipeline": ("pipeline", None), "synthetic": ("synthetic", None),
+         **{name: ("pipeline", name) for name in ("DataConfig", "DataIterator", "make_eval_iterator", "make_iterator",
+                                                  "make_prompt_iterator", "make_train_iterator")},
+         **{name: ("synthetic", name) for name in ("SyntheticDataset", "answer_prior", "ensure_dataset", "generate")}}
 
 
 def __getattr__(name):
-  # Imported on first use, so `python -m ee_mllm_jax.data.synthetic` does not import it twice.
-  if name in _SYNTHETIC:
-    from ee_mllm_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-    return getattr(synthetic, name)
+  if name in _LAZY:
+    import importlib  # pylint: disable=g-import-not-at-top
+    module, attr = _LAZY[name]
+    module = importlib.import_module(f"{__name__}.{module}")
+    return module if attr is None else getattr(module, attr)
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

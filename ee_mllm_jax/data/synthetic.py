@@ -47,7 +47,7 @@ import tempfile
 import numpy as np
 import tokenizers
 
-from ee_mllm_jax.data.scenes import LETTERS, LEVELS, Question, SceneMaker, labelled_scene  # noqa: F401
+from ee_mllm_jax.data.scenes import LETTERS, LEVELS, Question, SceneMaker  # noqa: F401
 from ee_mllm_jax.evaluation import benchmarks, prompts
 
 QUESTION_TYPES = ("color", "shape", "count", "position", "choice_attribute", "choice_spatial", "text", "doc")

@@ -6,6 +6,7 @@ import json
 import os
 
 from ee_mllm_jax import batch as batch_lib
+from ee_mllm_jax import loading
 from ee_mllm_jax import mode as mode_lib
 from ee_mllm_jax import sharding
 from ee_mllm_jax import storage
@@ -14,7 +15,6 @@ from ee_mllm_jax.evaluation import model as model_lib
 from ee_mllm_jax.evaluation import prompts as prompts_lib
 from ee_mllm_jax.evaluation import run_header
 from ee_mllm_jax.evaluation import runner as runner_lib
-from ee_mllm_jax.train import checkpoint as ckpt_lib
 
 
 class UsageError(ValueError):
@@ -22,7 +22,7 @@ class UsageError(ValueError):
 
 
 USER_ERRORS = (UsageError, FileNotFoundError, benchmarks.BenchmarkFormatError, runner_lib.EvalError,
-               ckpt_lib.ConfigMismatchError, batch_lib.BatchError, run_header.MixedRunError, storage.DiskFullError)
+               loading.ConfigMismatchError, batch_lib.BatchError, run_header.MixedRunError, storage.DiskFullError)
 
 
 def load_model(config, *, checkpoint: str | None, hf: str | None) -> model_lib.EvalModel:
@@ -35,7 +35,7 @@ def load_model(config, *, checkpoint: str | None, hf: str | None) -> model_lib.E
       return model_lib.from_checkpoint(checkpoint, preset=config.preset, **kw)
     return model_lib.from_hf(hf, **kw)
   except ValueError as e:  # no recorded config, an unknown preset, a mode flag that does not apply, ...
-    if isinstance(e, ckpt_lib.ConfigMismatchError):
+    if isinstance(e, loading.ConfigMismatchError):
       raise
     raise UsageError(str(e)) from None
 

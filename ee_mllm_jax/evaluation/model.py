@@ -46,28 +46,28 @@ def from_checkpoint(path: str, *, preset: str | None = None, template: str | Non
   """A train.py checkpoint (run dir, its checkpoints/ dir, or one step), run in the mode the
   `mode` flags ask (None: as trained). `preset`, when given, must describe the checkpoint's
   architecture (a mismatch names the differing fields)."""
-  from ee_mllm_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from ee_mllm_jax import loading  # pylint: disable=g-import-not-at-top
   if not os.path.exists(path):
     raise FileNotFoundError(f"checkpoint {path} does not exist")
-  run_config = ckpt_lib.read_run_config(path)
+  run_config = loading.read_run_config(path)
   if run_config is None:
-    raise ValueError(f"{ckpt_lib.resolve_step_dir(path)} records no config; it was written before checkpoints "
+    raise ValueError(f"{loading.resolve_step_dir(path)} records no config; it was written before checkpoints "
                      "carried theirs")
   trained = ModelConfig.from_dict(run_config["model"])
   overrides = _overrides(mode, dtype)
   if preset:  # the user's expectation of the architecture, checked like a resumed run's
-    ckpt_lib.check_model_config(trained, ModelConfig.preset(preset).replace(
+    loading.check_model_config(trained, ModelConfig.preset(preset).replace(
         mode=trained.mode, dtype=trained.dtype, param_dtype=trained.param_dtype),
         f"checkpoint {path} (vs --config.preset={preset})")
-  cfg, params = ckpt_lib.load_model(path, **overrides)
-  ckpt_lib.check_model_config(trained, cfg, f"checkpoint {path}")
+  cfg, params = loading.load_model(path, **overrides)
+  loading.check_model_config(trained, cfg, f"checkpoint {path}")
   data = run_config.get("data") or {}
-  tokenizer = ckpt_lib.load_tokenizer(path)
+  tokenizer = loading.load_tokenizer(path)
   template = text_lib.ChatTemplate(template or data.get("template", "vicuna_v1"),
                                    system_prompt if system_prompt is not None else data.get("system_prompt"))
   return EvalModel(cfg, params, tokenizer, template, data.get("image_preprocess", "pad"),
                    data.get("alpha_background", "white"), tuple(data.get("buckets") or EvalModel.buckets),
-                   source=ckpt_lib.resolve_step_dir(path))
+                   source=loading.resolve_step_dir(path))
 
 
 def from_hf(path: str, *, template: str | None = None, system_prompt: str | None = None, dtype: str | None = None,

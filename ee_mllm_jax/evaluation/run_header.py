@@ -18,6 +18,8 @@ import json
 import os
 from typing import Any
 
+from ee_mllm_jax import storage
+
 HEADER = "run.json"
 RESULTS = ("predictions.jsonl", "metrics.json", "summary.json")
 
@@ -38,10 +40,10 @@ def model_fingerprint(source: str) -> tuple[int | None, str | None]:
   """(step, fingerprint) of a model source. A train.py checkpoint step: its step and the sha256
   of its integrity record (the CRC-32 of every array, so any change of weights changes it); an
   HF directory: the sha256 of its config.json and of the names and sizes of its weight files."""
-  from ee_mllm_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from ee_mllm_jax import loading  # pylint: disable=g-import-not-at-top
   if os.path.isdir(os.path.join(source, "state")):
     step = int(os.path.basename(source)) if os.path.basename(source).isdigit() else None
-    record = ckpt_lib._read_json_item(source, "integrity")  # pylint: disable=protected-access
+    record = loading.read_json_item(source, "integrity")
     if record is None:
       return step, None
     return step, hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
@@ -116,7 +118,6 @@ def prepare(out_dir: str, header: dict[str, Any], *, overwrite: bool = False) ->
     for name in results:
       os.remove(os.path.join(out_dir, name))
     state = "overwritten"
-  with open(path + ".tmp", "w") as f:
+  with storage.atomic_open(path) as f:
     json.dump(header, f, indent=1)
-  os.replace(path + ".tmp", path)
   return state

@@ -1,5 +1,6 @@
-"""Orbax checkpoints: train state, Grain iterator and the run's config together, asynchronous,
-last K kept; and loading a model from a checkpoint directory alone.
+"""Orbax checkpoints of a training run: train state, Grain iterator and the run's config together,
+asynchronous, last K kept; restoring the newest one that is whole. (Loading a model from a
+checkpoint directory alone, for inference or a pretrained start, is `ee_mllm_jax.loading`.)
 
 A checkpoint directory holds, per step:
 
@@ -9,15 +10,16 @@ A checkpoint directory holds, per step:
                     system_prompt, ...}, "tokenizer": the tokenizer.json text, "experiment": the
                     whole ml_collections config}
     <step>/integrity JSON: CRC-32 of every state leaf's bytes and of each process's iterator
-                    state (`ee_mllm_jax.integrity`), checked on restore here and by `load_model`
+                    state (`ee_mllm_jax.integrity`), checked on restore here and by `loading.load_model`
 
-so `load_model(path)` rebuilds the model (and `load_tokenizer(path)` its tokenizer) with nothing
-but the directory. Restoring takes an abstract target with shardings, so a checkpoint written
-on one mesh loads onto another.
+so `loading.load_model(path)` rebuilds the model (and `loading.load_tokenizer(path)` its
+tokenizer) with nothing but the directory. Restoring takes an abstract target with shardings, so a
+checkpoint written on one mesh loads onto another.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -26,41 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
 
 from ee_mllm_jax import integrity
-from ee_mllm_jax import params as params_lib
-from ee_mllm_jax import mode as mode_lib
 from ee_mllm_jax import storage
 from ee_mllm_jax.config import ModelConfig
+from ee_mllm_jax.loading import ConfigMismatchError, all_finite, check_model_config, read_json_item, read_run_config
 
-
-class ConfigMismatchError(ValueError):
-  """A checkpoint written by a different model than the one asked to load it."""
-
-
-class DamagedCheckpointError(ValueError):
-  """A checkpoint whose files cannot be read, or whose contents fail their checksums or are
-  not finite; the message is one line naming it."""
-
-
-def check_model_config(saved: ModelConfig, run: ModelConfig, source: str):
-  """Raises ConfigMismatchError listing every architecture field in which the checkpoint's
-  model differs from the run's (runtime fields may differ; of the mode, only the fields that shape
-  the parameters of one mode, `Mode.params_key`); logs a warning when the run's mode is not the
-  one the weights were trained in (EE-MLLM-F, fine-tuning in another mode)."""
-  skip = set(ModelConfig.runtime_fields())
-  arch = {k: v for k, v in saved.diff(run).items()
-          if k not in skip and not k.startswith(("mode.", "trained_mode"))}
-  trained = saved.weights_mode
-  if type(trained) is type(run.mode) and trained.params_key() != run.mode.params_key():
-    arch.update({f"mode.{k}": (a, b) for (k, a), (_, b) in zip(trained.params_key()[1:], run.mode.params_key()[1:])
-                 if a != b})
-  if arch:
-    fields = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in arch.items())
-    raise ConfigMismatchError(f"{source} holds a different model ({fields})")
-  if trained != run.mode:
-    logging.warning("%s was trained in mode %s; running it as %s", source, trained.flags(), run.mode_name)
+logger = logging.getLogger(__name__)
 
 
 class Checkpointer:
@@ -134,14 +108,14 @@ class Checkpointer:
         if not all_finite({"params": state["params"], "opt_state": state.get("opt_state")}):
           raise ValueError("it holds non-finite values")
         if failures:
-          logging.warning("Resuming from %s/%d, the newest checkpoint that restores", self.directory, step)
+          logger.warning("Resuming from %s/%d, the newest checkpoint that restores", self.directory, step)
         return step, state
       except ConfigMismatchError:
         raise
       except Exception as e:  # pylint: disable=broad-except
         reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
         failures.append(f"{step} ({reason})")
-        logging.warning("Checkpoint %s/%d cannot be restored (%s); moving it to %s/damaged/ and trying the "
+        logger.warning("Checkpoint %s/%d cannot be restored (%s); moving it to %s/damaged/ and trying the "
                         "previous one", self.directory, step, reason, self.directory)
         self._set_aside(step)
     if failures:
@@ -173,12 +147,6 @@ class Checkpointer:
 
 
 @jax.jit
-def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
-
-
-@jax.jit
 def _abs_sums(tree) -> jax.Array:
   return jnp.stack([jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)])
 
@@ -194,9 +162,9 @@ def check_integrity(state, step_dir: str, data_iterator=None):
   """Raises ValueError when a restored `state` (or `data_iterator`'s restored state) differs
   from the checksums saved with it. A checkpoint without checksums is accepted with a warning
   (and its sums of |x| checked, where it has them), so that existing runs still resume."""
-  saved = _read_json_item(step_dir, "integrity")
+  saved = read_json_item(step_dir, "integrity")
   if saved is None or "leaves" not in saved:
-    logging.warning("Checkpoint %s was written without checksums (before they were recorded): damage to its "
+    logger.warning("Checkpoint %s was written without checksums (before they were recorded): damage to its "
                     "files may go unnoticed%s", step_dir, "; checking its sums of |x| only" if saved else "")
     if saved is not None:
       check_fingerprint(state, step_dir)
@@ -210,7 +178,7 @@ def check_fingerprint(state, step_dir: str, rtol: float = 1e-3):
   """Raises ValueError when `state` differs from the sums of |x| saved with it (none saved: passes).
   The tolerance allows for another summation order on another mesh. Only checkpoints without
   checksums hold such sums: kept so that they still resume."""
-  saved = _read_json_item(step_dir, "integrity")
+  saved = read_json_item(step_dir, "integrity")
   if saved is None or "abs_sums" not in saved:
     return
   saved = saved["abs_sums"]
@@ -221,129 +189,3 @@ def check_fingerprint(state, step_dir: str, rtol: float = 1e-3):
       raise ValueError(f"{path} does not match what was saved (sum |x| {got} vs {want}): the files are damaged")
 
 
-def all_finite(tree) -> bool:
-  """Whether every float leaf of `tree` is finite (one jitted reduction)."""
-  return bool(_all_finite(tree))
-
-
-def resolve_step_dir(path: str) -> str:
-  """A run's workdir, its `checkpoints/` directory, or one step of it -> that step's directory
-  (the latest step where a directory of steps is given)."""
-  path = os.path.abspath(path)
-  if os.path.basename(path) == "state" and os.path.isdir(os.path.join(os.path.dirname(path), "state")):
-    return os.path.dirname(path)
-  if os.path.isdir(os.path.join(path, "checkpoints")) and not os.path.isdir(os.path.join(path, "state")):
-    path = os.path.join(path, "checkpoints")
-  if os.path.isdir(os.path.join(path, "state")) or os.path.exists(os.path.join(path, "_METADATA")):
-    return path
-  steps = ocp.utils.checkpoint_steps(path) if os.path.isdir(path) else []
-  if not steps:
-    raise FileNotFoundError(f"{path} is neither a checkpoint nor a directory of checkpoints")
-  return os.path.join(path, str(max(steps)))
-
-
-def read_run_config(path: str) -> dict[str, Any] | None:
-  """The "config" item (model config, data settings, tokenizer, experiment) of a checkpoint;
-  None when it has none (written before checkpoints carried their config)."""
-  return _read_json_item(resolve_step_dir(path), "config")
-
-
-def _read_json_item(step_dir: str, name: str) -> dict[str, Any] | None:
-  """A JSON item of one checkpoint step, or None when the step has none."""
-  if not os.path.isdir(os.path.join(step_dir, name)):
-    return None
-  return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(step_dir, name))
-
-
-def load_params(path: str, abstract_params: dict[str, Any]) -> dict[str, Any]:
-  """The parameters an Orbax checkpoint has for the model of `abstract_params`
-  (ShapeDtypeStructs with shardings), placed as it says; a subset where the checkpoint covers
-  only part of the model (combine with `params.overlay`). `path` is one of:
-
-  * a run's workdir, or a directory written by `Checkpointer` (its latest step is read),
-  * one step of it (`.../<step>`), or its `state` item,
-  * any Orbax pytree checkpoint whose top level is the parameter tree, or has `params`.
-
-  Only parameters are read (partial restore), so optimizer state from another training
-  stage, with other trainable groups, does not get in the way. A parameter whose shape
-  differs from the model's is an error naming it.
-  """
-  path = resolve_step_dir(path)
-  if os.path.isdir(os.path.join(path, "state")):
-    path = os.path.join(path, "state")
-  checkpointer = ocp.PyTreeCheckpointer()
-  saved = checkpointer.metadata(path).item_metadata.tree
-  wrapped = "params" in saved and "params" not in abstract_params
-  saved_params = saved["params"] if wrapped else saved
-  params_lib.InitReport.of(abstract_params, saved_params)  # raises on a shape mismatch
-  have = params_lib.flatten(saved_params)
-  subset = params_lib.unflatten({k: v for k, v in params_lib.flatten(abstract_params).items() if k in have})
-  item = {"params": subset} if wrapped else subset
-  try:
-    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
-  except Exception as e:  # pylint: disable=broad-except
-    raise DamagedCheckpointError(f"checkpoint {path} cannot be read: {_first_line(e)}") from None
-  step_dir = os.path.dirname(path) if os.path.basename(path) == "state" else None
-  if step_dir is not None and os.path.isdir(os.path.join(step_dir, "integrity")):
-    try:
-      saved = _read_json_item(step_dir, "integrity")
-    except Exception as e:  # pylint: disable=broad-except
-      raise DamagedCheckpointError(f"checkpoint {step_dir}: its integrity record cannot be read: "
-                                   f"{_first_line(e)}") from None
-    if isinstance(saved, dict) and "leaves" in saved:
-      try:
-        integrity.verify_leaves(restored, saved["leaves"], f"checkpoint {step_dir}", prefix="" if wrapped else
-                                "['params']")
-      except ValueError as e:
-        raise DamagedCheckpointError(str(e)) from None
-    else:
-      logging.warning("Checkpoint %s was written without checksums: damage to its files may go unnoticed", step_dir)
-  return restored["params"] if wrapped else restored
-
-
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip()
-  return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:300]
-
-
-def load_model(path: str, **overrides) -> tuple[ModelConfig, dict[str, Any]]:
-  """(ModelConfig, params) from a checkpoint directory alone: its recorded config rebuilds the
-  model, `overrides` change fields: mode flags (attention="composite" for EE-MLLM-F) switch the
-  mode the weights run in (`ModelConfig.run_as`), others replace fields (dtype). Parameters are
-  placed on the default device, in the config's `param_dtype`."""
-  run_config = read_run_config(path)
-  if run_config is None:
-    raise ValueError(f"{resolve_step_dir(path)} records no model config (written before checkpoints "
-                     "carried one); build the ModelConfig yourself and call load_params")
-  cfg = with_overrides(ModelConfig.from_dict(run_config["model"]), overrides)
-  abstract = params_lib.abstract_params(cfg)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
-  params = load_params(path, abstract)
-  missing = params_lib.InitReport.of(abstract, params).initialised
-  if missing:
-    raise ValueError(f"{resolve_step_dir(path)} lacks parameters of its own model: {list(missing[:5])}")
-  if not all_finite(params):
-    raise DamagedCheckpointError(f"checkpoint {resolve_step_dir(path)} holds non-finite parameters: its files "
-                                 "are damaged")
-  return cfg, params
-
-
-def with_overrides(cfg: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
-  """`cfg` (as loaded: its mode the one its weights were trained in) run as `overrides` ask: mode
-  flags through `run_as` (None: as trained), other fields replaced."""
-  flags = {k: overrides[k] for k in overrides if k in mode_lib.FLAGS}
-  rest = {k: v for k, v in overrides.items() if k not in flags}
-  cfg = cfg.run_as(**flags) if any(v is not None for v in flags.values()) else cfg
-  return cfg.replace(**rest) if rest else cfg
-
-
-def load_tokenizer(path: str):
-  """The tokenizer a run used, from its checkpoint (a `tokenizers.Tokenizer`)."""
-  import tokenizers  # pylint: disable=g-import-not-at-top
-
-  run_config = read_run_config(path) or {}
-  if not run_config.get("tokenizer"):
-    raise ValueError(f"{resolve_step_dir(path)} records no tokenizer")
-  return tokenizers.Tokenizer.from_str(run_config["tokenizer"])

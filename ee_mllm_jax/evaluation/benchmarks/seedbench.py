@@ -8,7 +8,6 @@ answer (`metrics.seed_correct`, as lmms-eval), and the options also ranked by th
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 
