@@ -69,6 +69,7 @@ from ee_mllm_jax import flops as flops_lib
 from ee_mllm_jax import loading
 from ee_mllm_jax import params as params_lib
 from ee_mllm_jax import sharding
+from ee_mllm_jax import storage
 from ee_mllm_jax.evaluation import benchmarks
 from ee_mllm_jax.evaluation import model as model_lib
 from ee_mllm_jax.evaluation import prompts as prompts_lib
@@ -149,9 +150,7 @@ def ds_seconds(ds) -> float | None:
 
 
 def _write_json(path: str, obj):
-  with open(path + ".tmp", "w") as f:
-    json.dump(obj, f)
-  os.replace(path + ".tmp", path)
+  storage.atomic_write(path, json.dumps(obj))
 
 
 # ------------------------------------------------------------------------------------ models

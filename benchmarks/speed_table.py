@@ -17,6 +17,7 @@ from common import images_then_text, median_ms, scaled_llava
 from ee_mllm_jax import batch as batch_lib
 from ee_mllm_jax import flops as flops_lib
 from ee_mllm_jax import params as params_lib
+from ee_mllm_jax import storage
 from ee_mllm_jax.generate import prefill, sample_token
 
 
@@ -26,9 +27,7 @@ def cached(path: str, fn) -> dict:
     t0 = time.perf_counter()
     value = fn()
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-      json.dump(dict(value=value, seconds=time.perf_counter() - t0), f)
-    os.replace(path + ".tmp", path)
+    storage.atomic_write(path, json.dumps(dict(value=value, seconds=time.perf_counter() - t0)))
   with open(path) as f:
     return json.load(f)
 

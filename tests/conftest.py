@@ -14,7 +14,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 
 import pytest  # noqa: E402
@@ -26,10 +25,8 @@ TINY_DATA = dict(seed=0, num_train=96, num_val=16, image_size=32, vocab_size=384
 
 def demo_config():
   """configs/demo.py's get_config(), the experiment every trainer test starts from."""
-  spec = importlib.util.spec_from_file_location("demo_config", os.path.join(ROOT, "configs/demo.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  from ee_mllm_jax import experiment  # pylint: disable=g-import-not-at-top
+  return experiment.load_config_file(os.path.join(ROOT, "configs", "demo.py"))
 
 
 def tiny_overrides(dataset: str, workdir: str, steps: int) -> dict:

@@ -30,6 +30,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from ee_mllm_jax import batch as batch_lib
 from ee_mllm_jax import sharding
+from ee_mllm_jax import signals
+from ee_mllm_jax import storage
 from ee_mllm_jax.data import images as image_lib
 from ee_mllm_jax.data.records import BadRecordError
 from ee_mllm_jax.data.text import IMAGE_PLACEHOLDER, TextLayout
@@ -335,9 +337,7 @@ def read_predictions(path: str) -> list[dict]:
     good += 1
   if good != len(lines):
     log.warning("%s: dropping %d incomplete line(s) at the end", path, len(lines) - good)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      f.writelines(lines[:good])
-    os.replace(path + ".tmp", path)
+    storage.atomic_write(path, "".join(lines[:good]))
   return records
 
 
@@ -352,40 +352,23 @@ def evaluate(runner: Runner, benchmark: str | Benchmark, questions: Sequence[Que
   wanted = {q.qid for q in questions}
   done = {r["question_id"] for r in read_predictions(path) if "skipped" not in r}  # skipped ones are retried
   todo = runner.items(benchmark, [q for q in questions if q.qid not in done])
-  stopping = {"flag": False}
-
-  def on_sigterm(signum, frame):
-    del signum, frame
-    stopping["flag"] = True
-
-  previous = signal.signal(signal.SIGTERM, on_sigterm) if _main_thread() else None
-  try:
-    with open(path, "a", encoding="utf-8") as f:
-      def sink(records):
-        f.writelines(json.dumps(r) + "\n" for r in records)
-        f.flush()
-        os.fsync(f.fileno())
-      counts = runner.predict(benchmark, todo, sink, stop=lambda: stopping["flag"])
-  finally:
-    if previous is not None:
-      signal.signal(signal.SIGTERM, previous)
+  # SIGTERM (a preemption) stops after the current batch; what is written stays, a rerun resumes.
+  with signals.StopOnSignal((signal.SIGTERM,)) as stop, open(path, "a", encoding="utf-8") as f:
+    def sink(records):
+      f.writelines(json.dumps(r) + "\n" for r in records)
+      f.flush()
+      os.fsync(f.fileno())
+    counts = runner.predict(benchmark, todo, sink, stop=lambda: stop.requested)
   latest = {r["question_id"]: r for r in read_predictions(path)}  # a retried question's last record
   records = [latest[q.qid] for q in questions if q.qid in latest]
   result = score(benchmark, records)
-  with open(os.path.join(out_dir, METRICS) + ".tmp", "w") as f:
-    json.dump(result, f, indent=1)
-  os.replace(os.path.join(out_dir, METRICS) + ".tmp", os.path.join(out_dir, METRICS))
+  storage.atomic_write(os.path.join(out_dir, METRICS), json.dumps(result, indent=1))
   seconds = counts.get("seconds", 0.0)
   run = dict(resumed=len(done & wanted), predicted=counts.get("done", 0), skipped=counts.get("skipped", 0),
              stopped=bool(counts.get("stopped")), seconds=seconds,
              questions_per_s=counts.get("done", 0) / seconds if seconds > 0 else math.nan,
              complete=len(records) == len(wanted))
   return dict(benchmark=benchmark.name, mode=runner.model.mode, metrics=result, run=run)
-
-
-def _main_thread() -> bool:
-  import threading  # pylint: disable=g-import-not-at-top
-  return threading.current_thread() is threading.main_thread()
 
 
 def summary_table(summary: dict[str, Any]) -> str:
