@@ -184,3 +184,31 @@ def plot_retention(points: list[dict], path: str):
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def main(argv=None):
+  """Redraws results.md and the plots from a results.json: `python benchmarks/results_report.py
+  docs/results.json [OUT_DIR]` (OUT_DIR: the JSON's directory)."""
+  import json  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  import data_efficiency_settings as settings  # pylint: disable=g-import-not-at-top
+  argv = sys.argv[1:] if argv is None else argv
+  if not argv:
+    raise SystemExit(main.__doc__)
+  with open(argv[0]) as f:
+    r = json.load(f)
+  # results.json files written before these keys existed name the settings' rows and columns
+  r.setdefault("modes", settings.MODE_LABELS)
+  r.setdefault("columns", [b[0] for b in settings.BENCHMARKS])
+  r.setdefault("extra_columns", [c[0] for c in settings.EXTRA_METRICS])
+  out = argv[1] if len(argv) > 1 else os.path.dirname(os.path.abspath(argv[0]))
+  write(out, r)
+  plot_data_efficiency(r, os.path.join(out, "data_efficiency.png"))
+  if r["schedule"]:
+    plot_retention(r["schedule"], os.path.join(out, "ee_mllm_f_retention.png"))
+  print(f"wrote {os.path.join(out, 'results.md')}")
+
+
+if __name__ == "__main__":
+  main()
