@@ -75,6 +75,7 @@ def masked_loss(cfg, batch):
 
 
 @pytest.mark.parametrize("mode", ["self", "composite"])
+@pytest.mark.slow
 def test_chunked_gradients_equal_xla(mode):
   """Every query kind (visual, text, padding), the tower, and in composite mode the aligner."""
   batch = make_batch(config("xla", mode), MIXED_PLANS)
@@ -89,6 +90,7 @@ def test_chunked_gradients_equal_xla(mode):
     assert np.max(np.abs(gc - gx)) / scale < 1e-4, jax.tree_util.keystr(path)
 
 
+@pytest.mark.slow
 def test_chunked_generation_equals_xla(mode="self"):
   batch = make_batch(config("xla", mode), MIXED_PLANS)
   params = init_params(config("xla", mode))

@@ -74,6 +74,7 @@ def test_a_missing_key_is_named():
     batch_lib.validate(batch, CFG)
 
 
+@pytest.mark.slow
 def test_generate_refuses_a_prompt_that_ends_with_an_image():
   params = init_params(CFG)
   batch = make_batch(CFG, [[3, "img", 5], [3, "img"], [4]])  # row 1 ends with its image

@@ -30,15 +30,18 @@ def run(tiny_run):
   return tiny_run
 
 
+@pytest.mark.slow  # reads conftest's tiny training run
 def test_the_trainer_sets_its_mesh_for_the_run_only(run):
   assert jax.sharding.get_abstract_mesh().empty
 
 
+@pytest.mark.slow  # reads conftest's tiny training run
 def test_the_train_records_are_parsed_once(run):
   *_, calls = run
   assert calls.count("train.json") == 1, calls
 
 
+@pytest.mark.slow  # reads conftest's tiny training run
 def test_a_checkpoint_directory_alone_rebuilds_its_model_and_tokenizer(run, tiny_dataset):
   config, workdir, summary, _ = run
   cfg, params = loading.load_model(workdir)  # the workdir; its checkpoints/ or one step work too
@@ -64,6 +67,7 @@ def test_a_checkpoint_directory_alone_rebuilds_its_model_and_tokenizer(run, tiny
   assert loading.load_model(workdir, attention="self")[0].attention == "self"
 
 
+@pytest.mark.slow  # reads conftest's tiny training run
 def test_loading_a_model_for_inference_imports_no_grain(run):
   """eval.py's modules and `loading` load a checkpoint without the data pipeline (a fresh
   process: this one has imported Grain for the trainer)."""
@@ -77,6 +81,7 @@ def test_loading_a_model_for_inference_imports_no_grain(run):
   assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
+@pytest.mark.slow  # reads conftest's tiny training run
 def test_restoring_a_checkpoint_of_another_model_names_the_fields(run, caplog):
   config, workdir, *_ = run
   cfg = experiment.model_config(config)

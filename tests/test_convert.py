@@ -327,6 +327,7 @@ def trained_export(hf_dirs, tiny_dataset, tmp_path_factory):
   return workdir, out
 
 
+@pytest.mark.slow
 def test_assembled_trained_export_answers_the_same_in_transformers(trained_export, hf_dirs, tmp_path):
   from PIL import Image  # pylint: disable=g-import-not-at-top
 

@@ -61,6 +61,7 @@ def cross_params(cfg, *, trained=True, seed=0):
   return jax.tree_util.tree_map_with_path(perturb, params)
 
 
+@pytest.mark.slow
 def test_untrained_cross_model_is_the_text_only_llm():
   """Gates start at 0: the logits equal the same LLM weights run with no image at all, and do
   not depend on the images."""
@@ -80,6 +81,7 @@ def test_untrained_cross_model_is_the_text_only_llm():
 
 
 @pytest.mark.parametrize("cfg", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.slow
 def test_text_before_an_image_is_blind_to_it_and_text_after_sees_it(cfg):
   batch = make_batch(cfg, PLANS)
   params = cross_params(cfg)
@@ -95,7 +97,8 @@ def test_text_before_an_image_is_blind_to_it_and_text_after_sees_it(cfg):
   assert np.min(np.max(np.abs(a[1, 5:9] - b[1, 5:9]), axis=-1)) > 1e-4
 
 
-@pytest.mark.parametrize("cfg", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("cfg", [pytest.param(c, id=i, marks=() if i == "previous" else pytest.mark.slow)
+                                 for c, i in zip(VARIANTS, VARIANT_IDS)])  # the developer tier runs one
 def test_cross_mode_equals_naive_reference_with_explicit_media_mask(cfg):
   batch = make_batch(cfg, PLANS)
   params = cross_params(cfg)
@@ -138,6 +141,7 @@ def test_previous_and_all_differ_only_after_a_second_image():
 
 
 @pytest.mark.parametrize("cfg", [CFG, GROUPED], ids=["every-1", "every-2"])
+@pytest.mark.slow
 def test_cached_greedy_equals_repeated_full_forward_and_prefix_reuse(cfg):
   steps = 6
   batch = make_batch(cfg, PLANS)
@@ -212,6 +216,7 @@ def test_new_cross_fields_are_validated():
       CFG.replace(**flags)
 
 
+@pytest.mark.slow
 def test_media_at_the_vision_width_has_no_projector_and_every_parameter_is_used():
   """OpenFlamingo's shape: the resampler and the blocks' keys/values read the tower's features
   (width 32 here, the LLM's 64), with cross heads of their own; there is no projector, and

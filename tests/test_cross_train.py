@@ -62,6 +62,7 @@ def _run(mesh_shape, cfg=CFG):
   return state, losses, before, grads, [schedule(i) for i in range(STEPS)]
 
 
+@pytest.mark.slow
 def test_cross_sharded_step_equals_single_device_step():
   """Same loss and first-step gradients to rounding, parameters within the update bound
   (tolerances.py)."""
@@ -76,6 +77,7 @@ def test_cross_sharded_step_equals_single_device_step():
 
 
 @pytest.mark.parametrize("cfg", [CFG, OPENFLAMINGO_SHAPE], ids=["llm-width", "openflamingo-shape"])
+@pytest.mark.slow
 def test_flamingo_recipe_trains_only_the_new_parameters(cfg):
   state, _, before, _, _ = _run((2, 2, 2), cfg)
   after = jax.device_get(state["params"])

@@ -100,6 +100,7 @@ def test_skip_mode_counts_reports_and_leaves_an_empty_row(base, reason, caplog):
     assert (batch["labels"][row % 2] == -100).all()
 
 
+@pytest.mark.slow
 def test_with_worker_processes_errors_and_counts_reach_the_parent(base):
   records = [GOOD] + [bad for bad, _ in CASES.values()] + [GOOD]
   cfg = config(base, records, worker_count=2, on_bad_record="skip", num_epochs=1)

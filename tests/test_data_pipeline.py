@@ -147,7 +147,7 @@ def test_text_is_padded_to_the_smallest_fitting_bucket(cfg, tmp_path):
     check_layout(b, cfg)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_resume_gives_the_batches_of_an_uninterrupted_run(cfg, workers):
   cfg = cfg.replace(worker_count=workers)  # 44 records, batch 8: the next batches cross an epoch
   it = pipeline.make_train_iterator(cfg, shard=ONE_PROCESS)

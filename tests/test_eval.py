@@ -76,6 +76,7 @@ def _lines(path):
 # ----------------------------------------------------------------------------- the runner
 
 
+@pytest.mark.slow
 def test_prefix_reuse_gives_the_same_predictions_as_no_reuse(model, tmp_path):
   path = str(tmp_path / "mmbench.tsv")
   write_mmbench(path, circular_rows())
@@ -88,6 +89,7 @@ def test_prefix_reuse_gives_the_same_predictions_as_no_reuse(model, tmp_path):
   assert len(out[True]) == 7 and all(r["prompt"].startswith("<|im_start|>user\n<image>\n") for r in out[True])
 
 
+@pytest.mark.slow
 def test_seed_option_likelihoods_with_a_shared_prefix_equal_full_forwards(model, bench, tmp_path):
   qs = benchmarks.get("seedbench").read(bench.benchmarks["seedbench"], bench.root)[:6]
   scores = {}
@@ -99,6 +101,7 @@ def test_seed_option_likelihoods_with_a_shared_prefix_equal_full_forwards(model,
   assert np.ptp(np.asarray(scores[True]), axis=1).min() > 0  # the options are told apart
 
 
+@pytest.mark.slow
 def test_eight_devices_give_the_same_predictions_as_one(model, bench, tmp_path):
   qs = benchmarks.get("textvqa").read(bench.benchmarks["textvqa"], bench.root)
   one = _runner(model)
@@ -201,6 +204,7 @@ def _eval_py_config():
   return module.default_config()
 
 
+@pytest.mark.slow
 def test_a_layer_schedule_on_a_self_checkpoint_runs_that_config_and_names_it(checkpoint):
   """eval.py's --config.attention=composite --config.composite_from_layer=n: the checkpoint's weights
   run as the config with that schedule (the same logits as the model called with it directly), the
@@ -284,6 +288,7 @@ def _cli_config(**changes):
   return config
 
 
+@pytest.mark.slow
 def test_out_holding_another_run_is_refused_naming_the_field_resumed_when_equal_or_overwritten(
     checkpoint, bench, tmp_path):
   from ee_mllm_jax.evaluation import cli, run_header  # pylint: disable=g-import-not-at-top

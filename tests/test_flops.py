@@ -69,6 +69,7 @@ CROSS = {"tiny": ("tiny", dict(cross_every=1)),
 
 
 @pytest.mark.parametrize("case", list(CROSS))
+@pytest.mark.slow
 def test_analytic_cross_mode_flops_match_xla(case):
   """Cross mode: the group scan's body (the inner scan of k - 1 decoder layers, one block, the last
   layer) and the resampler's are charged once by XLA; the rest is added from standalone compiles."""

@@ -43,6 +43,7 @@ def test_greedy_with_cache_equals_argmax_of_repeated_full_forward(mode):
   assert len(np.unique(want_tokens)) > STEPS  # guard: the rows do not all repeat one token
 
 
+@pytest.mark.slow
 def test_padded_batch_equals_each_prompt_alone():
   cfg, batch, params = setup("self")  # visual queries too: the mode with the most to leak
   together = eem.generate(params, cfg, batch, max_new_tokens=4)
@@ -59,6 +60,7 @@ def test_padded_batch_equals_each_prompt_alone():
 
 
 @pytest.mark.parametrize("mode", ["self", "composite"])
+@pytest.mark.slow
 def test_reusing_an_image_prefix_cache_equals_recomputing(mode):
   cfg, batch, params = setup(mode)
   full = eem.generate(params, cfg, batch, max_new_tokens=STEPS)

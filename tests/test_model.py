@@ -145,6 +145,7 @@ def test_qwen2_siglip_parameter_count_without_allocating():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("attention", ["self", "composite"])
+@pytest.mark.slow
 def test_jit_and_grad_are_finite(dtype, attention):
   cfg = eem.ModelConfig.preset("tiny", attention=attention, dtype=dtype, remat="full")
   batch = make_batch(cfg, MIXED_PLANS)

@@ -40,6 +40,7 @@ def test_a_source_for_another_shape_is_refused_naming_the_parameter():
     params_lib.overlay(fresh, {"llm": wide["llm"]})
 
 
+@pytest.mark.slow
 def test_sharded_train_state_from_a_partial_source():
   """A fresh projector over pretrained towers, born sharded on a (2, 2, 2) mesh."""
   mesh = sharding.make_mesh((2, 2, 2))

@@ -22,6 +22,9 @@ from ee_mllm_jax.train import loop
 from ee_mllm_jax.train import plots
 from ee_mllm_jax.train import progress
 
+# Every test here trains (the tiny run, resumed under a fault): the full suite's tier.
+pytestmark = pytest.mark.slow
+
 STEPS = TINY_RUN_STEPS
 
 
@@ -81,10 +84,9 @@ DAMAGE = {
 
 
 # The fast tier keeps one damage to the state and one to the data item; the rest run in the full suite.
-FAST_DAMAGE = ("flipped bytes", "no data item")
 
 
-@pytest.mark.parametrize("damage", [d if d in FAST_DAMAGE else pytest.param(d, marks=pytest.mark.slow) for d in DAMAGE])
+@pytest.mark.parametrize("damage", DAMAGE)
 def test_a_damaged_checkpoint_is_reported_and_the_previous_one_resumes(finished, tiny_dataset, tmp_path, damage,
                                                                         caplog):
   source, want = finished
@@ -111,7 +113,7 @@ def test_when_no_checkpoint_restores_the_run_fails_naming_each(finished, tiny_da
     train(tiny_run_config(tiny_dataset, workdir))
 
 
-@pytest.mark.parametrize("policy", [pytest.param("stop", marks=pytest.mark.slow), "skip"])
+@pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_a_diverging_run_stops_or_skips_and_never_saves_non_finite_values(tiny_dataset, tmp_path, policy):
   workdir = str(tmp_path / "run")
   config = tiny_run_config(tiny_dataset, workdir, **{"optim.learning_rate": 1e30, "optim.clip_norm": 0.0,
@@ -143,7 +145,6 @@ def test_bad_settings_are_refused_naming_the_field(tiny_dataset, tmp_path):
   assert all(issubclass(e, loop.USER_ERRORS) for e in (experiment.ConfigError, FileNotFoundError, loop.NonFiniteError))
 
 
-@pytest.mark.slow  # a run of its own batch shape (a compile of its own)
 def test_a_batch_that_does_not_divide_over_the_devices_is_warned_about(tiny_dataset, tmp_path, caplog):
   with caplog.at_level(logging.WARNING):
     summary = train(tiny_run_config(tiny_dataset, str(tmp_path / "run"), steps=1, **{"data.global_batch_size": 6}))
@@ -266,8 +267,7 @@ class _FullDiskFile:
     self._f.close()
 
 
-@pytest.mark.parametrize("where", [pytest.param("metrics", marks=pytest.mark.slow), "checkpoint",
-                                   pytest.param("plot", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("where", ["metrics", "checkpoint", "plot"])
 def test_a_full_disk_is_one_line_keeps_the_previous_checkpoint_and_a_restart_finishes(
     finished, tiny_dataset, tmp_path, monkeypatch, where):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
@@ -312,7 +312,6 @@ def test_a_full_disk_is_one_line_keeps_the_previous_checkpoint_and_a_restart_fin
   assert {k: v for k, v in losses.items() if k <= STEPS} == want
 
 
-@pytest.mark.slow  # a holder process, then a run
 def test_a_second_run_on_a_workdir_is_refused_naming_the_holder_and_a_stale_lock_is_not(tiny_dataset, tmp_path):
   """The holder is another process (as a second train.py would be); then it is SIGKILLed, leaving
   its lock file with its pid behind, and a run starts."""

@@ -125,6 +125,7 @@ def test_greedy_with_cache_equals_repeated_full_forward(setup, visual_ffn):
   np.testing.assert_allclose(np.asarray(out.logprobs), want_logprobs, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_gradient_reaches_every_layer_and_matches_finite_differences(setup):
   """The slices of the one `layers/` stack each get their own run's gradient."""
   batch, params = setup

@@ -141,6 +141,7 @@ def test_composite_equals_jax_in_logits_and_cached_greedy_tokens(family, visual_
   assert_equals_jax(family, visual_ffn=visual_ffn)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("visual_ffn", [True, False], ids=["EE-MLLM-F", "EE-MLLM"])
 @pytest.mark.parametrize("n", [1, DEPTH - 1])
 def test_layer_schedule_equals_jax_in_logits_and_cached_greedy_tokens(deep_family, n, visual_ffn):

@@ -75,6 +75,7 @@ def _assert_same_training(state, losses, ref_state, ref_losses, grads, ref_grads
   assert_params_within_update_bound(state["params"], ref_state["params"], [schedule(i) for i in range(len(losses))])
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_single_device_step(single_device_run):
   mesh = sharding.make_mesh((2, 2, 2))
   state, losses = _run(mesh)
@@ -84,6 +85,7 @@ def test_sharded_step_equals_single_device_step(single_device_run):
   _assert_same_training(state, losses, *single_device_run, _gradients(mesh), _gradients(single))
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_big_batch(single_device_run):
   mesh = sharding.make_mesh((2, 2, 2))
   state, losses = _run(mesh, accum=2)
@@ -91,6 +93,7 @@ def test_gradient_accumulation_equals_one_big_batch(single_device_run):
   _assert_same_training(state, losses, *single_device_run, _gradients(mesh, accum=2), _gradients(single))
 
 
+@pytest.mark.slow
 def test_frozen_parameters_stay_bit_identical_and_have_no_optimizer_state():
   state, _, before = _run(sharding.make_mesh((2, 2, 2)), keep_initial=True, trainable="projector/")
   after = jax.device_get(state["params"])
@@ -105,6 +108,7 @@ def test_frozen_parameters_stay_bit_identical_and_have_no_optimizer_state():
   assert len(moments) == 2 * n_projector  # Adam's mu and nu, projector only
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
   state, _ = _run(sharding.make_mesh((2, 2, 2)), n_steps=1)
   expected = jax.device_get(state)
@@ -124,6 +128,7 @@ def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
     np.testing.assert_array_equal(np.asarray(x), y)
 
 
+@pytest.mark.slow
 def test_a_step_without_labels_or_with_non_finite_values_changes_nothing():
   """A batch whose rows were all skipped (no labelled token), or whose loss is non-finite, is
   not applied: AdamW would otherwise move the weights (momentum, decay) or write NaN into them."""
@@ -170,6 +175,7 @@ DECAY_CONFIGS = {"self": dict(attention="self", visual_ffn=True), "composite": d
 
 
 @pytest.mark.parametrize("mode", list(DECAYED))
+@pytest.mark.slow
 def test_weight_decay_reaches_matrices_and_embeddings_only(mode):
   """Decay by role (the parameter's name), not by rank: the layer axis of scanned stacks gives
   norm scales, biases, gates and the resampler's latents ndim > 1, and none of them is decayed."""

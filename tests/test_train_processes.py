@@ -141,6 +141,7 @@ def test_two_processes_train_on_disjoint_data(tiny_dataset, tmp_path):
   assert lengths and all(t in (24, 32, 48) for t in lengths), lengths  # never the 256 bucket
 
 
+@pytest.mark.slow
 def test_an_unknown_config_field_is_one_line_naming_it(tiny_dataset, tmp_path):
   for field, message in (("--config.foo=1", "the config has no field 'foo'"),
                          ("--config.optim.learning_rat=0.1",
