@@ -1,24 +1,30 @@
-"""Prefill speed of self (LLaVA) vs composite (EE-MLLM) vs cross (Flamingo), in one process.
+"""Prefill speed of every mode, each with its best implementation, in one process: our self
+(LLaVA), composite (EE-MLLM) and cross (Flamingo) modes, and with `--torch` the PyTorch
+references on the same shapes: transformers' stock LLaVA decoder (SDPA) and our PyTorch
+composite port (`ee_mllm_jax.torch`) on the same modules.
 
-The same random parameters run in the self and composite modes; cross mode runs them with its
-own gated cross-attention blocks (every `--cross-every` layers) and perceiver resampler
-(`--resampler-latents`, as configs/flamingo_7b.py; 0: off) added. Prefill = the decoder forward
-over V visual tokens (already projected; cross mode: resampled, then the blocks' keys/values)
-and a T-token prompt, returning the text logits and the KV cache; the vision tower + projector
-cost the same in every mode and are timed once apart.
+The same random parameters run the self and composite modes; cross mode runs them with its own
+gated cross-attention blocks (every `--cross-every` layers) and perceiver resampler
+(`--resampler-latents`, as configs/flamingo_7b.py; 0: off) added. PyTorch runs its own random
+weights of the same shapes (timing only). Prefill = the decoder forward over V visual tokens
+(already projected; cross mode: resampled, then the blocks' keys/values) and a T-token prompt,
+returning the text logits and the KV cache; the vision tower + projector cost the same in every
+mode and are timed once apart.
 
-  python benchmarks/prefill.py                       # width-scaled LLaVA-7B shape, CPU, ~2 min
-  python benchmarks/prefill.py --preset llava-1.5-7b --dtype bfloat16   # on a GPU
-  python benchmarks/prefill.py --attention-impl xla chunked --visual 576 2880 4608 --skip-vision
+  python benchmarks/prefill.py --torch               # width-scaled LLaVA-7B shape, CPU, ~4 min
+  python benchmarks/prefill.py --preset llava-1.5-7b --dtype bfloat16 --torch   # on a GPU
+  python benchmarks/prefill.py --attention-impl xla blocked chunked --visual 576 2304 4608 --skip-vision
 
-Prints one row per (attention implementation, mode, V): analytic GFLOPs, median ms, achieved
-GFLOP/s; then, per implementation and V, the self/composite and self/cross time ratios beside
-the analytic FLOP ratios. The tower runs the first implementation given.
+Prints one row per (framework, attention implementation, mode, V): analytic GFLOPs, median ms,
+achieved GFLOP/s; "auto" rows name what it chose for the self-attention / text-query call sites.
+Then, per V: the self/composite and self/cross time ratios beside the analytic FLOP ratios
+(time/FLOP = 1: the speedup is all the FLOPs promise), and our time over PyTorch's per mode.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import flax.linen as nn
 import jax
@@ -29,33 +35,44 @@ import ee_mllm_jax as eem
 from common import median_ms, scaled_llava
 from ee_mllm_jax import batch as batch_lib
 from ee_mllm_jax import flops
+from ee_mllm_jax.models import kernels
 from ee_mllm_jax.params import overlay
 
 
-def parse_args():
+def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--preset", default=None, help="full-size preset (e.g. llava-1.5-7b); default: width-scaled")
   p.add_argument("--width", type=int, default=1024, help="scaled LLM width (LLaVA-7B: 4096)")
   p.add_argument("--layers", type=int, default=4, help="scaled LLM depth (LLaVA-7B: 32)")
-  p.add_argument("--visual", type=int, nargs="+", default=[576, 2880], help="visual token counts V")
+  p.add_argument("--visual", type=int, nargs="+", default=[576, 2304], help="visual token counts V")
   p.add_argument("--text", type=int, default=64, help="prompt tokens T")
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--dtype", default="float32")
   p.add_argument("--repeats", type=int, default=5)
-  p.add_argument("--attention-impl", nargs="+", default=["xla"], choices=eem.config.ATTENTION_IMPLS,
-                 help="attention implementations to compare (config attention_impl)")
-  p.add_argument("--attention-block", type=int, default=512, help="keys per block of 'chunked'")
+  p.add_argument("--modes", nargs="+", default=["self", "composite", "cross"], choices=["self", "composite", "cross"])
+  p.add_argument("--attention-impl", nargs="+", default=["auto"], choices=eem.config.ATTENTION_IMPLS,
+                 help="attention implementations to compare (config attention_impl; default: auto)")
+  p.add_argument("--attention-block", type=int, default=512, help="rows per block of 'blocked' and 'chunked'")
+  p.add_argument("--torch", action="store_true",
+                 help="also time transformers' LLaVA decoder (SDPA) and the PyTorch composite port (CUDA if present)")
+  p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
   p.add_argument("--skip-vision", action="store_true", help="do not time the vision tower + projector")
   p.add_argument("--cross-every", type=int, default=4, help="cross mode: a block before every k-th layer")
   p.add_argument("--resampler-latents", type=int, default=64, help="cross mode: latents per image (0: off)")
   p.add_argument("--resampler-depth", type=int, default=6)
-  return p.parse_args()
+  return p.parse_args(argv)
 
 
 def model_config(args) -> eem.ModelConfig:
   cfg = eem.ModelConfig.preset(args.preset) if args.preset else scaled_llava(args.width, args.layers)
   cfg = cfg.replace(attention="self", visual_ffn=True, dtype=args.dtype, param_dtype=args.dtype)
   return cfg.with_attention_impl(args.attention_impl[0], args.attention_block)
+
+
+def mode_configs(cfg: eem.ModelConfig, args) -> dict[str, eem.ModelConfig]:
+  return {"self": cfg, "composite": cfg.replace(attention="composite", visual_ffn=False),
+          "cross": cfg.replace(attention="cross", visual_ffn=False, cross_every=args.cross_every,
+                               resampler_latents=args.resampler_latents, resampler_depth=args.resampler_depth)}
 
 
 def llm_prefill(model):
@@ -70,25 +87,90 @@ def llm_prefill(model):
   return jax.jit(run)
 
 
-def main():
-  args = parse_args()
+def auto_choice(cfg: eem.ModelConfig, mode: str, b: int, v: int, t: int) -> str:
+  """What "auto" runs at the LLM's attention call site of this mode (the one that dominates)."""
+  c = cfg.llm
+  sds = lambda n, heads: jax.ShapeDtypeStruct((b, n, heads, c.head_dim), jnp.dtype(cfg.dtype))
+  if mode == "self":
+    return kernels.choose_impl(sds(v + t, c.num_heads), sds(v + t, c.num_kv_heads), None, same_tokens=True)
+  return kernels.choose_impl(sds(t, c.num_heads), sds(v + t if mode == "composite" else t, c.num_kv_heads), None)
+
+
+class TorchPrefill:
+  """transformers' LlamaForCausalLM (the LLaVA decoder, SDPA) of the same shape, and the composite
+  port on the same modules; prefill = decoder with cache + LM head on the text rows."""
+
+  def __init__(self, cfg: eem.ModelConfig, args):
+    import torch  # pylint: disable=g-import-not-at-top
+    import transformers  # pylint: disable=g-import-not-at-top
+    from ee_mllm_jax.torch import composite_decoder  # pylint: disable=g-import-not-at-top
+    if args.threads:
+      torch.set_num_threads(args.threads)
+    self.torch, self.composite_decoder = torch, composite_decoder
+    self.device = "cuda" if torch.cuda.is_available() else "cpu"
+    self.dtype = getattr(torch, args.dtype)
+    c = cfg.llm
+    text = transformers.LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.width, intermediate_size=c.mlp_dim,
+                                    num_hidden_layers=c.depth, num_attention_heads=c.num_heads,
+                                    num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim,
+                                    rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    self.causal_lm = transformers.LlamaForCausalLM(text).to(self.device, self.dtype).eval()
+    self.label = (f"torch {torch.__version__} ({torch.get_num_threads()} threads, {self.device}), "
+                  f"transformers {transformers.__version__}")
+
+  def ms(self, mode: str, b: int, v: int, t: int, repeats: int) -> float:
+    torch = self.torch
+    lm, head = self.causal_lm.model, self.causal_lm.lm_head
+    x = torch.randn(b, v + t, lm.config.hidden_size, device=self.device, dtype=self.dtype)
+    is_visual = torch.zeros((b, v + t), dtype=torch.bool, device=self.device)
+    is_visual[:, :v] = True  # images first, then the prompt
+
+    def run():
+      if mode == "self":
+        hidden = lm(inputs_embeds=x, use_cache=True).last_hidden_state
+      else:
+        hidden = self.composite_decoder(lm, x, is_visual, use_cache=True).last_hidden_state
+      return head(hidden[:, v:])
+
+    def timed():
+      if self.device == "cuda":
+        torch.cuda.synchronize()
+      t0 = time.perf_counter()
+      run()
+      if self.device == "cuda":
+        torch.cuda.synchronize()
+      return time.perf_counter() - t0
+
+    with torch.inference_mode():
+      timed()
+      return float(np.median([timed() for _ in range(repeats)])) * 1e3
+
+
+def main(argv=None):
+  args = parse_args(argv)
   cfg = model_config(args)
-  cross = cfg.replace(attention="cross", visual_ffn=False, cross_every=args.cross_every,
-                      resampler_latents=args.resampler_latents, resampler_depth=args.resampler_depth)
-  modes = {(impl, mode): mcfg.with_attention_impl(impl)
-           for impl in args.attention_impl
-           for mode, mcfg in {"self": cfg, "composite": cfg.replace(attention="composite", visual_ffn=False),
-                              "cross": cross}.items()}
+  by_mode = mode_configs(cfg, args)
+  modes = {(impl, mode): by_mode[mode].with_attention_impl(impl) for impl in args.attention_impl for mode in args.modes}
   c, b, t = cfg.llm, args.batch, args.text
   dtype = jnp.dtype(args.dtype)
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; LLM width {c.width}, depth {c.depth}, "
         f"heads {c.num_heads}/{c.num_kv_heads}, mlp {c.mlp_dim}; tower width {cfg.vision.width}, "
-        f"depth {cfg.vision.depth}; dtype {args.dtype}")
+        f"depth {cfg.vision.depth}; T {t}; batch {b}; dtype {args.dtype}")
+  ref = TorchPrefill(cfg, args) if args.torch else None
+  if ref:
+    print(ref.label)
 
   rng = np.random.default_rng(0)
-  params = None
-  rows = {}
-  print(f"{'attention':>9} {'mode':>9} {'V':>6} {'T':>4} {'GFLOPs':>10} {'ms':>10} {'GFLOP/s':>9}")
+  params = cross_params = None
+  rows = {}  # (framework, mode, v) -> (gflop, ms); ours keyed by impl as well
+  print(f"{'framework':>9} {'attention':>15} {'mode':>9} {'V':>6} {'GFLOPs':>10} {'ms':>10} {'GFLOP/s':>9}")
+
+  def row(framework, impl, mode, v, gflop, ms, label=None):
+    rows[framework, impl, mode, v] = (gflop, ms)
+    print(f"{framework:>9} {label or impl:>15} {mode:>9} {v:>6} {gflop:>10.1f} {ms:>10.1f} {gflop / ms * 1e3:>9.1f}",
+          flush=True)
+
   for v in args.visual:
     n_img = -(-v // cfg.tokens_per_image)
     pos_v = np.broadcast_to(np.arange(v, dtype=np.int32), (b, v))
@@ -99,29 +181,51 @@ def main():
     if params is None:  # one random parameter set for every mode and V (cross: plus its blocks)
       init = lambda cfg: jax.jit(lambda key: eem.EEMLLM(cfg).init(key, **batch_lib.example(cfg)))
       params = nn.meta.unbox(init(cfg)(jax.random.key(0))["params"])
-      cross_params, _ = overlay(nn.meta.unbox(init(cross)(jax.random.key(1))["params"]), params)
+      if "cross" in args.modes:
+        cross_params, _ = overlay(nn.meta.unbox(init(by_mode["cross"])(jax.random.key(1))["params"]), params)
+    gflops = {mode: (flops.llm_flops(m, visual_len=v, text_len=t, batch=b)["total"]
+                     + flops.resampler_flops(m, images=b * n_img)) / 1e9 for mode, m in by_mode.items()}
     for (impl, mode), mcfg in modes.items():
       p = cross_params if mode == "cross" else params
       ms = median_ms(llm_prefill(eem.EEMLLM(mcfg)), p, x_v, ids, pos_v, pos_t, ones_v, ones_t, repeats=args.repeats)
-      gflop = flops.llm_flops(mcfg, visual_len=v, text_len=t, batch=b)["total"] / 1e9
-      gflop += flops.resampler_flops(mcfg, images=b * n_img) / 1e9
-      rows[impl, mode, v] = (gflop, ms)
-      print(f"{impl:>9} {mode:>9} {v:>6} {t:>4} {gflop:>10.1f} {ms:>10.1f} {gflop / ms * 1e3:>9.1f}")
+      rows["ran", impl, mode, v] = f"auto:{auto_choice(mcfg, mode, b, v, t)}" if impl == "auto" else impl
+      row("jax", impl, mode, v, gflops[mode], ms, rows["ran", impl, mode, v])
+    if ref:
+      for mode in [m for m in ("self", "composite") if m in args.modes]:
+        row("torch", "sdpa" if mode == "self" else "sdpa (port)", mode, v, gflops[mode],
+            ref.ms(mode, b, v, t, args.repeats))
     if not args.skip_vision:
       tower = jax.jit(lambda p, px: eem.EEMLLM(cfg).apply({"params": p}, px, method="embed_image"))
       px = jnp.asarray(rng.standard_normal((b, n_img) + (cfg.vision.image_size,) * 2 + (3,)), dtype)
       ms = median_ms(tower, params, px, repeats=max(1, args.repeats // 2))
       gflop = (flops.vision_flops(cfg.vision, images=b * n_img) + flops.projector_flops(cfg, images=b * n_img)) / 1e9
-      print(f"{args.attention_impl[0]:>9} {'tower':>9} {v:>6} {'':>4} {gflop:>10.1f} {ms:>10.1f} {gflop / ms * 1e3:>9.1f}   "
-            f"({n_img} image(s) through vision tower + projector, same in both modes)")
+      print(f"{'jax':>9} {args.attention_impl[0]:>15} {'tower':>9} {v:>6} {gflop:>10.1f} {ms:>10.1f} "
+            f"{gflop / ms * 1e3:>9.1f}   ({n_img} image(s) through vision tower + projector, same in every mode)")
+  summarize(rows, args)
 
-  for other in ("composite", "cross"):
+
+def summarize(rows, args):
+  """The ratios: self over each other mode (time beside FLOPs), and ours over PyTorch's."""
+  frameworks = [("jax", impl) for impl in args.attention_impl] + ([("torch", None)] if args.torch else [])
+  key = lambda fw, impl, mode, v: (fw, impl if fw == "jax" else ("sdpa" if mode == "self" else "sdpa (port)"), mode, v)
+  for other in [m for m in ("composite", "cross") if m in args.modes and "self" in args.modes]:
     print(f"\nself / {other}:")
-    print(f"{'attention':>9} {'V':>6} {'time ratio':>11} {'FLOP ratio':>11} {'time/FLOP':>10}")
-    for impl in args.attention_impl:
+    print(f"{'framework':>9} {'attention':>9} {'V':>6} {'time ratio':>11} {'FLOP ratio':>11} {'time/FLOP':>10}")
+    for fw, impl in frameworks:
       for v in args.visual:
-        (fs, ts), (fc, tc) = rows[impl, "self", v], rows[impl, other, v]
-        print(f"{impl:>9} {v:>6} {ts / tc:>11.2f} {fs / fc:>11.2f} {(ts / tc) / (fs / fc):>10.2f}")
+        if key(fw, impl, other, v) not in rows:
+          continue
+        (fs, ts), (fc, tc) = rows[key(fw, impl, "self", v)], rows[key(fw, impl, other, v)]
+        print(f"{fw:>9} {impl or 'sdpa':>9} {v:>6} {ts / tc:>11.2f} {fs / fc:>11.2f} {(ts / tc) / (fs / fc):>10.2f}")
+  if args.torch:
+    print("\nours / PyTorch (< 1: ours is faster):")
+    print(f"{'mode':>9} {'attention':>9} {'V':>6} {'jax ms':>9} {'torch ms':>9} {'ratio':>7}   ran")
+    for mode in [m for m in ("self", "composite") if m in args.modes]:
+      for impl in args.attention_impl:
+        for v in args.visual:
+          ours, theirs = rows[key("jax", impl, mode, v)][1], rows[key("torch", None, mode, v)][1]
+          print(f"{mode:>9} {impl:>9} {v:>6} {ours:>9.1f} {theirs:>9.1f} {ours / theirs:>7.2f}   "
+                f"{rows['ran', impl, mode, v]}")
 
 
 if __name__ == "__main__":

@@ -26,9 +26,10 @@ SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
 
 # How attention is computed (`ee_mllm_jax.models.kernels.attend`); the same function in every
-# case: "xla" dense einsum (the reference), "chunked" online softmax over key blocks (memory
-# linear in the keys, any backend), "cudnn" fused GPU kernel, "auto" the best that runs here.
-AttentionImpl = Literal["xla", "chunked", "cudnn", "auto"]
+# case: "xla" dense einsum (the reference), "blocked" dense by query blocks with causal block
+# skipping, "chunked" online softmax over key blocks (memory linear in the keys, any backend),
+# "cudnn" fused GPU kernel, "auto" (the default) the best for each call's shapes on this backend.
+AttentionImpl = Literal["xla", "chunked", "blocked", "cudnn", "auto"]
 ATTENTION_IMPLS: tuple[str, ...] = typing.get_args(AttentionImpl)
 PROJECTORS = ("linear", "mlp2x_gelu")
 REMAT_POLICIES = ("none", "full", "dots")
@@ -125,8 +126,8 @@ class VisionConfig(_Replaceable):
   feature_layer: int = -2
   image_mean: tuple[float, float, float] = CLIP_MEAN
   image_std: tuple[float, float, float] = CLIP_STD
-  attention_impl: AttentionImpl = runtime("xla")
-  attention_block: int = runtime(512)  # keys per block of the "chunked" implementation
+  attention_impl: AttentionImpl = runtime("auto")
+  attention_block: int = runtime(512)  # queries per block of "blocked", keys per block of "chunked"
 
   def __post_init__(self):
     _check_attention(self)
@@ -202,8 +203,8 @@ class LLMConfig(_Replaceable):
   rms_norm_eps: float = 1e-5
   qkv_bias: bool = False
   tie_embeddings: bool = False
-  attention_impl: AttentionImpl = runtime("xla")
-  attention_block: int = runtime(512)  # keys per block of the "chunked" implementation
+  attention_impl: AttentionImpl = runtime("auto")
+  attention_block: int = runtime(512)  # queries per block of "blocked", keys per block of "chunked"
 
   def __post_init__(self):
     _check_attention(self)

@@ -1,6 +1,7 @@
 """Attention implementations behind `attention_impl`: every one that runs on CPU ("xla",
-"chunked") equals the naive float64 reference in every mode, in values and gradients, and
-"chunked" never holds a score block wider than its key block."""
+"blocked", "chunked") equals the naive float64 reference in every mode, in values and
+gradients; "chunked" never holds a score block wider than its key block, and "blocked" reads
+only the keys up to each query block in self-attention."""
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +50,7 @@ def relative_error(got, want, valid):
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("impl", ["xla", "chunked"])
+@pytest.mark.parametrize("impl", ["xla", "blocked", "chunked"])
 def test_model_equals_naive_reference(impl, mode):
   """Padded rows, two images, a system prompt before an image (MIXED_PLANS); the tower runs
   the same implementation (its output is checked through the logits, the reference's visual
@@ -74,15 +75,15 @@ def masked_loss(cfg, batch):
   return loss
 
 
-@pytest.mark.parametrize("mode", ["self", "composite"])
+@pytest.mark.parametrize("mode,impl", [("self", "chunked"), ("composite", "chunked"), ("self", "blocked")])
 @pytest.mark.slow
-def test_chunked_gradients_equal_xla(mode):
+def test_gradients_equal_xla(mode, impl):
   """Every query kind (visual, text, padding), the tower, and in composite mode the aligner."""
   batch = make_batch(config("xla", mode), MIXED_PLANS)
   params = scaled_norm_params(config("xla", mode))
-  grads = {impl: jax.jit(jax.grad(masked_loss(config(impl, mode), batch)))(params) for impl in ("xla", "chunked")}
+  grads = {i: jax.jit(jax.grad(masked_loss(config(i, mode), batch)))(params) for i in ("xla", impl)}
   flat_x = jax.tree_util.tree_flatten_with_path(grads["xla"])[0]
-  flat_c = jax.tree.leaves(grads["chunked"])
+  flat_c = jax.tree.leaves(grads[impl])
   for (path, gx), gc in zip(flat_x, flat_c):
     gx, gc = np.asarray(gx), np.asarray(gc)
     assert np.all(np.isfinite(gc)), jax.tree_util.keystr(path)
@@ -150,16 +151,84 @@ def test_decode_step_scores_one_row_per_head():
 
 
 def test_auto_picks_a_cpu_implementation():
+  """The crossovers of `choose_impl` on CPU, and "auto" (the default) is what the model runs."""
   assert jax.default_backend() == "cpu"
-  q = jax.ShapeDtypeStruct((1, 8, 4, 16), jnp.bfloat16)
-  short, long = (jax.ShapeDtypeStruct((1, n, 2, 16), jnp.bfloat16) for n in (64, 4096))
-  assert kernels_lib.choose_impl(q, short, short) == "xla"
-  assert kernels_lib.choose_impl(q, long, long) == "chunked"
+  assert eem.ModelConfig.preset("tiny").llm.attention_impl == "auto"
+  sds = lambda n, heads: jax.ShapeDtypeStruct((1, n, heads, 16), jnp.float32)
+  few, long = sds(8, 4), sds(4096, 2)
+  seq = kernels_lib.AUTO_BLOCKED_MIN_QUERIES + 1
+  choose = kernels_lib.choose_impl
+  assert choose(few, sds(64, 2), None) == "xla"  # a short prompt, a decode step on a short cache
+  assert choose(few, long, None) == "chunked" == choose(few, long, None, stacked=True)  # a long cache
+  assert choose(sds(seq, 4), sds(seq, 2), None, same_tokens=True) == "blocked"  # self-mode prefill
+  assert choose(sds(seq - 1, 4), sds(seq - 1, 2), None, same_tokens=True) == "xla"
+  assert choose(sds(seq, 4), sds(seq, 2), None, same_tokens=True, causal=False) == "xla"  # the tower
   cfg = config("auto", "self")
   batch = make_batch(cfg, MIXED_PLANS)
   params = init_params(cfg)
   np.testing.assert_array_equal(np.asarray(forward(cfg, params, batch)),
                                 np.asarray(forward(config("xla", "self"), params, batch)))
+
+
+def self_attention_case(seed=0, b=3, s=37, n=4, kv=2, h=16):
+  """Self-attention over rows whose memory order is not position order (a visual stream
+  first, text before and after it), with padding (position 0, invalid) in the middle and at
+  the end: valid positions distinct, as the batch contract has them."""
+  rng = np.random.default_rng(seed)
+  q = rng.standard_normal((b, s, n, h)).astype(np.float32)
+  k, v = (rng.standard_normal((b, s, kv, h)).astype(np.float32) for _ in range(2))
+  pos = np.stack([rng.permutation(s) for _ in range(b)]).astype(np.int32)
+  valid = rng.random((b, s)) > 0.2
+  valid[0] = True  # one row without padding
+  pos = np.where(valid, pos, 0)
+  return q, k, v, pos, valid
+
+
+def float64_attention(q, k, v, q_pos, k_pos, k_valid):
+  g = q.shape[2] // k.shape[2]
+  k, v = (np.repeat(np.asarray(x, np.float64), g, axis=2) for x in (k, v))
+  s = np.einsum("bqnh,bsnh->bnqs", np.asarray(q, np.float64), k) / np.sqrt(q.shape[-1])
+  mask = (k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None]))[:, None]
+  w = np.where(mask, np.exp(s - np.max(np.where(mask, s, -np.inf), -1, keepdims=True)), 0.0)
+  return np.einsum("bnqs,bsnh->bqnh", w / w.sum(-1, keepdims=True), v)
+
+
+@pytest.mark.parametrize("block", [8, 37, 64])
+def test_blocked_self_attention_equals_float64_reference(block):
+  """Values against float64 and gradients against "xla", on valid rows (padding rows are
+  finite and ignored by callers), for blocks that split the row unevenly, exactly, and not at
+  all."""
+  q, k, v, pos, valid = self_attention_case()
+  run = lambda impl: lambda q, k, v: kernels_lib.attend(q, k, v, pos, pos, valid, impl=impl, block=block,
+                                                        same_tokens=True)
+  out = np.asarray(jax.jit(run("blocked"))(q, k, v))
+  assert np.all(np.isfinite(out))
+  with np.errstate(invalid="ignore"):  # a padding query may see no key at all: NaN in the reference
+    want = float64_attention(q, k, v, pos, pos, valid)[valid]
+  np.testing.assert_allclose(out[valid], want, rtol=0, atol=1e-5 * np.max(np.abs(want)))
+  # Gradients of a loss over valid rows only; against the dense reference implementation.
+  w = np.random.default_rng(1).standard_normal(out.shape).astype(np.float32) * valid[..., None, None]
+  grads = {impl: jax.grad(lambda *x: jnp.sum(run(impl)(*x) * w), argnums=(0, 1, 2))(q, k, v)
+           for impl in ("xla", "blocked")}
+  for got, ref in zip(grads["blocked"], grads["xla"]):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=0, atol=1e-5 * np.max(np.abs(ref)))
+
+
+def test_blocked_reads_keys_up_to_each_query_block():
+  """In self-attention, query block i's scores span keys [0, (i + 1) * block): the set of
+  score widths is exactly those prefix lengths, so about half of the (Q, S) block is computed.
+  Without `same_tokens` (queries that are not the keys) every block spans all S keys."""
+  q, k, v, pos, valid = self_attention_case(s=37, h=6)
+  block, g = 8, q.shape[2] // k.shape[2]
+
+  def widths(same_tokens):
+    jaxpr = jax.make_jaxpr(lambda q, k, v: kernels_lib.attend(q, k, v, pos, pos, valid, impl="blocked", block=block,
+                                                               same_tokens=same_tokens))(q, k, v)
+    return {sh[-1] for sh in shapes_in_jaxpr(jaxpr.jaxpr) if len(sh) == 5 and sh[3] == g and sh[2] <= block
+            and sh[-1] not in (1, 6)}  # not the row maxima/sums, nor q
+
+  assert widths(True) == {8, 16, 24, 32, 37}
+  assert widths(False) == {37}
 
 
 def test_fully_masked_rows_are_finite_with_finite_gradients():

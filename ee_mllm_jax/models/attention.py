@@ -49,9 +49,9 @@ class Attention(nn.Module):
   def queries(self, h, pos):
     return rope(self.q_proj(h), pos, self.cfg.rope_theta, self.cfg.rope_scaling)
 
-  def attend(self, q, k, v, q_pos, k_pos, k_valid, layer=None):
+  def attend(self, q, k, v, q_pos, k_pos, k_valid, layer=None, same_tokens=False):
     return attend(q, k, v, q_pos, k_pos, k_valid, impl=self.cfg.attention_impl, block=self.cfg.attention_block,
-                  layer=layer)
+                  layer=layer, same_tokens=same_tokens)
 
   def align(self, v_vis):
     """Aligner: the output of a visual query attending only to itself, o_proj(v), (B,V,K,H) -> (B,V,D).
@@ -71,7 +71,7 @@ class Attention(nn.Module):
     h = jnp.concatenate([h_v, h_t], axis=1)
     k, v = self.keys_values(h, pos)
     if self.mode == "self":
-      out = self.o_proj(self.attend(self.queries(h, pos), k, v, pos, pos, valid))
+      out = self.o_proj(self.attend(self.queries(h, pos), k, v, pos, pos, valid, same_tokens=True))
       return out[:, :n_vis], out[:, n_vis:], (k, v)
     out_t = self.o_proj(self.attend(self.queries(h_t, pos_t), k, v, pos_t, pos, valid))
     return self.align(v[:, :n_vis]), out_t, (k, v)

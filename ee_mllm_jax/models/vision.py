@@ -32,7 +32,7 @@ class VisionLayer(nn.Module):
     h = LayerNorm(c.layer_norm_eps, name="layer_norm1", **kw)(x)
     q, k, v = (proj(n)(h) for n in ("q_proj", "k_proj", "v_proj"))
     # Every patch attends to every patch: no positions, no mask.
-    o = attend(q, k, v, impl=c.attention_impl, block=c.attention_block)
+    o = attend(q, k, v, impl=c.attention_impl, block=c.attention_block, same_tokens=True)
     x = x + Linear((c.num_heads, c.head_dim), (c.width,), ("heads", "head_dim", "embed"), use_bias=True,
                    name="out_proj", **kw)(o)
     h = LayerNorm(c.layer_norm_eps, name="layer_norm2", **kw)(x)
