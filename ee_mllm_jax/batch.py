@@ -241,6 +241,28 @@ def check_prompts_end_with_text(batch: Mapping[str, Any], cache: "Cache | None" 
                      "(e.g. the template's 'ASSISTANT:'), since only text tokens produce logits")
 
 
+def check_distinct_positions(batch: Mapping[str, Any]):
+  """Within a row, no two valid tokens (visual or text) share a position: the mask is causal by
+  position, and two tokens at one position would see each other (the "blocked" kernel's causal
+  block skipping relies on it too). Raises BatchError naming the rows. Skipped under tracing."""
+  pos_t, valid_t = batch["text_positions"], batch["text_valid"]
+  pos_v, image_valid = batch.get("visual_positions"), batch.get("image_valid")
+  if not _concrete(pos_t, valid_t, pos_v, image_valid):
+    return
+  pos, valid = np.asarray(pos_t), np.asarray(valid_t, bool)
+  if pos_v is not None and np.shape(pos_v)[1]:
+    pos_v = np.asarray(pos_v)
+    pos = np.concatenate([pos_v, pos], axis=1)
+    valid = np.concatenate([visual_valid(np.asarray(image_valid, bool), pos_v.shape[1]), valid], axis=1)
+  pad = np.iinfo(np.int64).min
+  ordered = np.sort(np.where(valid, pos.astype(np.int64), pad), axis=1)
+  repeats = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] > pad)
+  bad = np.flatnonzero(np.any(repeats, axis=1))
+  if bad.size:
+    raise BatchError(f"rows {bad.tolist()} have two valid tokens at one position (e.g. row {bad[0]}: "
+                     f"{ordered[bad[0], 1:][repeats[bad[0]]][:5].tolist()}); positions in a row must be distinct")
+
+
 # ----------------------------------------------------------------------------- index helpers
 
 

@@ -181,8 +181,9 @@ def generate(params, cfg: ModelConfig, batch: dict[str, Any], *, max_new_tokens:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   batch_lib.validate(batch, cfg if cache is None else None, keys=MODEL_KEYS if cache is None else TEXT_KEYS)
   prefix = cache
+  batch_lib.check_distinct_positions(batch)  # host values of the batch: no device read
   if prefix is None:
-    batch_lib.check_prompts_end_with_text(batch)  # host values of the batch: no device read
+    batch_lib.check_prompts_end_with_text(batch)
   text = batch_lib.text_inputs(batch)
   if cache is None:
     logits, cache = prefill(params, cfg, batch, cache_size=batch_lib.prefill_slots(cfg, batch) + max_new_tokens - 1)

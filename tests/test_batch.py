@@ -89,6 +89,19 @@ def test_generate_refuses_a_prompt_that_ends_with_an_image():
   assert eem.generate(params, CFG, ok, max_new_tokens=2).tokens.shape == (3, 2)
 
 
+def test_two_valid_tokens_at_one_position_are_refused_naming_the_row():
+  batch = make_batch(CFG, MIXED_PLANS)  # padding: every pad at position 0, which is fine
+  batch_lib.check_distinct_positions(batch)
+  bad = dict(batch, text_positions=batch["text_positions"].copy())
+  row = 1  # [2, img, 3, img, 4]
+  first_text = int(np.flatnonzero(batch["text_valid"][row])[0])
+  bad["text_positions"][row, first_text] = batch["visual_positions"][row, 0]  # onto the row's first image token
+  with pytest.raises(batch_lib.BatchError, match=rf"rows \[{row}\] have two valid tokens at one position"):
+    batch_lib.check_distinct_positions(bad)
+  with pytest.raises(batch_lib.BatchError, match="positions in a row must be distinct"):
+    eem.generate(init_params(CFG), CFG, bad, max_new_tokens=1)
+
+
 def test_cache_pad_and_repeat():
   params = init_params(CFG)
   batch = make_batch(CFG, [[3, "img", 5], [2, "img", 1]])

@@ -25,7 +25,6 @@ Letters: docs/design.md, "Letters".
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from ee_mllm_jax.models.kernels.dense import MASKED
