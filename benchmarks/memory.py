@@ -40,7 +40,7 @@ def parse_args():
   p.add_argument("--text_len", type=int, default=128)
   p.add_argument("--no_licm", action="store_true", help="disable while-loop-invariant code motion")
   p.add_argument("--prefill_visual", default="", help="comma-separated V: measure prefill instead of a train step")
-  p.add_argument("--attention_impl", default="xla,chunked", help="attention implementations to compare")
+  p.add_argument("--attention_impl", default="xla,blocked,chunked", help="attention implementations to compare")
   p.add_argument("--dtype", default="bfloat16", help="compute and parameter dtype (prefill table)")
   return p.parse_args()
 
