@@ -18,7 +18,8 @@
 # 3. decode: tokens/s of greedy decoding at batch 1 / 8 / 32 after V = 576 / 2304 prompts, every mode
 #    (benchmarks/decode.py; skipped while it is absent).
 #
-# Each step prints a header, its command and its time; the total wall time comes last.
+# Each step prints a header, its command and its time (or FAILED: the next steps still run, and the
+# script exits 1 at the end); the total wall time comes last.
 # PREFILL_TORCH=auto|1|0: pass --torch to prefill.py when its --help lists it (auto, the default),
 # always, or never.
 set -euo pipefail
@@ -61,23 +62,30 @@ if sys.argv[1] != "1" and devices[0].platform != "gpu":
 EOF
 
 STEP=0
-step() {  # step TITLE CMD...: header, command, run, time
+FAILED=()
+step() {  # step TITLE CMD...: header, command, run, time; a failed step is reported, the next ones run
   local title=$1; shift
   STEP=$((STEP + 1))
-  local t0
+  local t0 rc=0
   t0=$(date +%s)
   echo
   echo "=== [$STEP/3] $title ==="
   echo "\$ $*"
-  "$@"
-  echo "--- [$STEP/3] $title: $(( $(date +%s) - t0 )) s"
+  "$@" || rc=$?
+  if [ "$rc" = 0 ]; then
+    echo "--- [$STEP/3] $title: $(( $(date +%s) - t0 )) s"
+  else
+    echo "--- [$STEP/3] $title: FAILED (exit $rc) after $(( $(date +%s) - t0 )) s"
+    FAILED+=("$STEP")
+  fi
 }
 
 if [ "$DRY_RUN" = 1 ]; then
   PREFILL_SHAPE=(--preset tiny --dtype bfloat16 --visual 16 32 --repeats 1 --cross-every 2
                  --resampler-latents 4 --resampler-depth 1)
   TRAIN_SHAPE=(--preset=tiny --batch=2 --text_len=8 --steps=1)
-  DECODE_SHAPE=(--preset tiny --dtype bfloat16 --visual 16 32 --batch 1 2 --new-tokens 2 --repeats 1)
+  DECODE_SHAPE=(--preset tiny --dtype bfloat16 --visual 16 --batch 1 2 --new-tokens 2 --repeats 1 --cross-every 2
+                --resampler-latents 4 --resampler-depth 1)
 else
   PREFILL_SHAPE=(--preset llava-1.5-7b --dtype bfloat16 --visual 576 2304 2880)
   TRAIN_SHAPE=(--preset=llava-1.5-7b --batch=32 --text_len=128 --steps=5)
@@ -116,4 +124,8 @@ echo
 echo "=== total wall time: $TOTAL s ($(( TOTAL / 60 )) min $(( TOTAL % 60 )) s) ==="
 if [ "$DRY_RUN" != 1 ] && [ "$TOTAL" -gt 600 ]; then
   echo "note: over the 10-minute budget"
+fi
+if [ "${#FAILED[@]}" -gt 0 ]; then
+  echo "gpu.sh: step(s) ${FAILED[*]} failed" >&2
+  exit 1
 fi
