@@ -47,14 +47,12 @@ def make_batch(cfg, b, t, n_img):
 
 
 def step_flops(cfg, b, t, n_img):
-  """Analytic FLOPs of one step: 3x the forward when everything trains; when only the projector
-  trains (stage 1) nothing computes the frozen weights' gradients: the tower runs forward only,
-  the LLM forward and the backward to its inputs (2x), the projector 3x."""
+  """Analytic FLOPs of one step: 3x the forward (any other --trainable counts so too); when only the
+  projector trains (stage 1) nothing computes the frozen weights' gradients: the tower runs forward
+  only, the LLM forward and the backward to its inputs (2x), the projector 3x."""
   fwd = flops.forward_flops(cfg, batch=b, num_images=n_img, text_len=t)
-  if FLAGS.trainable == ".*":
-    return 3 * fwd["total"]
   if FLAGS.trainable != "projector/":
-    raise ValueError(f"FLOP count known for --trainable '.*' or 'projector/', got {FLAGS.trainable!r}")
+    return 3 * fwd["total"]
   return fwd["vision"] + 3 * fwd["projector"] + 2 * (fwd["total"] - fwd["vision"] - fwd["projector"])
 
 
