@@ -6,7 +6,8 @@ crossovers of `ee_mllm_jax.models.kernels.choose_impl` come from.
   python benchmarks/attention.py --heads 32 --dtype bfloat16      # on a GPU
 
 Call sites (B = 1): "self" = causal self-attention over S = V + 64 tokens in mixed order (the
-self-mode prefill); "text" = 64 text queries over S keys (composite prefill, a prompt after a
+self-mode prefill); "tower" = S tokens that all see each other (the vision tower; a 672 px CLIP
+image is 2305 tokens); "text" = 64 text queries over S keys (composite prefill, a prompt after a
 cached prefix); "decode" = one query against layer 0 of a stacked (2, B, S, K, H) cache.
 """
 
@@ -38,12 +39,12 @@ def parse_args():
 
 def torch_sdpa_ms(site, s, args):
   import torch  # pylint: disable=g-import-not-at-top
-  nq = {"self": s, "text": 64, "decode": 1}[site]
+  nq = {"self": s, "tower": s, "text": 64, "decode": 1}[site]
   dev = "cuda" if torch.cuda.is_available() else "cpu"
   dtype = getattr(torch, args.dtype)
   q, k, v = (torch.randn(1, args.heads, n, args.head_dim, device=dev, dtype=dtype) for n in (nq, s, s))
   # The causal mask of a query block that ends the sequence (is_causal aligns it top-left).
-  mask = None if site == "self" else torch.ones(nq, s, dtype=torch.bool, device=dev).tril(s - nq)
+  mask = None if site in ("self", "tower") else torch.ones(nq, s, dtype=torch.bool, device=dev).tril(s - nq)
   fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=site == "self")
   with torch.inference_mode():
     fn()
@@ -68,6 +69,8 @@ def site_inputs(site, s, args, rng):
     v = s - 64
     pos = jnp.asarray(np.concatenate([np.arange(30, 30 + v), np.arange(30), np.arange(30 + v, s)])[None], jnp.int32)
     return normal(1, s, n, h), normal(1, s, n, h), normal(1, s, n, h), pos, pos, valid, None, True
+  if site == "tower":
+    return normal(1, s, n, h), normal(1, s, n, h), normal(1, s, n, h), None, None, None, None, True
   k_pos = jnp.arange(s, dtype=jnp.int32)[None]
   if site == "text":
     return normal(1, 64, n, h), normal(1, s, n, h), normal(1, s, n, h), k_pos[:, -64:], k_pos, valid, None, False
@@ -82,7 +85,7 @@ def main():
         f"block {args.block}; median ms of {args.repeats}")
   print(f"{'site':>6} {'S':>6} " + " ".join(f"{i:>9}" for i in impls) + f" {'torch':>9} {'auto':>9}")
   rng = np.random.default_rng(0)
-  for site in ("self", "text", "decode"):
+  for site in ("self", "tower", "text", "decode"):
     for s in args.tokens:
       q, k, v, q_pos, k_pos, k_valid, layer, same = site_inputs(site, s, args, rng)
       row = []
@@ -91,7 +94,7 @@ def main():
             q, k, v, qp, kp, kv, impl=impl, block=args.block, layer=layer, same_tokens=same))
         row.append(median_ms(fn, q, k, v, q_pos, k_pos, k_valid, layer, repeats=args.repeats))
       ref = float("nan") if args.skip_torch else torch_sdpa_ms(site, s, args)
-      auto = kernels.choose_impl(q, k, v, same_tokens=same, causal=True,
+      auto = kernels.choose_impl(q, k, v, same_tokens=same, causal=q_pos is not None,
                                  stacked=layer is not None)
       print(f"{site:>6} {s:>6} " + " ".join(f"{ms:>9.2f}" for ms in row) + f" {ref:>9.2f} {auto:>9}", flush=True)
 

@@ -162,7 +162,7 @@ def test_auto_picks_a_cpu_implementation():
   assert choose(few, long, None) == "chunked" == choose(few, long, None, stacked=True)  # a long cache
   assert choose(sds(seq, 4), sds(seq, 2), None, same_tokens=True) == "blocked"  # self-mode prefill
   assert choose(sds(seq - 1, 4), sds(seq - 1, 2), None, same_tokens=True) == "xla"
-  assert choose(sds(seq, 4), sds(seq, 2), None, same_tokens=True, causal=False) == "xla"  # the tower
+  assert choose(sds(seq, 4), sds(seq, 2), None, same_tokens=True, causal=False) == "blocked"  # the tower
   cfg = config("auto", "self")
   batch = make_batch(cfg, MIXED_PLANS)
   params = init_params(cfg)

@@ -23,7 +23,7 @@ __all__ = ["AUTO_BLOCKED_MIN_QUERIES", "AUTO_CHUNKED_MIN_KEYS", "attend", "atten
 logger = logging.getLogger(__name__)
 
 # Crossovers of "auto" without cuDNN (see `choose_impl`), measured by benchmarks/attention.py.
-AUTO_BLOCKED_MIN_QUERIES = 512
+AUTO_BLOCKED_MIN_QUERIES = 256
 AUTO_CHUNKED_MIN_KEYS = 2048
 
 
@@ -72,20 +72,21 @@ def choose_impl(q, k, v, *, same_tokens: bool = False, causal: bool = True, stac
   """What "auto" runs for these shapes, from crossovers measured on CPU (`benchmarks/attention.py`):
 
   * cuDNN where it compiles (a GPU, half precision);
-  * "blocked" for self-attention over more than AUTO_BLOCKED_MIN_QUERIES tokens: causal block
-    skipping halves the work, and cache-sized score blocks run the GEMMs at full speed (the
-    LLM's prefill and training forward in self mode);
+  * "blocked" for self-attention over more than AUTO_BLOCKED_MIN_QUERIES tokens: cache-sized
+    score blocks with the heads leading run the GEMMs near full speed, and causal block skipping
+    halves the work (the LLM's prefill and training forward in self mode; the vision tower, not
+    causal, at 336 px and above);
   * "chunked" for a few queries against more than AUTO_CHUNKED_MIN_KEYS keys (decode steps and
     composite text queries over a long cache: no (Q, S) block, and a stacked cache is read in
     place);
-  * "xla" otherwise (short sequences: one dense block is fastest, the vision tower's 577 tokens).
+  * "xla" otherwise (short sequences, where the choice hardly matters).
   """
   del v
   nq, s = q.shape[1], k.shape[-3]
   if cudnn_works(jnp.dtype(q.dtype).name, q.shape[2], k.shape[-2], q.shape[3]):
     impl, why = "cudnn", "GPU backend with cuDNN attention"
-  elif same_tokens and causal and not stacked and nq > AUTO_BLOCKED_MIN_QUERIES:
-    impl, why = "blocked", f"causal self-attention over {nq} > {AUTO_BLOCKED_MIN_QUERIES} tokens"
+  elif same_tokens and not stacked and nq > AUTO_BLOCKED_MIN_QUERIES:
+    impl, why = "blocked", f"{'causal ' if causal else ''}self-attention over {nq} > {AUTO_BLOCKED_MIN_QUERIES} tokens"
   elif s > AUTO_CHUNKED_MIN_KEYS:
     impl, why = "chunked", f"{nq} queries over {s} keys > {AUTO_CHUNKED_MIN_KEYS}"
   else:
