@@ -16,10 +16,12 @@ cache of V + T + N - 1 slots (cross: T + N - 1, the media keys/values ride along
 transformers: `LlamaForCausalLM.generate(inputs_embeds=[x_v; embed(prompt)], do_sample=False)` (sdpa)
 on the same weights (the JAX parameters written through the package's HF export,
 `convert.export.planned_tensors`, into the torch model): TTFT = max_new_tokens=1, decode = N tokens
-(min_new_tokens=N) minus TTFT. Greedy tokens are compared for the first batch of each V ("tokens
-agree"). The PyTorch composite port (`ee_mllm_jax.torch`) is not timed: its `generate` is LLaVA's and
-needs image token ids with pixel values (the tower), and its decode steps are transformers' own decoder
-(`torch/llava.py`), so they cost what the transformers self row's do. On this CPU XLA's float32 GEMM is
+(min_new_tokens=N) minus TTFT. The PyTorch composite port
+(`ee_mllm_jax.torch.EEMLLMForConditionalGeneration`, EE-MLLM) runs its own `generate` (LLaVA's) on the
+same weights, from image placeholder ids with x_v handed over as the projected image features
+(`mm_encoder_outputs`: its tower is never run); its prefill is `composite_decoder`, its decode steps
+transformers' decoder over the cache. Greedy tokens of each torch row are compared with the JAX row of
+the same mode ("tokens agree"). On this CPU XLA's float32 GEMM is
 ~2.2x faster than torch's (ENVIRONMENT.md): compare modes within a framework.
 
   python benchmarks/decode.py                  # width-scaled LLaVA-7B shape, V 576 2304, batch 1 8 32
@@ -147,19 +149,52 @@ def torch_model(cfg: eem.ModelConfig, params):
   return model.to(getattr(torch, cfg.dtype))
 
 
-def time_torch(model, x_v, ids, *, new_tokens: int, repeats: int):
-  """-> (TTFT ms, decode ms for N - 1 steps, tokens (B, N)): transformers' generate from inputs_embeds."""
+def torch_composite_model(cfg: eem.ModelConfig, stock):
+  """The PyTorch port (`ee_mllm_jax.torch.EEMLLMForConditionalGeneration`) in composite mode (EE-MLLM,
+  no visual FFN) holding `stock`'s LLM weights. Its tower and projector are never run (`generate`
+  receives projected features as `mm_encoder_outputs`), so they are a minimal random CLIP."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  from ee_mllm_jax.torch import EEMLLMForConditionalGeneration  # pylint: disable=g-import-not-at-top
+
+  tower = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=1, image_size=28, patch_size=14)
+  config = transformers.LlavaConfig(vision_config=tower, text_config=stock.config.to_dict(),
+                                    image_token_id=image_token_id(cfg))
+  model = EEMLLMForConditionalGeneration(config, attention="composite", visual_ffn=False).eval()
+  model.model.language_model.load_state_dict(stock.model.state_dict(), strict=True)
+  model.lm_head.load_state_dict(stock.lm_head.state_dict(), strict=True)
+  return model.to(stock.lm_head.weight.dtype)
+
+
+def image_token_id(cfg) -> int:
+  """The composite port's image placeholder: the last id, which no prompt holds (`inputs_for`)."""
+  return cfg.llm.vocab_size - 1
+
+
+def time_torch(model, x_v, ids, *, new_tokens: int, repeats: int, composite: bool = False):
+  """-> (TTFT ms, decode ms for N - 1 steps, tokens (B, N)) of transformers' greedy `generate`: stock
+  from inputs_embeds [x_v; embed(ids)]; the composite port from image placeholders + ids, with x_v as
+  the image features (`mm_encoder_outputs`, used by the prefill only)."""
   import torch  # pylint: disable=g-import-not-at-top
   from torch_prefill import torch_ms  # pylint: disable=g-import-not-at-top
+  from transformers.modeling_outputs import BaseModelOutputWithPooling  # pylint: disable=g-import-not-at-top
 
+  dtype = model.lm_head.weight.dtype
+  features = torch.from_numpy(np.array(x_v, np.float32)).to(dtype)
+  ids = torch.from_numpy(np.asarray(ids, np.int64))
+  b, v = features.shape[:2]
   with torch.inference_mode():
-    dtype = model.lm_head.weight.dtype
-    embeds = torch.cat([torch.from_numpy(np.array(x_v, np.float32)).to(dtype),
-                        model.model.embed_tokens(torch.from_numpy(np.asarray(ids, np.int64)))], dim=1)
-    mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+    if composite:
+      placeholders = torch.full((b, v), model.config.image_token_id, dtype=torch.long)
+      prompt = dict(input_ids=torch.cat([placeholders, ids], dim=1))
+    else:
+      prompt = dict(inputs_embeds=torch.cat([features, model.get_input_embeddings()(ids)], dim=1))
+    mask = torch.ones((b, v + ids.shape[1]), dtype=torch.long)
 
     def run(n):
-      out = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+      extra = dict(mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=[features])}) \
+          if composite else {}
+      out = model.generate(**prompt, **extra, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                            do_sample=False, pad_token_id=0, eos_token_id=None)
       return out[:, -n:]
 
@@ -177,7 +212,7 @@ def inputs_for(cfg, *, batch: int, v: int, t: int, seed: int = 0):
   rng = np.random.default_rng(seed)
   c = cfg.llm
   x_v = jnp.asarray(rng.standard_normal((batch, v, c.width)), jnp.dtype(cfg.dtype))
-  ids = rng.integers(0, c.vocab_size, (batch, t)).astype(np.int32)
+  ids = rng.integers(0, image_token_id(cfg), (batch, t)).astype(np.int32)  # not the port's placeholder
   pos_v = np.broadcast_to(np.arange(v, dtype=np.int32), (batch, v))
   pos_t = np.broadcast_to(np.arange(v, v + t, dtype=np.int32), (batch, t))
   return x_v, ids, pos_v, pos_t, np.ones((batch, v), bool), np.ones((batch, t), bool)
@@ -185,7 +220,7 @@ def inputs_for(cfg, *, batch: int, v: int, t: int, seed: int = 0):
 
 def run(args) -> dict:
   """-> {"rows": [dict(mode, framework, V, batch, ttft_ms, ms_per_token, tokens_per_s)],
-  "agree": {(V, batch): (agreeing tokens, N)}, "tokens": {(framework, V, batch): (B, N)}}."""
+  "agree": {(mode, V, batch): (agreeing tokens, B * N)}, "tokens": {(mode, framework, V, batch): (B, N)}}."""
   modes = {m: c for m, c in mode_configs(args).items() if m in args.modes}
   cfg = next(iter(modes.values()))
   c = cfg.llm
@@ -193,12 +228,14 @@ def run(args) -> dict:
         f"heads {c.num_heads}/{c.num_kv_heads}, mlp {c.mlp_dim}; T {args.text}, N {args.new_tokens}; "
         f"dtype {args.dtype}; median of {args.repeats}")
   params = init_params(modes | {"self": mode_configs(args)["self"]})
-  model = None
-  if not args.skip_torch and "self" in modes:
+  torch_models = {}  # mode -> model: stock LLaMA (self), the PyTorch port (composite); both on the same weights
+  if not args.skip_torch and modes.keys() & {"self", "composite"}:
     import torch  # pylint: disable=g-import-not-at-top
     if args.threads:
       torch.set_num_threads(args.threads)
-    model = torch_model(modes["self"], params["self"])
+    stock = torch_model(mode_configs(args)["self"], params["self"])
+    torch_models = {"self": stock, "composite": torch_composite_model(cfg, stock)}
+    torch_models = {m: model for m, model in torch_models.items() if m in modes}
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
   steps = args.new_tokens - 1
   out = {"rows": [], "agree": {}, "tokens": {}}
@@ -207,21 +244,20 @@ def run(args) -> dict:
       inputs = inputs_for(cfg, batch=b, v=v, t=args.text)
       timed = {(m, "jax"): (lambda m=m: time_jax(modes[m], params[m], inputs, new_tokens=args.new_tokens,
                                                   repeats=args.repeats)) for m in modes}
-      if model is not None:
-        timed["self", "torch"] = lambda: time_torch(model, inputs[0], inputs[1], new_tokens=args.new_tokens,
-                                                    repeats=args.repeats)
+      for m, model in torch_models.items():
+        timed[m, "torch"] = (lambda m=m, model=model: time_torch(
+            model, inputs[0], inputs[1], new_tokens=args.new_tokens, repeats=args.repeats, composite=m == "composite"))
       for (mode, framework), fn in timed.items():
         t0 = time.perf_counter()
         ttft, decode, tokens = fn()
-        if mode == "self":
-          out["tokens"][framework, v, b] = tokens
+        out["tokens"][mode, framework, v, b] = tokens
         row = dict(mode=mode, framework=framework, V=v, batch=b, ttft_ms=ttft, ms_per_token=decode / steps,
                    tokens_per_s=b * steps / decode * 1e3)
         out["rows"].append(row)
         print(f"  ... {mode} {framework} V={v} B={b} done in {time.perf_counter() - t0:.0f} s", flush=True)
-      if ("torch", v, b) in out["tokens"]:
-        same = out["tokens"]["jax", v, b] == out["tokens"]["torch", v, b]
-        out["agree"][v, b] = (int(np.sum(np.cumprod(same, axis=1))), same.size)  # per row: the leading run
+      for m in torch_models:
+        same = out["tokens"][m, "jax", v, b] == out["tokens"][m, "torch", v, b]
+        out["agree"][m, v, b] = (int(np.sum(np.cumprod(same, axis=1))), same.size)  # per row: the leading run
   return out
 
 
@@ -230,17 +266,21 @@ def report(out, args):
   for r in out["rows"]:
     print(f"{r['mode']:>9} {r['framework']:>9} {r['V']:>6} {r['batch']:>5} {r['ttft_ms']:>10.1f} "
           f"{r['ms_per_token']:>9.2f} {r['tokens_per_s']:>9.1f}")
-  for (v, b), (n, total) in out["agree"].items():
-    print(f"tokens agree (JAX self vs transformers, V={v}, batch {b}): {'yes' if n == total else 'no'} "
+  for (m, v, b), (n, total) in out["agree"].items():
+    print(f"tokens agree ({m}: JAX vs transformers, V={v}, batch {b}): {'yes' if n == total else 'no'} "
           f"({n} of {total} tokens before the first difference in each row)")
   by = {(r["mode"], r["framework"], r["V"], r["batch"]): r for r in out["rows"]}
-  print("\nJAX decode step and TTFT relative to self mode (same V, batch):")
-  print(f"{'V':>6} {'batch':>5} {'mode':>9} {'step ratio':>10} {'TTFT ratio':>10}")
+  print("\nDecode step and TTFT relative to self mode (same framework, V, batch):")
+  print(f"{'framework':>9} {'V':>6} {'batch':>5} {'mode':>9} {'step ratio':>10} {'TTFT ratio':>10}")
+  steps = {}
   for (mode, fw, v, b), r in by.items():
-    base = by.get(("self", "jax", v, b))
-    if fw == "jax" and mode != "self" and base:
-      print(f"{v:>6} {b:>5} {mode:>9} {r['ms_per_token'] / base['ms_per_token']:>10.2f} "
-            f"{r['ttft_ms'] / base['ttft_ms']:>10.2f}")
+    base = by.get(("self", fw, v, b))
+    if mode != "self" and base:
+      steps.setdefault((fw, mode), []).append(r["ms_per_token"] / base["ms_per_token"])
+      print(f"{fw:>9} {v:>6} {b:>5} {mode:>9} {steps[fw, mode][-1]:>10.2f} {r['ttft_ms'] / base['ttft_ms']:>10.2f}")
+  for (fw, mode), ratios in steps.items():
+    print(f"{fw} {mode}/self decode step: median {np.median(ratios):.2f} over {len(ratios)} (V, batch)"
+          f" (range {min(ratios):.2f}-{max(ratios):.2f})")
   print("""
 What a decode step costs. Self and composite modes cache every visual and text token's keys/values
 in the prefill, and a decode step is the same computation in both: one text query per row through

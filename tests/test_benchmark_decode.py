@@ -1,6 +1,7 @@
 """benchmarks/decode.py at a tiny shape: a row per (mode, V, batch, framework) with positive, finite
-times, and JAX's self-mode greedy tokens (prefill + the package's decode loop) equal transformers'
-`generate` on the same weights, written into the torch model through the package's HF export."""
+times, and JAX's greedy tokens (prefill + the package's decode loop) equal transformers' `generate` on
+the same weights (written into the torch models through the package's HF export): stock LLaMA in self
+mode, the PyTorch composite port in composite mode."""
 
 import math
 import os
@@ -25,19 +26,22 @@ def test_decode_benchmark_rows_and_greedy_tokens_equal_transformers(capsys):
   out = decode.main(argv)
   rows = {(r["mode"], r["framework"], r["V"], r["batch"]): r for r in out["rows"]}
   want = {(m, "jax", v, b) for m in decode.MODES for v in VISUAL for b in BATCH}
-  want |= {("self", "torch", v, b) for v in VISUAL for b in BATCH}
+  want |= {(m, "torch", v, b) for m in ("self", "composite") for v in VISUAL for b in BATCH}
   assert set(rows) == want and len(out["rows"]) == len(want)
   for key, r in rows.items():
     for field in ("ttft_ms", "ms_per_token", "tokens_per_s"):
       assert math.isfinite(r[field]) and r[field] > 0, (key, field, r[field])
     # tokens/s is the batch's tokens over the decode time that ms/token divides
     assert r["tokens_per_s"] == pytest.approx(r["batch"] * 1e3 / r["ms_per_token"])
-  for v in VISUAL:
-    for b in BATCH:
-      jax_tokens, torch_tokens = out["tokens"]["jax", v, b], out["tokens"]["torch", v, b]
-      assert jax_tokens.shape == torch_tokens.shape == (b, NEW)
-      np.testing.assert_array_equal(jax_tokens, torch_tokens)
-      assert out["agree"][v, b] == (b * NEW, b * NEW)
+  for m in ("self", "composite"):
+    for v in VISUAL:
+      for b in BATCH:
+        jax_tokens, torch_tokens = out["tokens"][m, "jax", v, b], out["tokens"][m, "torch", v, b]
+        assert jax_tokens.shape == torch_tokens.shape == (b, NEW)
+        np.testing.assert_array_equal(jax_tokens, torch_tokens, err_msg=f"{m} V={v} batch {b}")
+        assert out["agree"][m, v, b] == (b * NEW, b * NEW)
+  # guard: the two modes are different functions of the same weights and prompt
+  assert not np.array_equal(out["tokens"]["self", "jax", 16, 2], out["tokens"]["composite", "jax", 16, 2])
   printed = capsys.readouterr().out
-  assert "tokens agree (JAX self vs transformers, V=16, batch 2): yes" in printed
+  assert "tokens agree (composite: JAX vs transformers, V=16, batch 2): yes" in printed
   assert "TTFT ms" in printed and "ms/token" in printed and "tokens/s" in printed
