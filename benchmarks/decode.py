@@ -120,7 +120,8 @@ def init_params(modes: dict[str, eem.ModelConfig]) -> dict[str, dict]:
 
 
 def time_jax(cfg, params, inputs, *, new_tokens: int, repeats: int):
-  """-> (TTFT ms, decode ms for N - 1 steps, tokens (B, N))."""
+  """-> (TTFT ms, decode ms for N - 1 steps, tokens (B, N), MB a decode step reads at least: the
+  decoder's weights but the embedding table, and the whole cache, which every step attends over)."""
   v, t = inputs[0].shape[1], inputs[1].shape[1]
   size = (t if not cfg.mode.visual_in_decoder else v + t) + new_tokens - 1
   prefill = jax_prefill(cfg, size)
@@ -129,7 +130,9 @@ def time_jax(cfg, params, inputs, *, new_tokens: int, repeats: int):
   next_pos = jnp.asarray(inputs[3][:, -1] + 1)
   run = lambda: decode_loop(params, cfg, logits, cache, next_pos, max_new_tokens=new_tokens).tokens
   decode = median_ms(run, repeats=repeats)
-  return ttft, decode, np.asarray(run())
+  weights = sum(x.nbytes for path, x in params_lib.flatten(params["llm"]).items() if not path.startswith("embed_"))
+  kv = sum(x.nbytes for x in (cache.k, cache.v, cache.cross_k, cache.cross_v) if x is not None)
+  return ttft, decode, np.asarray(run()), (weights + kv) / 1e6
 
 
 # ----------------------------------------------------------------------------- transformers
@@ -201,7 +204,7 @@ def time_torch(model, x_v, ids, *, new_tokens: int, repeats: int, composite: boo
     ttft = torch_ms(lambda: run(1), repeats)
     total = torch_ms(lambda: run(new_tokens), repeats)
     tokens = run(new_tokens).numpy()
-  return ttft, max(total - ttft, 1e-9), tokens
+  return ttft, max(total - ttft, 1e-9), tokens, None
 
 
 # ----------------------------------------------------------------------------- main
@@ -249,10 +252,10 @@ def run(args) -> dict:
             model, inputs[0], inputs[1], new_tokens=args.new_tokens, repeats=args.repeats, composite=m == "composite"))
       for (mode, framework), fn in timed.items():
         t0 = time.perf_counter()
-        ttft, decode, tokens = fn()
+        ttft, decode, tokens, read_mb = fn()
         out["tokens"][mode, framework, v, b] = tokens
         row = dict(mode=mode, framework=framework, V=v, batch=b, ttft_ms=ttft, ms_per_token=decode / steps,
-                   tokens_per_s=b * steps / decode * 1e3)
+                   tokens_per_s=b * steps / decode * 1e3, read_mb=read_mb)
         out["rows"].append(row)
         print(f"  ... {mode} {framework} V={v} B={b} done in {time.perf_counter() - t0:.0f} s", flush=True)
       for m in torch_models:
@@ -271,26 +274,31 @@ def report(out, args):
           f"({n} of {total} tokens before the first difference in each row)")
   by = {(r["mode"], r["framework"], r["V"], r["batch"]): r for r in out["rows"]}
   print("\nDecode step and TTFT relative to self mode (same framework, V, batch):")
-  print(f"{'framework':>9} {'V':>6} {'batch':>5} {'mode':>9} {'step ratio':>10} {'TTFT ratio':>10}")
+  print(f"{'framework':>9} {'V':>6} {'batch':>5} {'mode':>9} {'step ratio':>10} {'TTFT ratio':>10} "
+        f"{'MB/step':>8} {'MB ratio':>8}")
   steps = {}
   for (mode, fw, v, b), r in by.items():
     base = by.get(("self", fw, v, b))
     if mode != "self" and base:
       steps.setdefault((fw, mode), []).append(r["ms_per_token"] / base["ms_per_token"])
-      print(f"{fw:>9} {v:>6} {b:>5} {mode:>9} {steps[fw, mode][-1]:>10.2f} {r['ttft_ms'] / base['ttft_ms']:>10.2f}")
+      mb, base_mb = by[mode, "jax", v, b]["read_mb"], by["self", "jax", v, b]["read_mb"]
+      print(f"{fw:>9} {v:>6} {b:>5} {mode:>9} {steps[fw, mode][-1]:>10.2f} {r['ttft_ms'] / base['ttft_ms']:>10.2f} "
+            f"{mb:>8.0f} {mb / base_mb:>8.2f}")
   for (fw, mode), ratios in steps.items():
     print(f"{fw} {mode}/self decode step: median {np.median(ratios):.2f} over {len(ratios)} (V, batch)"
           f" (range {min(ratios):.2f}-{max(ratios):.2f})")
   print("""
 What a decode step costs. Self and composite modes cache every visual and text token's keys/values
 in the prefill, and a decode step is the same computation in both: one text query per row through
-every layer, against V + T + t cached keys (t: tokens so far), plus the FFN and LM head on that one
-token. So their step ratio should be ~1.00; composite differs in the prefill only (no visual
-queries, no V x V scores, no visual FFN: a smaller TTFT, more so at large V). Cross mode's
-self-attention cache holds text only (T + t keys), and each of its gated blocks reads that block's
-media keys/values (I images x M latents) from the cache: the step attends over fewer keys but runs
-the extra blocks' attention and FFN, so its step cost does not grow with V (the resampler squeezes
-each image to M latents) while self/composite steps grow with V + T through the cache reads.""")
+every layer against V + T + t cached keys (t: tokens so far), the FFN and the LM head on that one
+token (the PyTorch port's steps are transformers' own decoder). So their step ratio should be ~1
+(MB ratio 1.00: the same weights and cache are read); composite differs in the prefill only (no
+visual queries, no V x V scores, no visual FFN: a smaller TTFT, more so at large V). Cross mode's
+self-attention cache holds text only (T + t slots); its gated blocks read their media keys/values
+(I images x M latents) from the cache and add their own attention and FFN weights, so a step reads
+less once the batch's V-long caches outweigh those weights (MB ratio < 1): its decode does not grow
+with V, while self/composite steps grow with B x (V + T) through the cache reads.
+""")
 
 
 def main(argv=None):
