@@ -15,8 +15,8 @@ cache of V + T + N - 1 slots (cross: T + N - 1, the media keys/values ride along
 
 transformers: `LlamaForCausalLM.generate(inputs_embeds=[x_v; embed(prompt)], do_sample=False)` (sdpa)
 on the same weights (the JAX parameters written through the package's HF export,
-`convert.export.planned_tensors`, into the torch model): TTFT = max_new_tokens=1, decode = N tokens
-(min_new_tokens=N) minus TTFT. The PyTorch composite port
+`convert.export.planned_tensors`, into the torch model), N tokens (min_new_tokens=N); TTFT and decode
+time from one call, stamped by a streamer as each token is handed over (`time_torch`). The PyTorch composite port
 (`ee_mllm_jax.torch.EEMLLMForConditionalGeneration`, EE-MLLM) runs its own `generate` (LLaVA's) on the
 same weights, from image placeholder ids with x_v handed over as the projected image features
 (`mm_encoder_outputs`: its tower is never run); its prefill is `composite_decoder`, its decode steps
@@ -25,7 +25,10 @@ the same mode ("tokens agree"). On this CPU XLA's float32 GEMM is
 ~2.2x faster than torch's (ENVIRONMENT.md): compare modes within a framework.
 
   python benchmarks/decode.py                  # width-scaled LLaVA-7B shape, V 576 2304, batch 1 8 32
-  python benchmarks/decode.py --visual 576 --batch 1 8 --new-tokens 16 --repeats 2   # ~minutes, 2 cores
+  python benchmarks/decode.py --visual 576 --batch 1 8 --new-tokens 16 --repeats 2 --threads 2  # ~8 min, 2 cores
+
+The default sweep is for a GPU or a many-core host: on 2 CPU cores its batch-32, V=2304 prefill alone
+takes minutes per call (each row is timed 1 + 2 x repeats times); use the second line there.
   python benchmarks/decode.py --preset llava-1.5-7b --dtype bfloat16 --skip-torch   # on a GPU
 """
 
@@ -177,15 +180,30 @@ def image_token_id(cfg) -> int:
 def time_torch(model, x_v, ids, *, new_tokens: int, repeats: int, composite: bool = False):
   """-> (TTFT ms, decode ms for N - 1 steps, tokens (B, N)) of transformers' greedy `generate`: stock
   from inputs_embeds [x_v; embed(ids)]; the composite port from image placeholders + ids, with x_v as
-  the image features (`mm_encoder_outputs`, used by the prefill only)."""
+  the image features (`mm_encoder_outputs`, used by the prefill only). Both times come from one call:
+  a streamer stamps each new token as `generate` hands it over (after `.cpu()`, so the step is done),
+  TTFT = start to the first token, decode = first token to the end; medians after one warmup call.
+  (Timing max_new_tokens=1 apart and subtracting it from a whole run left the difference of two noisy
+  medians: at batch 1 it put the same decoder's steps at 13 and 26 ms.)"""
   import torch  # pylint: disable=g-import-not-at-top
-  from torch_prefill import torch_ms  # pylint: disable=g-import-not-at-top
+  from transformers.generation.streamers import BaseStreamer  # pylint: disable=g-import-not-at-top
   from transformers.modeling_outputs import BaseModelOutputWithPooling  # pylint: disable=g-import-not-at-top
+
+  class Clock(BaseStreamer):
+    def __init__(self):
+      self.times = []
+
+    def put(self, value):
+      self.times.append(time.perf_counter())
+
+    def end(self):
+      pass
 
   dtype = model.lm_head.weight.dtype
   features = torch.from_numpy(np.array(x_v, np.float32)).to(dtype)
   ids = torch.from_numpy(np.asarray(ids, np.int64))
   b, v = features.shape[:2]
+  n = new_tokens
   with torch.inference_mode():
     if composite:
       placeholders = torch.full((b, v), model.config.image_token_id, dtype=torch.long)
@@ -194,17 +212,20 @@ def time_torch(model, x_v, ids, *, new_tokens: int, repeats: int, composite: boo
       prompt = dict(inputs_embeds=torch.cat([features, model.get_input_embeddings()(ids)], dim=1))
     mask = torch.ones((b, v + ids.shape[1]), dtype=torch.long)
 
-    def run(n):
+    def run():
       extra = dict(mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=[features])}) \
           if composite else {}
+      clock = Clock()
+      t0 = time.perf_counter()
       out = model.generate(**prompt, **extra, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, pad_token_id=0, eos_token_id=None)
-      return out[:, -n:]
+                           do_sample=False, pad_token_id=0, eos_token_id=None, streamer=clock)
+      t1 = time.perf_counter()
+      first = clock.times[-n]  # the prompt may be put first; the last n puts are the new tokens
+      return out[:, -n:].numpy(), (first - t0) * 1e3, (t1 - first) * 1e3
 
-    ttft = torch_ms(lambda: run(1), repeats)
-    total = torch_ms(lambda: run(new_tokens), repeats)
-    tokens = run(new_tokens).numpy()
-  return ttft, max(total - ttft, 1e-9), tokens, None
+    run()
+    runs = [run() for _ in range(repeats)]
+  return float(np.median([r[1] for r in runs])), float(np.median([r[2] for r in runs])), runs[-1][0], None
 
 
 # ----------------------------------------------------------------------------- main
@@ -245,11 +266,12 @@ def run(args) -> dict:
   for v in args.visual:
     for b in args.batch:
       inputs = inputs_for(cfg, batch=b, v=v, t=args.text)
-      timed = {(m, "jax"): (lambda m=m: time_jax(modes[m], params[m], inputs, new_tokens=args.new_tokens,
-                                                  repeats=args.repeats)) for m in modes}
-      for m, model in torch_models.items():
-        timed[m, "torch"] = (lambda m=m, model=model: time_torch(
-            model, inputs[0], inputs[1], new_tokens=args.new_tokens, repeats=args.repeats, composite=m == "composite"))
+      # torch first: in one run, torch's first row after XLA's measured 4x slower (TTFT) than in a fresh process
+      timed = {(m, "torch"): (lambda m=m, model=model: time_torch(
+          model, inputs[0], inputs[1], new_tokens=args.new_tokens, repeats=args.repeats, composite=m == "composite"))
+               for m, model in torch_models.items()}
+      timed |= {(m, "jax"): (lambda m=m: time_jax(modes[m], params[m], inputs, new_tokens=args.new_tokens,
+                                                   repeats=args.repeats)) for m in modes}
       for (mode, framework), fn in timed.items():
         t0 = time.perf_counter()
         ttft, decode, tokens, read_mb = fn()

@@ -33,6 +33,9 @@ def test_decode_benchmark_rows_and_greedy_tokens_equal_transformers(capsys):
       assert math.isfinite(r[field]) and r[field] > 0, (key, field, r[field])
     # tokens/s is the batch's tokens over the decode time that ms/token divides
     assert r["tokens_per_s"] == pytest.approx(r["batch"] * 1e3 / r["ms_per_token"])
+  for v in VISUAL:
+    for b in BATCH:  # the same weights and the same V + T + N - 1 cache slots: a decode step reads the same bytes
+      assert rows["composite", "jax", v, b]["read_mb"] == rows["self", "jax", v, b]["read_mb"] > 0
   for m in ("self", "composite"):
     for v in VISUAL:
       for b in BATCH:
