@@ -16,20 +16,21 @@ cache of V + T + N - 1 slots (cross: T + N - 1, the media keys/values ride along
 transformers: `LlamaForCausalLM.generate(inputs_embeds=[x_v; embed(prompt)], do_sample=False)` (sdpa)
 on the same weights (the JAX parameters written through the package's HF export,
 `convert.export.planned_tensors`, into the torch model), N tokens (min_new_tokens=N); TTFT and decode
-time from one call, stamped by a streamer as each token is handed over (`time_torch`). The PyTorch composite port
-(`ee_mllm_jax.torch.EEMLLMForConditionalGeneration`, EE-MLLM) runs its own `generate` (LLaVA's) on the
-same weights, from image placeholder ids with x_v handed over as the projected image features
-(`mm_encoder_outputs`: its tower is never run); its prefill is `composite_decoder`, its decode steps
-transformers' decoder over the cache. Greedy tokens of each torch row are compared with the JAX row of
-the same mode ("tokens agree"). On this CPU XLA's float32 GEMM is
-~2.2x faster than torch's (ENVIRONMENT.md): compare modes within a framework.
+time from one call, stamped by a streamer as each token is handed over (`time_torch`). The PyTorch
+composite port (`ee_mllm_jax.torch.EEMLLMForConditionalGeneration`, EE-MLLM) runs its own `generate`
+(LLaVA's) on the same weights, from image placeholder ids with x_v handed over as the projected image
+features (`mm_encoder_outputs`: its tower is never run); its prefill is `composite_decoder`, its
+decode steps transformers' decoder over the cache. Greedy tokens of each torch row are compared with
+the JAX row of the same mode ("tokens agree"). Compare modes within a framework: across frameworks
+the CPU kernels differ (XLA's float32 GEMM is ~2.2x torch's, ENVIRONMENT.md; torch's batch-1 step
+is the faster one here).
 
   python benchmarks/decode.py                  # width-scaled LLaVA-7B shape, V 576 2304, batch 1 8 32
-  python benchmarks/decode.py --visual 576 --batch 1 8 --new-tokens 16 --repeats 2 --threads 2  # ~8 min, 2 cores
-
-The default sweep is for a GPU or a many-core host: on 2 CPU cores its batch-32, V=2304 prefill alone
-takes minutes per call (each row is timed 1 + 2 x repeats times); use the second line there.
+  python benchmarks/decode.py --visual 576 --batch 1 8 --new-tokens 16 --repeats 3 --threads 2  # ~3-5 min, 2 cores
   python benchmarks/decode.py --preset llava-1.5-7b --dtype bfloat16 --skip-torch   # on a GPU
+
+The default sweep is for a GPU or a many-core host: on 2 CPU cores one batch-32, V=2304 prefill takes
+minutes, and every row runs its prefill and decode 2 + repeats times; use the second line there.
 """
 
 from __future__ import annotations
