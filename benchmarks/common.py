@@ -27,6 +27,20 @@ def scaled_llava(width: int, layers: int, vocab: int | None = None) -> eem.Model
   return base.replace(llm=llm, vision=vision)
 
 
+def torch_llm(cfg: eem.ModelConfig):
+  """transformers' LlamaForCausalLM (the LLaVA decoder, SDPA attention) of `cfg.llm`'s shape,
+  random weights (seed 0), in eval mode on the CPU in float32."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  c = cfg.llm
+  text = transformers.LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.width, intermediate_size=c.mlp_dim,
+                                  num_hidden_layers=c.depth, num_attention_heads=c.num_heads,
+                                  num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
+                                  rope_theta=c.rope_theta, attn_implementation="sdpa")
+  torch.manual_seed(0)
+  return transformers.LlamaForCausalLM(text).eval()
+
+
 def images_then_text(cfg, *, batch: int, num_images: int, text_len: int, seed: int = 0) -> batch_lib.Batch:
   """`batch` identical-shape rows: `num_images` images at positions [0, V), then the prompt."""
   return batch_lib.from_plans(cfg, [["img"] * num_images + [text_len]] * batch, seed=seed)

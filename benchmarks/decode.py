@@ -146,7 +146,7 @@ def torch_model(cfg: eem.ModelConfig, params):
   """transformers' LlamaForCausalLM holding the JAX LLM's weights, through the package's HF export."""
   import torch  # pylint: disable=g-import-not-at-top
   from ee_mllm_jax.convert.export import planned_tensors  # pylint: disable=g-import-not-at-top
-  from torch_prefill import torch_llm  # pylint: disable=g-import-not-at-top
+  from common import torch_llm  # pylint: disable=g-import-not-at-top
 
   model = torch_llm(cfg.replace(dtype="float32", param_dtype="float32"))
   root = "language_model."  # the LLM's root in a LLaVA checkpoint (convert.names.LLAVA_ROOTS)

@@ -15,13 +15,13 @@
 #    layer input per layer, 32 x 704 x 4096 x 2 B x 32 layers = 5.9 GB; one layer's recompute
 #    (MLP 3 x 0.5 GB, scores and probabilities 32 x 32 x 704^2 in f32 with their gradients, ~8 GB)
 #    and the f32 logits (0.5 GB) -> about 30 GB of 80.
-# 3. decode: tokens/s of greedy decoding at batch 1 / 8 / 32 after V = 576 / 2304 prompts, every mode
-#    (benchmarks/decode.py; skipped while it is absent).
+# 3. decode: TTFT, ms/token and tokens/s of greedy decoding at batch 1 / 8 / 32 after V = 576 / 2304
+#    prompts, every mode (benchmarks/decode.py), beside transformers' generate when torch is importable.
 #
 # Each step prints a header, its command and its time (or FAILED: the next steps still run, and the
 # script exits 1 at the end); the total wall time comes last.
-# PREFILL_TORCH=auto|1|0: pass --torch to prefill.py when its --help lists it (auto, the default),
-# always, or never.
+# WITH_TORCH=auto|1|0: the PyTorch rows of steps 1 and 3 when torch and transformers import (auto,
+# the default), always, or never.
 set -euo pipefail
 
 DRY_RUN=${DRY_RUN:-0}
@@ -36,7 +36,7 @@ done
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's ee_mllm_jax, whatever is installed
 PYTHON=${PYTHON:-python}
-PREFILL_TORCH=${PREFILL_TORCH:-auto}
+WITH_TORCH=${WITH_TORCH:-auto}
 if [ "$DRY_RUN" = 1 ]; then
   export JAX_PLATFORMS=cpu CUDA_VISIBLE_DEVICES=""  # JAX and torch on the CPU
   # Compile fast (LLVM at -O0): the dry run checks the plumbing, shapes and compiles, not speed.
@@ -92,32 +92,25 @@ else
   DECODE_SHAPE=(--preset llava-1.5-7b --dtype bfloat16 --visual 576 2304 --batch 1 8 32 --new-tokens 32)
 fi
 
-case "$PREFILL_TORCH" in
-  auto) if "$PYTHON" benchmarks/prefill.py --help 2>/dev/null | grep -q -- '--torch'; then PREFILL_TORCH=1; else
-          PREFILL_TORCH=0; echo "note: benchmarks/prefill.py has no --torch yet: no transformers / PyTorch rows"; fi ;;
+case "$WITH_TORCH" in
+  auto) if "$PYTHON" -c "import torch, transformers" 2>/dev/null; then WITH_TORCH=1; else
+          WITH_TORCH=0; echo "note: torch / transformers not importable: no PyTorch rows"; fi ;;
   0|1) ;;
-  *) echo "gpu.sh: PREFILL_TORCH must be auto, 0 or 1, got $PREFILL_TORCH" >&2; exit 2 ;;
+  *) echo "gpu.sh: WITH_TORCH must be auto, 0 or 1, got $WITH_TORCH" >&2; exit 2 ;;
 esac
-TORCH_FLAG=()
-[ "$PREFILL_TORCH" = 1 ] && TORCH_FLAG=(--torch)
+PREFILL_TORCH=(); DECODE_TORCH=(--skip-torch)
+[ "$WITH_TORCH" = 1 ] && PREFILL_TORCH=(--torch) && DECODE_TORCH=()
 
 # JAX preallocates 75% of the GPU unless told not to; torch shares the device in steps 1 and 3.
 XLA_PYTHON_CLIENT_PREALLOCATE=false step "prefill table (self / composite / cross; bf16)" \
-  "$PYTHON" benchmarks/prefill.py "${PREFILL_SHAPE[@]}" "${TORCH_FLAG[@]}"
+  "$PYTHON" benchmarks/prefill.py "${PREFILL_SHAPE[@]}" "${PREFILL_TORCH[@]}"
 
 step "stage-1 train step (projector only; bf16 params, remat full): tokens/s and MFU" \
   "$PYTHON" benchmarks/train_step.py "${TRAIN_SHAPE[@]}" --num_images=1 --dtype=bfloat16 \
   --param_dtype=bfloat16 --remat=full --trainable=projector/
 
-if [ -f benchmarks/decode.py ]; then
-  XLA_PYTHON_CLIENT_PREALLOCATE=false step "decode tokens/s (greedy; every mode)" \
-    "$PYTHON" benchmarks/decode.py "${DECODE_SHAPE[@]}"
-else
-  STEP=$((STEP + 1))
-  echo
-  echo "=== [$STEP/3] decode tokens/s (greedy; every mode) ==="
-  echo "skipped: decode.py not present"
-fi
+XLA_PYTHON_CLIENT_PREALLOCATE=false step "decode: TTFT, ms/token, tokens/s (greedy; every mode)" \
+  "$PYTHON" benchmarks/decode.py "${DECODE_SHAPE[@]}" "${DECODE_TORCH[@]}"
 
 TOTAL=$(( $(date +%s) - START ))
 echo
