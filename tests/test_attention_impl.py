@@ -159,7 +159,8 @@ def test_auto_picks_a_cpu_implementation():
   seq = kernels_lib.AUTO_BLOCKED_MIN_QUERIES + 1
   choose = kernels_lib.choose_impl
   assert choose(few, sds(64, 2), None) == "xla"  # a short prompt, a decode step on a short cache
-  assert choose(few, long, None) == "chunked" == choose(few, long, None, stacked=True)  # a long cache
+  assert choose(few, long, None, stacked=True) == "chunked"  # a decode step on a long cache, read in place
+  assert choose(few, long, None) == "blocked"  # composite's text queries over a long [visual; text]
   assert choose(sds(seq, 4), sds(seq, 2), None, same_tokens=True) == "blocked"  # self-mode prefill
   assert choose(sds(seq - 1, 4), sds(seq - 1, 2), None, same_tokens=True) == "xla"
   assert choose(sds(seq, 4), sds(seq, 2), None, same_tokens=True, causal=False) == "blocked"  # the tower

@@ -18,13 +18,13 @@ from ee_mllm_jax.models.kernels.blocked import attend_blocked
 from ee_mllm_jax.models.kernels.chunked import attend_chunked
 from ee_mllm_jax.models.kernels.dense import attend_cudnn, attend_xla, attention_mask, cudnn_works
 
-__all__ = ["AUTO_BLOCKED_MIN_QUERIES", "AUTO_CHUNKED_MIN_KEYS", "attend", "attention_mask", "choose_impl"]
+__all__ = ["AUTO_BLOCKED_MIN_QUERIES", "AUTO_LONG_KEYS", "attend", "attention_mask", "choose_impl"]
 
 logger = logging.getLogger(__name__)
 
 # Crossovers of "auto" without cuDNN (see `choose_impl`), measured by benchmarks/attention.py.
 AUTO_BLOCKED_MIN_QUERIES = 256
-AUTO_CHUNKED_MIN_KEYS = 2048
+AUTO_LONG_KEYS = 2048
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array | None = None,
@@ -76,9 +76,9 @@ def choose_impl(q, k, v, *, same_tokens: bool = False, causal: bool = True, stac
     score blocks with the heads leading run the GEMMs near full speed, and causal block skipping
     halves the work (the LLM's prefill and training forward in self mode; the vision tower, not
     causal, at 336 px and above);
-  * "chunked" for a few queries against more than AUTO_CHUNKED_MIN_KEYS keys (decode steps and
-    composite text queries over a long cache: no (Q, S) block, and a stacked cache is read in
-    place);
+  * over more than AUTO_LONG_KEYS keys: "chunked" when reading a stacked cache (decode steps:
+    its blocks are read in place, where the dense kernels copy the layer's keys), else "blocked"
+    (composite's text queries over [visual; text]: one heads-leading block per `block` queries);
   * "xla" otherwise (short sequences, where the choice hardly matters).
   """
   del v
@@ -87,8 +87,9 @@ def choose_impl(q, k, v, *, same_tokens: bool = False, causal: bool = True, stac
     impl, why = "cudnn", "GPU backend with cuDNN attention"
   elif same_tokens and not stacked and nq > AUTO_BLOCKED_MIN_QUERIES:
     impl, why = "blocked", f"{'causal ' if causal else ''}self-attention over {nq} > {AUTO_BLOCKED_MIN_QUERIES} tokens"
-  elif s > AUTO_CHUNKED_MIN_KEYS:
-    impl, why = "chunked", f"{nq} queries over {s} keys > {AUTO_CHUNKED_MIN_KEYS}"
+  elif s > AUTO_LONG_KEYS:
+    impl = "chunked" if stacked else "blocked"
+    why = f"{nq} queries over {s} keys > {AUTO_LONG_KEYS}{' of a stacked cache' if stacked else ''}"
   else:
     impl, why = "xla", f"{nq} queries over {s} keys"
   _log_choice(impl, f"{jax.default_backend()} backend: {why}")
