@@ -47,7 +47,7 @@ def test_dry_run_prints_every_section():
     assert re.search(rf"^\s*{framework}\s+\S+( \(port\))?\s+{mode}\s+16\s", out, re.M), (framework, mode)
   for mode in ("self", "composite", "cross", "tower"):
     for v in (16, 32):
-      assert re.search(rf"^\s*\S+\s+{mode}\s+{v}\s+.*\d", out, re.M), (mode, v)
+      assert re.search(rf"^\s*jax\s+\S+\s+{mode}\s+{v}\s+.*\d", out, re.M), (mode, v)
   assert "self / composite:" in out and "self / cross:" in out
   assert re.search(r"^--- \[1/3\] prefill table.*: \d+ s$", out, re.M)
 
