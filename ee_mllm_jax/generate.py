@@ -110,7 +110,7 @@ def _decode(params, cfg, logits, cache, next_pos, rng, max_new_tokens, greedy, n
             pad_id):
   """`greedy` (temperature == 0) and `nucleus` (top_p < 1) choose the program; the values of
   `temperature` and `top_p` are traced, so a new value compiles nothing."""
-  model = EEMLLM(cfg)
+  model, step_params = _step_model(params, cfg)
   if greedy:
     temperature = 0.0
   elif not nucleus:
@@ -131,7 +131,7 @@ def _decode(params, cfg, logits, cache, next_pos, rng, max_new_tokens, greedy, n
 
   def body(s):
     i = s["i"]
-    logits, cache = model.apply({"params": params}, s["last"][:, None], (next_pos + i - 1)[:, None],
+    logits, cache = model.apply({"params": step_params()}, s["last"][:, None], (next_pos + i - 1)[:, None],
                                 ~s["done"][:, None], s["cache"], method="extend")
     tok, lp = choose(logits[:, 0], i)
     tok, lp = jnp.where(s["done"], pad_id, tok), jnp.where(s["done"], 0.0, lp)
@@ -143,6 +143,28 @@ def _decode(params, cfg, logits, cache, next_pos, rng, max_new_tokens, greedy, n
   stop = is_stop(s["tokens"]).astype(jnp.int32)
   alive = (jnp.cumsum(stop, axis=1) - stop) == 0  # no stop token before this one
   return Generation(s["tokens"], jnp.sum(alive, axis=1, dtype=jnp.int32), s["logprobs"])
+
+
+def _step_model(params, cfg: ModelConfig):
+  """-> (the model of a decode step, a function giving the parameters it reads inside the loop).
+
+  On a CPU, a scanned layer's weights are a dynamic slice of the stacked (L, ...) arrays, which
+  XLA's CPU backend copies before each product: a decode step then moves every weight twice (the
+  slice, then the GEMV). So there the decoder's layers are split into L arrays once, before the
+  loop, and the step runs them unrolled from a stack rebuilt inside the loop body: XLA folds each
+  layer's slice of that concatenation back to its own array, and nothing is copied per token.
+  The price: the decoder's layer weights are held twice while `decode` runs. Width-scaled
+  LLaVA-7B (4 layers, f32), V = 576, batch 1, 2 cores: 36 -> 24 ms per token in self mode,
+  35 -> 21 in composite, 41 -> 34 in cross (its cross blocks stay scanned). GPU and TPU backends
+  fuse the slice into the GEMM, so there the scan runs as it is.
+  """
+  if jax.default_backend() != "cpu":
+    return EEMLLM(cfg), lambda: params
+  layers = params["llm"]["layers"]
+  # The barrier keeps XLA from folding the restacked layers back into the stacked input.
+  split = jax.lax.optimization_barrier([jax.tree.map(lambda x, i=i: x[i], layers) for i in range(cfg.llm.depth)])
+  restack = lambda: dict(params, llm=dict(params["llm"], layers=jax.tree.map(lambda *xs: jnp.stack(xs), *split)))
+  return EEMLLM(cfg.replace(scan_unroll=True)), restack
 
 
 def decode(params, cfg: ModelConfig, logits: jax.Array, cache: Cache, next_pos: jax.Array, *,

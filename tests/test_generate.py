@@ -1,6 +1,7 @@
 """Cached generation: equals repeated full forward passes, batching and prefix reuse change no
 token, stop ids, reproducible sampling, and composite mode computes no visual queries."""
 
+import re
 import sys
 
 import jax
@@ -152,3 +153,31 @@ def test_composite_prefill_and_decode_compute_no_visual_queries_or_square_scores
   square_scores = {x for x in shapes if len(x) == 5 and x[-2] >= v and x[-1] >= v}
   assert bool(shapes & visual_or_all_queries) != composite
   assert bool(square_scores) != composite
+
+
+def _weight_slices_in_loop(hlo: str, shape) -> int:
+  """Count the ops of an optimized HLO module that cut one layer's `shape` weight out of the
+  stacked (L, ...) array by a dynamic slice: what a scan over the layers does every step."""
+  found = re.findall(r"= \w+\[([\d,]*)\]\{[^}]*\} dynamic-slice\(", hlo)
+  dims = [tuple(int(d) for d in x.split(",") if d) for x in found]
+  return sum(d[next((i for i, n in enumerate(d) if n != 1), len(d)):] == tuple(shape) for d in dims)
+
+
+@pytest.mark.parametrize("mode", ["self", "composite"])
+def test_cpu_decode_step_copies_no_layer_weights(mode, monkeypatch):
+  """On a CPU, XLA copies a dynamic slice of the stacked layer weights before each product, so a
+  scanned decode step would move every weight twice per token. `_decode` splits the layers once
+  before its loop instead. The check can fail: the scanned step (the GPU/TPU path) slices them."""
+  cfg, batch, params = setup(mode)
+  assert jax.default_backend() == "cpu"
+  logits, cache = generate_lib.prefill(params, cfg, batch, cache_size=64)
+  next_pos = jnp.full((logits.shape[0],), 60, jnp.int32)
+  args = (params, cfg, logits, cache, next_pos, None, 4, True, False, jnp.float32(0),
+          jnp.float32(1), (), 0)
+  kernel = params["llm"]["layers"]["mlp"]["up_proj"]["kernel"].shape[1:]
+  hlo = lambda: generate_lib._decode.lower(*args).compile().as_text()
+  assert _weight_slices_in_loop(hlo(), kernel) == 0
+  monkeypatch.setattr(generate_lib, "_step_model", lambda p, c: (eem.EEMLLM(c), lambda: p))  # the scanned step
+  generate_lib._decode.clear_cache()
+  assert _weight_slices_in_loop(hlo(), kernel) >= 1
+  generate_lib._decode.clear_cache()
