@@ -9,6 +9,6 @@
     summary = ev.evaluate(runner, mmbench, questions, "out/mmbench")
 """
 
-from ee_mllm_jax.evaluation import benchmarks, metrics, model, prompts
+from ee_mllm_jax.evaluation import benchmarks, intervals, metrics, model, prompts
 from ee_mllm_jax.evaluation.benchmarks import Benchmark, BenchmarkFormatError, Question
 from ee_mllm_jax.evaluation.runner import EvalError, EvalSettings, Runner, evaluate, score, summary_table
