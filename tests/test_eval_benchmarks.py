@@ -60,6 +60,30 @@ def test_readers_take_the_synthetic_files_in_the_real_formats(bench):
   assert {q.category for q in seed} <= {"Instances Counting", "Spatial Relation"}
 
 
+def test_unit_scores_average_to_the_headline_metric(bench):
+  """Every synthetic benchmark's questions, answered by a guesser that is right on some and wrong
+  on others: the per-unit scores (intervals resample them) average to the headline number. For
+  MMBench a unit is a circular group, right only when every rotation is."""
+  import random  # pylint: disable=g-import-not-at-top
+  from ee_mllm_jax.evaluation import runner  # pylint: disable=g-import-not-at-top
+  for name in ("textvqa", "docvqa", "mmbench", "seedbench"):
+    b = benchmarks.get(name)
+    questions = b.expand(b.read(bench.benchmarks[name], bench.root))
+    records = []
+    for q in questions:
+      unit = q.qid if q.index is None else q.index % 1_000_000
+      # right on ~60% of units; MMBench: a group's first rotation on its own draw (some groups half right)
+      right = random.Random(f"{name}{unit}").random() < 0.6 or (q.index or 0) >= 1_000_000 and hash(unit) % 2
+      output = q.answers[0] if right else "zebra"
+      records.append(dict(question_id=q.qid, prompt="", output=output, **b.record(q, output, None)))
+    units = b.unit_scores(records)
+    headline = runner.score(b, records)[b.metric]
+    assert 0 < headline < 1, name  # guard: both right and wrong answers
+    assert sum(units.values()) / len(units) == pytest.approx(headline), name
+    if name == "mmbench":
+      assert len(units) == len({q.index % 1_000_000 for q in questions}) < len(questions)
+
+
 def _png(colour, size=32) -> bytes:
   buf = io.BytesIO()
   Image.new("RGB", (size, size), colour).save(buf, format="PNG")

@@ -106,6 +106,12 @@ class Benchmark:
     """metrics.json's benchmark fields from the records of the questions that ran."""
     raise NotImplementedError
 
+  def unit_scores(self, done: Sequence[dict]) -> dict[str, float]:
+    """{scoring unit: score in [0, 1]} whose mean is the headline metric: the unit of resampling
+    for intervals over questions (`evaluation.intervals`). By default a question, scored by its
+    record's "score" (or "correct")."""
+    return {str(r["question_id"]): float(r["score"] if "score" in r else r["correct"]) for r in done}
+
   def metric_lines(self, metrics: dict[str, Any]) -> list[str]:
     """The terminal summary's lines of `metrics`: the shown numbers, then the breakdowns."""
     lines = [f"  {key:<22} {100 * metrics[key]:6.2f}" for key in self.shown if key in metrics]
