@@ -1,15 +1,17 @@
 """Evaluate a model on a benchmark (TextVQA, DocVQA, MMBench, SEED-Bench, ChartQA: `--benchmark`),
-or ask it about one image.
+answer every question of a question file (`--predict`, no metric), or ask it about one image.
 
     python eval.py --checkpoint RUN_DIR[/checkpoints/STEP] --benchmark mmbench --data MMBench_DEV_EN.tsv \
         [--image-root DIR] [--out DIR] [--config.attention=composite --config.visual_ffn=true ...]
     python eval.py --hf LLAVA_DIR --benchmark textvqa --data TextVQA_0.5.1_val.json --image-root textvqa/
+    python eval.py --checkpoint RUN_DIR --predict questions.jsonl --image-root images/ --out answers/ \
+        [--config.max_new_tokens=128 --config.temperature=0.2 --config.top_p=0.9 --config.seed=0]
     python eval.py --checkpoint RUN_DIR --image cat.png --question "What colour is the cat?"
 
 Writes OUT/run.json (what the run is: benchmark, data file and its sha256, model and mode, prompt
-settings), OUT/predictions.jsonl (resumable: a re-run with the same run.json skips what it holds;
-another run is refused naming the field that differs, or with --overwrite starts afresh) and
-OUT/metrics.json,
+settings, and sampling settings when sampled), OUT/predictions.jsonl (resumable: a re-run with the
+same run.json skips what it holds; another run is refused naming the field that differs, or with
+--overwrite starts afresh) and OUT/metrics.json (a question file's: only counts),
 and prints a summary that names the mode that ran (`--config.attention=composite` on a
 self-trained checkpoint is EE-MLLM-F; `--config.composite_from_layer=N` with it keeps layers
 [0, N) self attention, a layer schedule).
@@ -39,6 +41,7 @@ def default_config() -> ml_collections.ConfigDict:
       on_bad_image="raise",  # or "skip"
       short_answer_prompt=prompts.SHORT_ANSWER,
       ocr_tokens=True, progress_bar=True, limit=0,
+      temperature=0.0, top_p=1.0, seed=0,  # 0: greedy; > 0: sampled (nucleus when top_p < 1), reproducible per seed
       mmbench_rotations=True,  # MMBench rows without rotations get them (CircularEval on any TSV)
       mesh=ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))))
 
@@ -53,8 +56,12 @@ flags.DEFINE_string("checkpoint", None, "A train.py run dir, its checkpoints/ di
 flags.DEFINE_string("hf", None, "A local HF LLaVA directory (config.json, *.safetensors, tokenizer.json).")
 flags.DEFINE_enum("benchmark", None, benchmark_names(), "Benchmark (`ee_mllm_jax.evaluation.benchmarks`).")
 flags.DEFINE_string("data", None, "The benchmark file.")
-flags.DEFINE_string("image-root", None, "Image paths are relative to it (default: the benchmark file's dir).")
-flags.DEFINE_string("out", None, "Output directory (default: eval_out/<benchmark>).")
+flags.DEFINE_string("predict", None, "A question file to answer, no metric: a LLaVA-format JSON list (id, image, "
+                    "conversations: the first human turn) or JSON Lines (question_id or id, image or images, text "
+                    "or question). See ee_mllm_jax/evaluation/questions.py.")
+flags.DEFINE_string("image-root", None, "Image paths are relative to it (default: the benchmark or question "
+                    "file's dir).")
+flags.DEFINE_string("out", None, "Output directory (default: eval_out/<benchmark>, eval_out/predict).")
 flags.DEFINE_string("image", None, "Ask about one image (with --question).")
 flags.DEFINE_string("question", None, "The question about --image.")
 flags.DEFINE_bool("overwrite", False, "Start afresh when --out holds the predictions of another run (another "
@@ -72,7 +79,7 @@ def main(argv):
   try:
     text, complete = cli.run(FLAGS.config, checkpoint=FLAGS.checkpoint, hf=FLAGS.hf, benchmark=FLAGS.benchmark,
                              data=FLAGS.data, image_root=FLAGS["image-root"].value, out=FLAGS.out, image=FLAGS.image,
-                             question=FLAGS.question, overwrite=FLAGS.overwrite)
+                             question=FLAGS.question, overwrite=FLAGS.overwrite, predict=FLAGS.predict)
   except cli.USER_ERRORS as e:  # bad flags, files, images or checkpoints: one line, exit 1
     sys.exit(f"error: {e}")
   print(text, flush=True)

@@ -1,4 +1,4 @@
-"""Batched evaluation of one benchmark (`evaluation.benchmarks`): prompts -> greedy generation (and
+"""Batched evaluation of one benchmark (`evaluation.benchmarks`): prompts -> generation, greedy or sampled (and
 option likelihoods where it ranks options, as SEED-Bench) -> predictions.jsonl -> metrics.json.
 
 Questions about one image are batched together; with prefix reuse (the default) each batch
@@ -22,6 +22,7 @@ import math
 import os
 import signal
 import time
+import zlib
 from typing import Any, Iterable, Sequence
 
 import jax
@@ -60,6 +61,9 @@ class EvalSettings:
   style: prompts_lib.PromptStyle = prompts_lib.PromptStyle()
   progress_bar: bool = True
   limit: int = 0  # > 0: only the first `limit` questions (a quick look)
+  temperature: float = 0.0  # 0: greedy; > 0: sampled, top-p, from a key of `seed` and the batch's first question
+  top_p: float = 1.0
+  seed: int = 0
 
 
 @dataclasses.dataclass
@@ -199,10 +203,18 @@ class Runner:
     cache = prefill_prefix(self.params, self.model.cfg, self._shard(batch_lib.model_inputs(prefix)))
     return cache.take_rows(image_of_row)
 
+  def _rng(self, qid: str):
+    """Sampling's key for a batch: the seed's, folded with its first question's id, so that the
+    same batch draws the same tokens in a resumed run as in one that was not stopped. None: greedy."""
+    if self.settings.temperature <= 0:
+      return None
+    return jax.random.fold_in(jax.random.key(self.settings.seed), zlib.crc32(qid.encode()) & 0x7FFFFFFF)
+
   def _generate(self, items: list[_Item], pixels: list[np.ndarray], image_of_row: list[int]) -> list[str]:
     s, cfg = self.settings, self.model.cfg
     batch = self._collate([it.layout for it in items], [pixels[g] for g in image_of_row], self.rows)
-    kw = dict(max_new_tokens=s.max_new_tokens, stop_ids=self.encoder.stop_ids, pad_id=self.pad_id)
+    kw = dict(max_new_tokens=s.max_new_tokens, stop_ids=self.encoder.stop_ids, pad_id=self.pad_id,
+              temperature=s.temperature, top_p=s.top_p if s.temperature > 0 else 1.0, rng=self._rng(items[0].q.qid))
     if s.reuse_prefix:
       prefix, rest, rows = self._split(batch, image_of_row + [image_of_row[-1]] * (self.rows - len(items)))
       cache = self._prefix_cache(prefix, rows)
@@ -371,13 +383,14 @@ def evaluate(runner: Runner, benchmark: str | Benchmark, questions: Sequence[Que
   return dict(benchmark=benchmark.name, mode=runner.model.mode, metrics=result, run=run)
 
 
-def summary_table(summary: dict[str, Any]) -> str:
-  """A few lines for the terminal: the mode, the headline numbers, per-category scores."""
+def summary_table(summary: dict[str, Any], benchmark: Benchmark | None = None) -> str:
+  """A few lines for the terminal: the mode, the headline numbers, per-category scores
+  (`benchmark`: the object that ran, where it is not in the registry)."""
   m, run = summary["metrics"], summary["run"]
   lines = [f"{summary['benchmark']}  |  mode: {summary['mode']}",
            f"  questions {m['questions']}  skipped {m['skipped']}  ({run['predicted']} predicted now, "
            f"{run['resumed']} resumed, {run['questions_per_s']:.2f} questions/s)"]
-  lines += benchmarks.get(summary["benchmark"]).metric_lines(m)
+  lines += benchmarks.get(benchmark or summary["benchmark"]).metric_lines(m)
   if run["stopped"]:
     lines.append("  stopped by SIGTERM: re-run with the same --out to finish")
   return "\n".join(lines)
