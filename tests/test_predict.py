@@ -6,12 +6,15 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 
 import pytest
 
 from ee_mllm_jax import generate as generate_lib
 from ee_mllm_jax.evaluation import benchmarks, cli, questions as questions_lib, run_header, runner as runner_lib
-from test_eval import _cli_config, _lines, _runner, bench, checkpoint, model  # noqa: F401  (fixtures)
+import conftest
+from test_eval import ROOT, _cli_config, _lines, _runner, bench, checkpoint, model  # noqa: F401  (fixtures)
 
 
 def _val_questions(bench, count=12):  # noqa: F811
@@ -153,3 +156,22 @@ def test_a_bad_question_file_is_an_error_naming_the_file_and_the_record_before_t
   assert isinstance(e.value, cli.USER_ERRORS)  # eval.py: one line, exit 1
   with pytest.raises(cli.UsageError, match="--predict answers a question file; leave out --benchmark"):
     cli.run(_cli_config(), checkpoint="unused", predict=str(path), benchmark="docvqa", data=str(path))
+
+
+@pytest.mark.slow  # eval.py in a subprocess
+def test_eval_py_predict_from_the_command_line(checkpoint, bench, tmp_path):  # noqa: F811
+  rows = _val_questions(bench, count=4)
+  _write_jsonl(tmp_path / "q.jsonl", rows)
+  (tmp_path / "bad.jsonl").write_text('{"question_id": 1, "image": "a.png"}\n')
+  env = {**os.environ, "XLA_FLAGS": conftest.TEST_XLA_FLAGS, "JAX_PLATFORMS": "cpu"}  # one device, fast compiles
+  command = lambda questions: [sys.executable, "eval.py", "--checkpoint", checkpoint, "--predict", questions,
+                               "--image-root", bench.root, "--out", str(tmp_path / "out"), "--config.max_new_tokens=3",
+                               "--config.temperature=0.5", "--config.progress_bar=false"]
+  ok = subprocess.run(command(str(tmp_path / "q.jsonl")), cwd=ROOT, env=env, capture_output=True, text=True,
+                      timeout=300)
+  assert ok.returncode == 0 and "questions 4  skipped 0" in ok.stdout, ok.stderr[-2000:]
+  assert sorted(r["question_id"] for r in _lines(str(tmp_path / "out"))) == sorted(str(q) for q, _, _ in rows)
+  bad = subprocess.run(command(str(tmp_path / "bad.jsonl")), cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+  assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == (
+      f"error: {tmp_path / 'bad.jsonl'}: line 1: has no 'question' or 'text' field")
