@@ -11,10 +11,11 @@ import sys
 
 import pytest
 
-from ee_mllm_jax import generate as generate_lib
 from ee_mllm_jax.evaluation import benchmarks, cli, questions as questions_lib, run_header, runner as runner_lib
 import conftest
 from test_eval import ROOT, _cli_config, _lines, _runner, bench, checkpoint, model  # noqa: F401  (fixtures)
+
+generate_lib = sys.modules["ee_mllm_jax.generate"]  # the package's `generate` attribute is the function
 
 
 def _val_questions(bench, count=12):  # noqa: F811
@@ -141,7 +142,7 @@ def test_several_sampling_settings_compile_the_decode_loop_once_and_a_seed_repro
     ("empty.json", '[{"id": 3, "image": "a.png", "conversations": [{"from": "human", "value": "<image>\\n "}]}]',
      r"record 0: its question is empty"),
     ("none.jsonl", "\n", r"no questions"),
-])
+], ids=lambda v: v if isinstance(v, str) and v.endswith(("json", "jsonl")) else "")
 def test_a_bad_question_file_is_an_error_naming_the_file_and_the_record_before_the_model_loads(
     tmp_path, monkeypatch, name, content, message):
   def no_model(*args, **kwargs):
