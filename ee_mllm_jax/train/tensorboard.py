@@ -63,8 +63,14 @@ def _tensorboardx():
     finally:
       if sys.modules.get("torch", 0) is None:
         del sys.modules["torch"]
-  from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
-  from tensorboardX.proto import event_pb2, summary_pb2  # pylint: disable=g-import-not-at-top
+  try:
+    from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+    from tensorboardX.proto import event_pb2, summary_pb2  # pylint: disable=g-import-not-at-top
+  except ModuleNotFoundError as e:
+    if e.name != "tensorboardX":
+      raise
+    raise ModuleNotFoundError("TensorBoard events need tensorboardX, a core dependency: pip install tensorboardX "
+                              "(or run with --config.tensorboard=False)", name=e.name) from e
   return record_writer, event_pb2, summary_pb2
 
 
