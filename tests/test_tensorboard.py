@@ -151,3 +151,19 @@ def test_the_loss_plot_has_a_log_axis_with_plain_labels():
   assert labels and all(label.replace(".", "").isdigit() for label in labels), labels  # 0.2, 0.5, 1, 2, 5
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   plt.close(fig)
+
+
+@pytest.mark.slow
+def test_skipped_updates_are_counted_at_the_step_that_skipped(tiny_dataset, tmp_path):
+  """A diverging run with on_nonfinite="skip": skipped/updates_skipped rises by one at each step
+  whose update was not applied and ends at the summary's count."""
+  from ee_mllm_jax.train import loop  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  summary = loop.train(tiny_config(tiny_dataset, workdir, 4, on_nonfinite="skip",
+                                   **{"optim.learning_rate": 1e30, "optim.clip_norm": 0.0}))
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  counts = read_scalars(workdir, purge="none")["skipped/updates_skipped"]
+  assert counts == metrics_scalars(workdir)["skipped/updates_skipped"]
+  assert list(counts.values()) == list(np.cumsum([1 - r["applied"] for r in records]))
+  assert counts[4] == summary["skipped"]["updates skipped: non-finite loss or gradient"] >= 1
