@@ -62,5 +62,6 @@ def get_config():
       "decay by parameter role (issue 21) on an AVX-512 EPYC"))
   c.peak_flops_per_device = 0.0  # > 0 overrides the device table (needed for MFU on CPU)
   c.progress_bar = True
+  c.tensorboard = True  # TensorBoard event files beside metrics.jsonl (tensorboard --logdir <workdir>)
   c.log_record_ids = False
   return c

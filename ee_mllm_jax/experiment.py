@@ -194,8 +194,8 @@ def resolve(config) -> Experiment:
 
 # `--config.<field>` overrides that keep a run within the recipe whose seeds were measured
 # (`expected_val_accuracy`): where it writes, which seed, how it logs.
-NEUTRAL_OVERRIDES = ("workdir", "seed", "data.seed", "progress_bar", "log_every", "log_record_ids", "synthetic.dir",
-                     "checkpoint.")
+NEUTRAL_OVERRIDES = ("workdir", "seed", "data.seed", "progress_bar", "tensorboard", "log_every", "log_record_ids",
+                     "synthetic.dir", "checkpoint.")
 
 
 def expected_range_note(config, config_file: str, overrides, summary) -> str | None:

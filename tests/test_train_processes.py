@@ -12,6 +12,7 @@ import time
 import pytest
 
 from conftest import ROOT, TEST_XLA_FLAGS, logged_losses, tiny_overrides
+from tensorboard_events import event_files, metrics_scalars, read_scalars
 
 
 def _command(dataset, workdir, steps, *extra, **overrides):
@@ -71,6 +72,7 @@ def test_a_stopped_run_restarts_exactly(uninterrupted, tiny_dataset, tmp_path, s
   resumed = logged_losses(workdir)
   assert sorted(resumed) == list(range(1, STEPS + 1))
   assert resumed == uninterrupted  # bit-identical: the same loss at every step
+  assert read_scalars(workdir, purge="session_log") == metrics_scalars(workdir)  # TensorBoard: each step once
 
 
 def _descendants(pid: int) -> set[int]:
@@ -139,6 +141,8 @@ def test_two_processes_train_on_disjoint_data(tiny_dataset, tmp_path):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     lengths = [json.loads(line)["text_len"] for line in f if "loss" in line]
   assert lengths and all(t in (24, 32, 48) for t in lengths), lengths  # never the 256 bucket
+  assert len(event_files(workdir)) == 1  # TensorBoard events: process 0's only,
+  assert read_scalars(workdir, purge="none") == metrics_scalars(workdir)  # equal to its metrics.jsonl
 
 
 @pytest.mark.slow

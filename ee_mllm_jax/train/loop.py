@@ -83,7 +83,8 @@ class Run:
   metrics: progress.MetricsFile | None = None
   ids_file: Any = None  # record ids of every step's batch (config.log_record_ids)
   bar: Any = None
-  pending: list[tuple[int, Any, int]] = dataclasses.field(default_factory=list)  # (step, device metrics, T)
+  # (step, device metrics, T, bad records skipped so far by this process's data pipeline)
+  pending: list[tuple[int, Any, int, int]] = dataclasses.field(default_factory=list)
   history: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # logged step records
   evals: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # evaluation records
   skipped_updates: dict[str, int] = dataclasses.field(
@@ -224,10 +225,12 @@ def _restore_or_init(run: Run):
 
 
 def _open_logs(run: Run, scope: contextlib.ExitStack):
-  """metrics.jsonl (its records after the start step dropped), the record-ids file, the bar."""
+  """metrics.jsonl (its records after the start step dropped) and the TensorBoard events, the
+  record-ids file, the bar."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   config = run.config
-  run.metrics = progress.MetricsFile(os.path.join(run.workdir, "metrics.jsonl"), run.start, write=run.is_main)
+  run.metrics = progress.MetricsFile(os.path.join(run.workdir, "metrics.jsonl"), run.start, write=run.is_main,
+                                     tensorboard_events=config.get("tensorboard", True))
   scope.callback(run.metrics.close)
   if config.get("log_record_ids", False):
     run.ids_file = open(os.path.join(run.workdir, f"record_ids.process{jax.process_index()}.txt"), "a")
@@ -273,7 +276,7 @@ def _step(run: Run, stop: signals.StopOnSignal):
   n_tok = float(batch["text_valid"].sum() + batch["image_valid"].sum() * run.exp.model.tokens_per_image)
   run.state, metrics = run.train_step(run.state, sharding.shard_batch(batch, run.mesh))
   run.step += 1
-  run.pending.append((run.step, metrics, batch["input_ids"].shape[1]))
+  run.pending.append((run.step, metrics, batch["input_ids"].shape[1], run.train_iter.stats.total))
   if run.interval.t0 is None:  # the first step compiles: time from its end
     jax.block_until_ready(metrics)
     run.interval.t0 = time.perf_counter()
@@ -297,32 +300,37 @@ def _log(run: Run):
   stops the run on a non-finite parameter, loss or gradient (unless on_nonfinite="skip")."""
   if not run.pending:
     return
-  fetched = jax.device_get([m for _, m, _ in run.pending])  # waits for the steps to finish
+  fetched = jax.device_get([m for _, m, *_ in run.pending])  # waits for the steps to finish
   rate = run.interval.rates(time.perf_counter(), run.peak_flops)
-  for (step, _, text_len), m in zip(run.pending, fetched):
-    record = {"step": step, **{k: float(v) for k, v in m.items()}, "text_len": text_len, **rate}
+  for (step, _, text_len, records_skipped), m in zip(run.pending, fetched):
+    error = _check_update(run, step, m)
+    record = {"step": step, **{k: float(v) for k, v in m.items()}, "text_len": text_len, **rate,
+              "records_skipped": records_skipped, "updates_skipped": sum(run.skipped_updates.values())}
     run.history.append(record)
     run.metrics.write(record)
-    _check_update(run, step, m)
+    if error:
+      raise error
   run.bar.set_postfix_str(progress.postfix(run.history[-1]), refresh=False)
   run.pending.clear()
   run.interval.restart()
 
 
-def _check_update(run: Run, step: int, m: dict[str, Any]):
+def _check_update(run: Run, step: int, m: dict[str, Any]) -> NonFiniteError | None:
+  """Counts a skipped update; returns the error that stops the run, if any (raised once logged)."""
   if not m["params_finite"]:
-    raise NonFiniteError(f"step {step}: the trained parameters hold non-finite values; stopping "
-                         f"(nothing after step {run.start} that is non-finite was saved)")
+    return NonFiniteError(f"step {step}: the trained parameters hold non-finite values; stopping "
+                          f"(nothing after step {run.start} that is non-finite was saved)")
   if not m["finite"]:
     run.skipped_updates["non-finite loss or gradient"] += 1
     message = (f"step {step}: non-finite loss {float(m['loss'])} or gradient norm {float(m['grad_norm'])}; "
                "its update was not applied")
     if run.config.get("on_nonfinite", "stop") != "skip":
-      raise NonFiniteError(message + " (on_nonfinite='skip' skips such steps instead of stopping)")
+      return NonFiniteError(message + " (on_nonfinite='skip' skips such steps instead of stopping)")
     logger.warning("%s (skipped: %d so far)", message, run.skipped_updates["non-finite loss or gradient"])
   elif not m["applied"]:
     run.skipped_updates["no labelled token"] += 1
     logger.warning("step %d: no labelled token in the batch (every row skipped?); no update applied", step)
+  return None
 
 
 # ------------------------------------------------------------------ checkpoint, evaluate
@@ -346,7 +354,7 @@ def _evaluate(run: Run) -> tuple[dict[str, Any], list[str]]:
       run.bar.write(f"step {run.step}: {phrases[-1]}")
   if run.evaluators:
     run.evals.append(result)
-    run.metrics.write(result)
+    run.metrics.write(result, kind="eval")
   run.interval.restart()
   return result, phrases
 

@@ -1,6 +1,6 @@
 """What a run reports as it goes: metrics.jsonl (one JSON record per step and per evaluation,
-rewritten past a resumed run's checkpoint), the throughput of each logging interval, and the
-progress bar's line."""
+rewritten past a resumed run's checkpoint) and the same records as TensorBoard scalars
+(`train.tensorboard`), the throughput of each logging interval, and the progress bar's line."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from ee_mllm_jax import storage
+from ee_mllm_jax.train import tensorboard
 
 logger = logging.getLogger(__name__)
 
@@ -56,23 +57,35 @@ def postfix(record: dict[str, Any]) -> str:
 
 class MetricsFile:
   """metrics.jsonl, appended to by process 0 (other processes write nothing); opening it drops
-  the records after `start`, the steps a resumed run is about to redo."""
+  the records after `start`, the steps a resumed run is about to redo. With `tensorboard_events`,
+  each record also goes to a new TensorBoard event file beside it, which hides the dropped steps
+  of earlier files from TensorBoard (`tensorboard.EventFile`)."""
 
-  def __init__(self, path: str, start: int, *, write: bool):
+  def __init__(self, path: str, start: int, *, write: bool, tensorboard_events: bool = False):
     self.path = path
     if write:
       truncate_metrics(path, start)
     self._file = open(path, "a") if write else None
+    self.events = tensorboard.EventFile(os.path.dirname(os.path.abspath(path)), start) \
+        if write and tensorboard_events else None
 
-  def write(self, record: dict[str, Any]):
+  def write(self, record: dict[str, Any], kind: str = "train"):
+    """Appends a step record (`kind` "train") or an evaluation record ("eval")."""
     if self._file:
       with storage.writing(self.path):
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+    if self.events:
+      self.events.write(record, kind)
+      self.events.flush()
 
   def close(self):
-    if self._file:
-      self._file.close()
+    try:
+      if self._file:
+        self._file.close()
+    finally:
+      if self.events:
+        self.events.close()
 
 
 def truncate_metrics(path: str, step: int | None):
