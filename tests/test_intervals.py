@@ -108,3 +108,77 @@ def test_bad_scores_are_refused_with_their_shapes():
     iv.interval([[1.0, float("nan")]])
   with pytest.raises(ValueError, match="at least one question"):
     iv.interval(np.zeros((2, 0)))
+
+
+def test_mean_of_one_benchmark_is_its_interval():
+  rng = np.random.default_rng(7)
+  x = 100.0 * (rng.random((3, 150)) < 0.4) + rng.normal(0, 2, size=(3, 1))
+  assert iv.mean_of_benchmarks([x], samples=500, seed=3) == iv.interval(x, samples=500, seed=3)
+  assert iv.mean_of_benchmarks([x[0]]).sources == "questions"
+
+
+def test_mean_of_benchmarks_is_the_mean_of_their_means_whatever_their_sizes():
+  rng = np.random.default_rng(8)
+  a, b = rng.normal(10, 5, size=(3, 40)), rng.normal(80, 5, size=(3, 400))
+  got = iv.mean_of_benchmarks([a, b], samples=200)
+  assert got.mean == pytest.approx((a.mean() + b.mean()) / 2)  # not the pooled mean over 440 units
+  assert got.mean != pytest.approx(np.concatenate([a, b], axis=1).mean(), abs=1.0)
+
+
+def test_stratified_bootstrap_matches_brute_force_and_the_normal_approximation():
+  """Benchmarks with different means, spreads and sizes: a brute-force bootstrap (each benchmark's
+  full (S, Q) matrix resampled on its own, every seed kept) and the normal approximation
+  1.96 * sqrt(sum var_c / Q_c) / C agree with the stratified half-width; pooling the units into
+  one benchmark would not (the gap between the benchmarks' means adds to its spread)."""
+  rng = np.random.default_rng(9)
+  mats = [100.0 * (rng.random((3, 100)) < 0.15), rng.uniform(0, 100, size=(3, 150)),
+          100.0 * (rng.random((3, 200)) < 0.85)]
+  got = iv.stratified_half_width(mats, 0.95, samples=4000, seed=1)
+  brute_rng = np.random.default_rng(123)
+  means = []
+  for _ in range(3000):
+    means.append(np.mean([x[:, brute_rng.integers(0, x.shape[1], x.shape[1])].mean() for x in mats]))
+  lo, hi = np.quantile(means, [0.025, 0.975])
+  assert got == pytest.approx((hi - lo) / 2, rel=0.08)
+  normal = 1.959964 * math.sqrt(sum(x.mean(axis=0).var() / x.shape[1] for x in mats)) / len(mats)
+  assert got == pytest.approx(normal, rel=0.08)
+  # the same units pooled and resampled as one benchmark (weights drift with the draw): wider
+  pooled = np.concatenate(mats, axis=1)
+  assert iv.question_half_width(pooled, 0.95, samples=4000, seed=1) > 1.3 * got
+  assert iv.mean_of_benchmarks(mats, samples=4000, seed=1).questions == pytest.approx(got)
+
+
+def test_mean_of_benchmarks_pairs_the_seeds_across_benchmarks():
+  """Seed i of every benchmark is one training run: a run that is good on one benchmark and as
+  bad on the other has an average headline, so the seeds' spread cancels."""
+  rng = np.random.default_rng(10)
+  base = rng.uniform(0, 100, size=(1, 80)).repeat(4, axis=0)
+  shift = np.array([[-6.0], [2.0], [5.0], [-1.0]])
+  got = iv.mean_of_benchmarks([base + shift, base - shift], samples=200)
+  assert got.seeds == pytest.approx(0.0, abs=1e-9)
+  assert iv.mean_of_benchmarks([base + shift, base + shift], samples=200).seeds > 5.0  # the same shift adds up
+  with pytest.raises(ValueError, match="same seeds"):
+    iv.mean_of_benchmarks([np.zeros((3, 5)), np.zeros((2, 5))])
+  with pytest.raises(ValueError, match="no benchmarks"):
+    iv.mean_of_benchmarks([])
+
+
+def test_equivalent_reads_a_90_percent_interval_against_the_margin():
+  def at(low, high):
+    return iv.Interval((low + high) / 2, low, high, 0.90, "seeds+questions", math.nan, math.nan)
+
+  assert iv.equivalent(at(-2.9, 2.9), margin=3.0) == "supported"
+  assert iv.equivalent(at(-3.0, 1.0), margin=3.0) == "undecided"  # touching the margin is not inside
+  assert iv.equivalent(at(3.0, 9.0), margin=3.0) == "contradicted"
+  assert iv.equivalent(at(-9.0, -3.5), margin=3.0) == "contradicted"
+  assert iv.equivalent(at(-1.0, 4.0), margin=3.0) == "undecided"
+  with pytest.raises(ValueError, match="margin"):
+    iv.equivalent(at(0, 1), margin=-1.0)
+
+
+def test_best_vs_prior_shows_its_working():
+  got = iv.best_vs_prior({"a": np.array([[30.0], [32.0], [34.0]]), "b": np.array([[20.0], [20.0], [20.0]])}, 25.0)
+  assert got["best"] == "a" and got["mean"] == pytest.approx(32.0) and got["sd"] == pytest.approx(2.0)
+  assert got["gap"] == pytest.approx(7.0) and got["threshold"] == pytest.approx(6.0) and got["ok"]
+  assert got["reason"] == "a: 32.0 vs prior 25.0 (gap 7.0, 3 SD = 6.0)"
+  assert not iv.best_vs_prior({"a": np.array([[30.0], [32.0], [34.0]])}, 25.0, sds=4.0)["ok"]  # 7 < 8
