@@ -1,18 +1,26 @@
 """docs/results.md and its plots, rendered from the experiment's results.json alone.
 
-`render(results)` fills `results_template.md` (the prose) with the tables that the small
-functions below draw; `plot_data_efficiency` and `plot_retention` draw the two PNGs. Everything is
-read from the results dict (its `modes` and `columns` name the rows and columns), so a report can
-be redrawn from a results.json without rerunning anything.
+`evidence.analyse(results)` computes every number (intervals, the informative benchmarks, paired
+differences, the claims' verdicts, EE-MLLM-F retention); `render(results, a)` fills
+`results_template.md` with the tables the small functions below draw; `plot_data_efficiency`,
+`plot_pareto` and `plot_retention` draw the PNGs; `write_all(out, results)` does all of it with one
+analysis. Everything is read from the results dict (its `modes` and `columns` name the rows and
+columns), so a report can be redrawn from a results.json without rerunning anything:
+`python benchmarks/results_report.py docs/results.json [OUT_DIR]`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import string
+import sys
+
+import evidence as ev  # benchmarks run as scripts: this directory is on sys.path
 
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results_template.md")
+DAGGER = "†"
 
 
 def pct(x) -> str:
@@ -25,21 +33,31 @@ def table(header: list[str], align: list[str], rows: list[list[str]]) -> str:
   return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def _columns(r: dict) -> tuple[list[str], list[str]]:
-  """The headline and the extra (italic) score columns some main row has."""
-  names = [n for n in r["columns"] if any(n in e["scores"] for e in r["main"])]
-  extras = [n for n in r["extra_columns"] if any(n in e.get("extra", {}) for e in r["main"])]
-  return names, extras
+def rtable(header: list[str], rows: list[list[str]], left: int = 1) -> str:
+  """A table whose first `left` columns are left-aligned, the rest right-aligned."""
+  return table(header, ["l"] * left + ["r"] * (len(header) - left), rows)
 
 
-def _cells(r: dict, e: dict) -> list[str]:
-  names, extras = _columns(r)
-  return [pct(e["scores"].get(n)) for n in names] + [pct(e.get("extra", {}).get(n)) for n in extras]
+def pm(x, scale: float = 1.0) -> str:
+  """"41.0 ± 5.2" (points), "–" for none."""
+  return "–" if x is None else f"{scale * x.mean:.1f} ± {scale * x.half_width:.1f}"
 
 
-def _score_header(r: dict) -> list[str]:
-  names, extras = _columns(r)
-  return names + [f"*{n}*" for n in extras]
+def signed(x) -> str:
+  """"+6.1 [2.3, 9.9]"."""
+  return "–" if x is None else f"{x.mean:+.1f} [{x.low:.1f}, {x.high:.1f}]"
+
+
+def half(h: float) -> str:
+  return "–" if h is None or math.isnan(h) else f"{h:.1f}"
+
+
+def _name(a: dict, c: str) -> str:
+  return c if c in a["cols"] else c + DAGGER
+
+
+def _cell_keys(r: dict, a: dict) -> list[tuple[str, int]]:
+  return [(m, n) for m in r["modes"] for n in r["sizes"] if (m, n) in a["cells"]]
 
 
 def compute_line(r: dict) -> str:
@@ -54,37 +72,90 @@ def compute_line(r: dict) -> str:
 
 def held_out(tower: dict) -> str:
   h = tower["held_out"]
-  return (f"{pct(h['object_token_colour'])}% / {pct(h['object_token_shape'])}% of object tokens' colour / shape, "
-          f"{pct(h['colour_counts'])}% / {pct(h['shape_counts'])}% of per-colour / per-shape counts right")
+  glyph = f"{pct(h['glyph_token'])}% of glyph tokens' character, " if "glyph_token" in h else ""
+  return (f"{glyph}{pct(h['object_token_colour'])}% / {pct(h['object_token_shape'])}% of object tokens' colour / "
+          f"shape, {pct(h['colour_counts'])}% / {pct(h['shape_counts'])}% of per-colour / per-shape counts right")
 
 
-def main_table(r: dict) -> str:
-  order = list(r["modes"])
-  rows = [[r["modes"][e["mode"]], str(e["size"])] + _cells(r, e) + [
-      f"**{pct(e['mean'])}**", f"{e['trainable'][0]:,} / {e['trainable'][1]:,}", f"{e['flops'] / 1e6:.1f}",
-      f"{e['train_seconds']:.0f}"] for e in sorted(r["main"], key=lambda e: (order.index(e["mode"]), e["size"]))]
-  header = ["mode", "samples"] + _score_header(r) + ["mean", "trainable params (stage 1 / 2)",
-                                                     "prefill MFLOP/sample", "train s"]
-  return table(header, ["l"] + ["r"] * (len(header) - 1), rows)
+# ------------------------------------------------------------------------------------ tables
 
 
-def spread_table(r: dict) -> str:
+def informative_table(r: dict, a: dict) -> str:
   rows = []
-  for mode, label in r["modes"].items():
-    by_seed = {e["seed"]: e["mean"] for e in r["main"] + r["spread"]
-               if e["mode"] == mode and e["size"] == r["spread_size"]}
-    vals = [by_seed.get(s) for s in r["seeds"]]
-    spread = max(vals) - min(vals) if all(v is not None for v in vals) else None
-    rows.append([label] + [pct(v) for v in vals] + [pct(spread)])
-  header = ["mode"] + [f"seed {s}" for s in r["seeds"]] + ["spread"]
-  return table(header, ["l"] + ["r"] * (len(header) - 1), rows)
+  for t in a["informative"]:
+    mode, size = t["best"]
+    rows.append([t["column"], f"{t['prior']:.1f}", f"{r['modes'][mode]}, {size}", f"{t['mean']:.1f}",
+                 f"{t['gap']:+.1f}", half(t["threshold"]), "yes" if t["ok"] else f"**no** {DAGGER}"])
+  header = ["benchmark", "prior", "best cell (mode, samples)", "its mean", "gap", f"{a['sds']:g} SD", "informative"]
+  return rtable(header, rows)
 
 
-def retention_table(r: dict) -> str:
-  rows = [[str(e["size"]), e["variant"]] + _cells(r, e) + [pct(e["mean"]), pct(e["kept"]), pct(e["flops_saved"])]
-          for e in r["retention"]]
-  header = ["samples", "variant"] + _score_header(r) + ["mean", "kept", "FLOPs saved"]
-  return table(header, ["r", "l"] + ["r"] * (len(header) - 2), rows)
+def main_table(r: dict, a: dict) -> str:
+  names = [c for c in r["columns"] if c in next(iter(a["cells"].values()))["columns"]]
+  extras = [k for k in r.get("extra_columns", []) if any(k in x["extra"] for x in a["cells"].values())]
+  rows = []
+  for mode, size in _cell_keys(r, a):
+    x = a["cells"][mode, size]
+    rows.append([r["modes"][mode], str(size), str(x["seeds"])] + [pm(x["columns"][c]) for c in names]
+                + [f"**{pm(x['headline'])}**"] + [pct(x["extra"].get(k)) for k in extras]
+                + [f"{x['train_flops'] / 1e15:.3g}", f"{x['flops'] / 1e6:.1f}", f"{x['train_seconds']:.0f}",
+                   f"{x['trainable'][0]:,} / {x['trainable'][1]:,}"])
+  header = (["mode", "samples", "seeds"] + [_name(a, c) for c in names] + ["headline"] + [f"*{k}*" for k in extras]
+            + ["train PFLOPs", "prefill MFLOPs/sample", "train s", "trainable params (stage 1 / 2)"])
+  return rtable(header, rows, 2)
+
+
+def sources_table(r: dict, a: dict) -> str:
+  names = list(next(iter(a["cells"].values()))["columns"])
+  rows = []
+  for mode, size in _cell_keys(r, a):
+    x = a["cells"][mode, size]
+    h = x["headline"]
+    rows.append([r["modes"][mode], str(size)] + [f"{half(x['columns'][c].seeds)} / {half(x['columns'][c].questions)}"
+                                                 for c in names]
+                + ["–" if h is None else f"{half(h.seeds)} / {half(h.questions)}"])
+  return rtable(["mode", "samples"] + [_name(a, c) for c in names] + ["headline"], rows, 2)
+
+
+def diff_table(r: dict, a: dict) -> str:
+  if not a["cols"]:
+    return "No informative benchmark: no headline to compare."
+  rows = []
+  for key in [n for n in r["sizes"] if n in a["diff"][ev.LLAVA]] + ["all"]:
+    ll, fl = a["diff"][ev.LLAVA].get(key), a["diff"][ev.FLAMINGO].get(key)
+    rows.append([f"**{key}**" if key == "all" else str(key), signed(ll and ll[0.95]), signed(ll and ll[0.90]),
+                 ev.iv.equivalent(ll[0.90], margin=a["margin"]) if ll else "–", signed(fl and fl[0.95]),
+                 ev.iv.superiority(fl[0.95]) if fl else "–"])
+  header = ["samples", "EE − LLaVA (95%)", "EE − LLaVA (90%)", f"equivalent (±{a['margin']:g})",
+            "EE − Flamingo (95%)", "EE better"]
+  return rtable(header, rows)
+
+
+def uses_image_table(r: dict, a: dict) -> str:
+  rows = [[str(n), signed(t["diff"]), half(t["threshold"]), "yes" if t["ok"] else "no"]
+          for n, t in sorted(a["uses_image"].items())]
+  return rtable(["samples", "LLaVA open: images − blank (95%)", f"{a['sds']:g} SD of the per-seed differences",
+                 "uses the image"], rows)
+
+
+def _retention_rows(points: list[dict], margin: float, first: str) -> list[list[str]]:
+  rows = []
+  for p in points:
+    lead = str(p["size"] if first == "size" else p["n"])
+    llava = p.get("llava")
+    rows.append([lead + (" (LLaVA)" if llava else ""), "on" if p["visual_ffn"] else "off", pm(p["kept"], 100),
+                 "0 (itself)" if llava else signed(p["diff"]), signed(p["diff90"]),
+                 ev.iv.equivalent(p["diff90"], margin=margin) if p["diff90"] else "–", pct(p["flops_saved"])])
+  return rows
+
+
+def retention_tables(r: dict, a: dict) -> tuple[str, str]:
+  header = ["samples", "visual FFN", "kept (%)", "EE-MLLM-F − LLaVA (95%)", "(90%)", f"equivalent (±{a['margin']:g})",
+            "FLOPs saved (%)"]
+  ret = a["retention"]
+  zero = rtable(header, _retention_rows(ret["at_zero"], a["margin"], "size"), 2)
+  sched = rtable(["n"] + header[1:], _retention_rows(ret["schedule"], a["margin"], "n"), 2)
+  return zero, sched
 
 
 def speed_section(r: dict) -> str:
@@ -107,28 +178,35 @@ def speed_section(r: dict) -> str:
   return "\n\n".join(parts) + "\n"
 
 
-def render(r: dict) -> str:
-  """The whole of results.md."""
+def render(r: dict, a: dict | None = None) -> str:
+  """The whole of results.md (`a`: `evidence.analyse(r)`, computed when not given)."""
+  a = a if a is not None else ev.analyse(r)
   with open(TEMPLATE) as f:
     template = string.Template(f.read())
   llm, tower, recipe, shapes = r["parts"]["llm"], r["parts"]["tower"], r["recipe"], r["shapes"]
+  uninformative = [t["column"] for t in a["informative"] if not t["ok"]]
+  zero, sched = retention_tables(r, a)
   text = template.substitute(
       scale=r["scale"], command=r["command"], machine=r["machine"], compute=compute_line(r),
+      claims="\n".join(ev.claim_lines(r, a)), n_seeds=len(r["seeds"]), seeds=", ".join(map(str, r["seeds"])),
       vision=shapes["vision"], llm=shapes["llm"], tokens=shapes["tokens"], latents=shapes["latents"],
       image_size=shapes["image_size"], sizes=", ".join(map(str, r["sizes"])), val=r["val"],
       llm_what=llm["what"], llm_records=llm["records"], llm_steps=llm["steps"], tower_what=tower["what"],
       tower_records=tower["records"], tower_steps=tower["steps"], held_out=held_out(tower),
       stage1_epochs=recipe["stage1_epochs"], stage1_lr=recipe["stage1_lr"], stage2_epochs=recipe["stage2_epochs"],
-      stage2_lr=recipe["stage2_lr"], batch=recipe["batch"], prior=pct(r["prior"]), text_len=r["text_len"],
-      main_table=main_table(r), spread_size=r["spread_size"], seeds=", ".join(map(str, r["seeds"])),
-      spread_table=spread_table(r), retention_table=retention_table(r), schedule_size=r["schedule_size"],
-      speed_section=speed_section(r))
+      stage2_lr=recipe["stage2_lr"], batch=recipe["batch"], text_len=r["text_len"], margin=f"{a['margin']:g}",
+      sds=f"{a['sds']:g}", informative_cols=", ".join(a["cols"]) or "none",
+      uninformative=(f"Uninformative ({DAGGER}), shown but in no headline: {', '.join(uninformative)}."
+                     if uninformative else "Every benchmark is informative."),
+      informative_table=informative_table(r, a), main_table=main_table(r, a), sources_table=sources_table(r, a),
+      diff_table=diff_table(r, a), uses_image_table=uses_image_table(r, a), retention_zero=zero,
+      retention_schedule=sched, schedule_size=r["schedule_size"], speed_section=speed_section(r), DAGGER=DAGGER)
   return text.rstrip("\n") + "\n"
 
 
-def write(out: str, r: dict):
-  with open(os.path.join(out, "results.md"), "w") as f:
-    f.write(render(r))
+def write(out: str, r: dict, a: dict | None = None):
+  with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
+    f.write(render(r, a))
 
 
 # ------------------------------------------------------------------------------------ plots
@@ -141,72 +219,117 @@ def _pyplot():
   return plt
 
 
-def plot_data_efficiency(r: dict, path: str):
-  """Score vs training-set size (log scale), one panel per headline column and the mean."""
+def _errorbar(ax, xs, ivs, label, fmt="o-"):
+  pts = [(x, v) for x, v in zip(xs, ivs) if v is not None]
+  if pts:
+    ax.errorbar([p[0] for p in pts], [p[1].mean for p in pts], yerr=[p[1].half_width for p in pts], fmt=fmt,
+                capsize=3, label=label)
+
+
+def _save(fig, plt, path: str):
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_data_efficiency(r: dict, path: str, a: dict | None = None):
+  """The headline and each informative benchmark vs training-set size (log scale), one series per
+  mode, error bars = the 95% interval (seeds and questions)."""
+  a = a if a is not None else ev.analyse(r)
   plt = _pyplot()
-  names, _ = _columns(r)
-  sizes = r["sizes"]
-  fig, axes = plt.subplots(1, len(names) + 1, figsize=(3.2 * (len(names) + 1), 3.2), sharex=True)
-  for ax, name in zip(axes, names + ["mean"]):
+  panels = ["headline"] + a["cols"]
+  fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), sharex=True, squeeze=False)
+  for ax, name in zip(axes[0], panels):
     for mode, label in r["modes"].items():
-      pts = sorted((e["size"], e["mean"] if name == "mean" else e["scores"].get(name, float("nan")))
-                   for e in r["main"] if e["mode"] == mode and e["seed"] == 0)
-      ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-", label=label)
+      sizes = [n for n in r["sizes"] if (mode, n) in a["cells"]]
+      cells = [a["cells"][mode, n] for n in sizes]
+      _errorbar(ax, sizes, [c["headline"] if name == "headline" else c["columns"][name] for c in cells], label)
     ax.set_xscale("log")
-    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.set_xticks(r["sizes"], [str(s) for s in r["sizes"]])
     ax.minorticks_off()
     ax.set_title(name, fontsize=10)
     ax.set_xlabel("training samples")
     ax.grid(alpha=0.3)
-  axes[0].set_ylabel("score (%)")
-  axes[-1].legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  axes[0][0].set_ylabel("score (points)")
+  axes[0][-1].legend(fontsize=8)
+  _save(fig, plt, path)
 
 
-def plot_retention(points: list[dict], path: str):
-  """EE-MLLM-F along the schedule: mean score kept vs prefill FLOPs saved, with and without the FFN."""
+def plot_pareto(r: dict, path: str, a: dict | None = None):
+  """Headline vs training FLOPs per run (log x) and vs prefill FLOPs per sample: one series per mode,
+  a point per size, error bars = the 95% interval."""
+  a = a if a is not None else ev.analyse(r)
+  plt = _pyplot()
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for mode, label in r["modes"].items():
+    cells = [a["cells"][mode, n] for n in r["sizes"] if (mode, n) in a["cells"]]
+    ivs = [c["headline"] for c in cells]
+    _errorbar(axes[0], [c["train_flops"] for c in cells], ivs, label)
+    _errorbar(axes[1], [c["flops"] / 1e6 for c in cells], ivs, label, fmt="o")
+  axes[0].set_xscale("log")
+  axes[0].set_xlabel("training FLOPs per run (both stages)")
+  axes[1].set_xlabel("prefill MFLOPs per sample")
+  axes[1].set_title("points at each size", fontsize=9)
+  for ax in axes:
+    ax.set_ylabel(f"headline (points; {', '.join(a['cols']) or 'none'})")
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=8)
+  _save(fig, plt, path)
+
+
+def plot_retention(r: dict, path: str, a: dict | None = None):
+  """EE-MLLM-F along the schedule: share of the headline kept ± its interval vs prefill FLOPs saved,
+  with and without the visual FFN."""
+  a = a if a is not None else ev.analyse(r)
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(5.5, 4))
-  for ffn, marker in ((True, "o-"), (False, "s--")):
-    pts = sorted((p["flops_saved"], p["kept"], p["n"]) for p in points if p["visual_ffn"] == ffn)
-    ax.plot([100 * p[0] for p in pts], [100 * p[1] for p in pts], marker,
-            label=f"composite layers {'with' if ffn else 'without'} visual FFN")
-    for x, y, n in pts:
-      ax.annotate(f"n={n}", (100 * x, 100 * y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+  for ffn, fmt in ((True, "o-"), (False, "s--")):
+    pts = sorted((p for p in a["retention"]["schedule"] if p["visual_ffn"] == ffn and p["kept"] is not None),
+                 key=lambda p: p["flops_saved"])
+    kept = [_scaled(p["kept"], 100) for p in pts]
+    _errorbar(ax, [100 * p["flops_saved"] for p in pts], kept,
+              f"composite layers {'with' if ffn else 'without'} visual FFN", fmt)
+    for p in pts:
+      ax.annotate(f"n={p['n']}", (100 * p["flops_saved"], 100 * p["kept"].mean), fontsize=7, xytext=(3, 3),
+                  textcoords="offset points")
   ax.axhline(100, color="gray", lw=0.8)
   ax.set_xlabel("prefill FLOPs saved vs LLaVA (%)")
-  ax.set_ylabel("mean score kept vs LLaVA (%)")
-  ax.set_title("EE-MLLM-F on the LLaVA model: layers [n, L) composite", fontsize=9)
+  ax.set_ylabel("headline kept vs LLaVA (%)")
+  ax.set_title(f"EE-MLLM-F on the LLaVA models ({r['schedule_size']} samples): layers [n, L) composite", fontsize=9)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save(fig, plt, path)
+
+
+def _scaled(x, k: float):
+  """An interval `x` in units k times larger (shares as percentages)."""
+  return dataclasses.replace(x, mean=k * x.mean, low=k * x.low, high=k * x.high, seeds=k * x.seeds,
+                             questions=k * x.questions)
+
+
+def write_all(out: str, r: dict, *, samples: int = ev.iv.BOOTSTRAP_SAMPLES) -> dict:
+  """results.md, data_efficiency.png, pareto.png and ee_mllm_f_retention.png in `out`, from one
+  analysis (returned)."""
+  a = ev.analyse(r, samples=samples)
+  write(out, r, a)
+  plot_data_efficiency(r, os.path.join(out, "data_efficiency.png"), a)
+  plot_pareto(r, os.path.join(out, "pareto.png"), a)
+  plot_retention(r, os.path.join(out, "ee_mllm_f_retention.png"), a)
+  return a
 
 
 def main(argv=None):
   """Redraws results.md and the plots from a results.json: `python benchmarks/results_report.py
   docs/results.json [OUT_DIR]` (OUT_DIR: the JSON's directory)."""
   import json  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
 
-  import data_efficiency_settings as settings  # pylint: disable=g-import-not-at-top
   argv = sys.argv[1:] if argv is None else argv
   if not argv:
     raise SystemExit(main.__doc__)
   with open(argv[0]) as f:
     r = json.load(f)
-  # results.json files written before these keys existed name the settings' rows and columns
-  r.setdefault("modes", settings.MODE_LABELS)
-  r.setdefault("columns", [b[0] for b in settings.BENCHMARKS])
-  r.setdefault("extra_columns", [c[0] for c in settings.EXTRA_METRICS])
   out = argv[1] if len(argv) > 1 else os.path.dirname(os.path.abspath(argv[0]))
-  write(out, r)
-  plot_data_efficiency(r, os.path.join(out, "data_efficiency.png"))
-  if r["schedule"]:
-    plot_retention(r["schedule"], os.path.join(out, "ee_mllm_f_retention.png"))
+  write_all(out, r)
   print(f"wrote {os.path.join(out, 'results.md')}")
 
 
