@@ -131,6 +131,9 @@ def differences(r: dict, cols: list[str], other: str, *, samples: int) -> dict:
   groups = cells(r["main"])
   sizes = [n for n in r["sizes"] if (EE, n) in groups and (other, n) in groups]
   per = {n: _paired(groups[EE, n], groups[other, n], cols) for n in sizes}
+  if len({tuple(seeds_of(groups[EE, n])) for n in sizes}) > 1:
+    raise ValueError(f"averaging over sizes pairs seeds by id: every size needs the same seeds, got "
+                     f"{ {n: seeds_of(groups[EE, n]) for n in sizes} }")
   out = {}
   for key, mats in [(n, per[n]) for n in sizes] + [("all", [m for n in sizes for m in per[n]])]:
     out[key] = {lvl: headline(mats, samples, lvl) for lvl in (0.95, 0.90)}

@@ -87,7 +87,7 @@ def informative_table(r: dict, a: dict) -> str:
     rows.append([t["column"], f"{t['prior']:.1f}", f"{r['modes'][mode]}, {size}", f"{t['mean']:.1f}",
                  f"{t['gap']:+.1f}", half(t["threshold"]), "yes" if t["ok"] else f"**no** {DAGGER}"])
   header = ["benchmark", "prior", "best cell (mode, samples)", "its mean", "gap", f"{a['sds']:g} SD", "informative"]
-  return rtable(header, rows)
+  return table(header, ["l", "r", "l", "r", "r", "r", "l"], rows)
 
 
 def main_table(r: dict, a: dict) -> str:
@@ -127,7 +127,7 @@ def diff_table(r: dict, a: dict) -> str:
                  ev.iv.equivalent(ll[0.90], margin=a["margin"]) if ll else "–", signed(fl and fl[0.95]),
                  ev.iv.superiority(fl[0.95]) if fl else "–"])
   header = ["samples", "EE − LLaVA (95%)", "EE − LLaVA (90%)", f"equivalent (±{a['margin']:g})",
-            "EE − Flamingo (95%)", "EE better"]
+            "EE − Flamingo (95%)", "EE better (superiority)"]
   return rtable(header, rows)
 
 
@@ -138,11 +138,13 @@ def uses_image_table(r: dict, a: dict) -> str:
                  "uses the image"], rows)
 
 
-def _retention_rows(points: list[dict], margin: float, first: str) -> list[list[str]]:
+def _retention_rows(points: list[dict], margin: float, first: str, image: dict) -> list[list[str]]:
   rows = []
   for p in points:
     lead = str(p["size"] if first == "size" else p["n"])
     llava = p.get("llava")
+    if first == "size" and not image.get(p["size"], {}).get("ok"):
+      lead += f" {DAGGER}"
     rows.append([lead + (" (LLaVA)" if llava else ""), "on" if p["visual_ffn"] else "off", pm(p["kept"], 100),
                  "0 (itself)" if llava else signed(p["diff"]), signed(p["diff90"]),
                  ev.iv.equivalent(p["diff90"], margin=margin) if p["diff90"] else "–", pct(p["flops_saved"])])
@@ -153,8 +155,8 @@ def retention_tables(r: dict, a: dict) -> tuple[str, str]:
   header = ["samples", "visual FFN", "kept (%)", "EE-MLLM-F − LLaVA (95%)", "(90%)", f"equivalent (±{a['margin']:g})",
             "FLOPs saved (%)"]
   ret = a["retention"]
-  zero = rtable(header, _retention_rows(ret["at_zero"], a["margin"], "size"), 2)
-  sched = rtable(["n"] + header[1:], _retention_rows(ret["schedule"], a["margin"], "n"), 2)
+  zero = rtable(header, _retention_rows(ret["at_zero"], a["margin"], "size", a["uses_image"]), 2)
+  sched = rtable(["n"] + header[1:], _retention_rows(ret["schedule"], a["margin"], "n", a["uses_image"]), 2)
   return zero, sched
 
 
@@ -200,7 +202,8 @@ def render(r: dict, a: dict | None = None) -> str:
                      if uninformative else "Every benchmark is informative."),
       informative_table=informative_table(r, a), main_table=main_table(r, a), sources_table=sources_table(r, a),
       diff_table=diff_table(r, a), uses_image_table=uses_image_table(r, a), retention_zero=zero,
-      retention_schedule=sched, schedule_size=r["schedule_size"], speed_section=speed_section(r), DAGGER=DAGGER)
+      retention_schedule=sched, schedule_size=r["schedule_size"],
+      schedule_uses_image="uses" if a["uses_image"].get(r["schedule_size"], {}).get("ok") else "does not use", speed_section=speed_section(r), DAGGER=DAGGER)
   return text.rstrip("\n") + "\n"
 
 
