@@ -265,17 +265,23 @@ def plot_pareto(r: dict, path: str, a: dict | None = None):
   plt = _pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(10, 4))
   for mode, label in r["modes"].items():
-    cells = [a["cells"][mode, n] for n in r["sizes"] if (mode, n) in a["cells"]]
+    sizes = [n for n in r["sizes"] if (mode, n) in a["cells"]]
+    cells = [a["cells"][mode, n] for n in sizes]
     ivs = [c["headline"] for c in cells]
-    _errorbar(axes[0], [c["train_flops"] for c in cells], ivs, label)
-    _errorbar(axes[1], [c["flops"] / 1e6 for c in cells], ivs, label, fmt="o")
+    for ax, xs, fmt in ((axes[0], [c["train_flops"] for c in cells], "o-"),
+                        (axes[1], [c["flops"] / 1e6 for c in cells], "o")):
+      _errorbar(ax, xs, ivs, label, fmt)
+      for x, n, h in zip(xs, sizes, ivs):
+        if h is not None:
+          ax.annotate(str(n), (x, h.mean), fontsize=7, xytext=(4, -3), textcoords="offset points")
   axes[0].set_xscale("log")
   axes[0].set_xlabel("training FLOPs per run (both stages)")
   axes[1].set_xlabel("prefill MFLOPs per sample")
-  axes[1].set_title("points at each size", fontsize=9)
   for ax in axes:
-    ax.set_ylabel(f"headline (points; {', '.join(a['cols']) or 'none'})")
+    ax.set_ylabel("headline (points)")
     ax.grid(alpha=0.3)
+  fig.suptitle(f"headline = mean of {', '.join(a['cols']) or 'no informative benchmark'}; labels: training samples",
+               fontsize=9)
   axes[0].legend(fontsize=8)
   _save(fig, plt, path)
 
