@@ -337,6 +337,9 @@ def main(argv=None):
     raise SystemExit(main.__doc__)
   with open(argv[0]) as f:
     r = json.load(f)
+  if "priors" not in r or not all("units" in e for e in r.get("main", [])):
+    raise SystemExit(f"{argv[0]} has no per-question units or answer priors: it was written before the "
+                     "evidence report; rerun benchmarks/data_efficiency.py")
   out = argv[1] if len(argv) > 1 else os.path.dirname(os.path.abspath(argv[0]))
   write_all(out, r)
   print(f"wrote {os.path.join(out, 'results.md')}")

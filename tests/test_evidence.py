@@ -136,6 +136,8 @@ def test_paired_differences_equal_a_hand_computation(base):
       d = a["diff"][other][n][0.95]
       assert d.mean == pytest.approx(hand[n]) and d.low <= hand[n] <= d.high
       assert a["diff"][other][n][0.90].half_width <= d.half_width
+    # seed i against seed i: the seed effect the modes share (the same data order) cancels
+    assert a["diff"]["llava"][2000][0.95].seeds < 0.5 * a["cells"]["llava", 2000]["headline"].seeds
     d = a["diff"][other]["all"][0.95]
     assert d.mean == pytest.approx(np.mean(list(hand.values()))) and d.low <= d.mean <= d.high
     assert d.sources == "seeds+questions"
@@ -205,3 +207,12 @@ def test_the_report_and_plots_from_a_results_json(base, tmp_path):
   for name in ("data_efficiency.png", "pareto.png", "ee_mllm_f_retention.png"):
     with Image.open(tmp_path / name) as im:
       assert im.format == "PNG" and min(im.size) > 200
+
+
+def test_a_results_json_without_units_is_refused_by_name(tmp_path):
+  r = crafted()
+  old = dict(r, main=[{k: v for k, v in e.items() if k != "units"} for e in r["main"]])
+  path = tmp_path / "old.json"
+  path.write_text(json.dumps(old))
+  with pytest.raises(SystemExit, match="no per-question units"):
+    results_report.main([str(path), str(tmp_path)])
