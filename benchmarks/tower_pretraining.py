@@ -1,8 +1,10 @@
 """The vision tower's pretraining for benchmarks/data_efficiency.py: the stand-in for CLIP.
 
-The tower is trained from scratch on labelled synthetic scenes drawn as the dataset draws its
-objects (`scenes.labelled_scene`; no question, no text), through linear read-outs of each visual
-token's colour and shape and of each image's object counts, which are thrown away after. This is
+The tower is trained from scratch on labelled synthetic scenes drawn as the dataset draws them,
+with no question in sight: object scenes (`scenes.labelled_scene`) and, for a third of the
+images, signs and forms (`scenes.labelled_text_scene`: what CLIP knows of text). Linear read-outs
+of each visual token's colour, shape and character (the glyph whose centre lies in the patch) and
+of each image's object counts carry the supervision and are thrown away after. This is
 a different objective from the package's trainer (which trains the whole MLLM on conversations):
 no decoder is involved, so no attention mode is favoured by how the tower was made.
 """
@@ -22,8 +24,13 @@ from ee_mllm_jax.data import scenes
 from ee_mllm_jax.models.vision import VisionTower
 
 
+# The characters a glyph read-out tells apart (index + 1; 0: no character's centre in the patch).
+GLYPHS = "abcdefghijklmnopqrstuvwxyz0123456789:"
+TEXT_SHARE = 3  # every TEXT_SHARE-th image is a sign or a form
+
+
 class TowerPretrainer(nn.Module):
-  """The tower with linear read-outs: each visual token's colour and shape (0: background) and,
+  """The tower with linear read-outs: each visual token's colour, shape and glyph (0: none) and,
   from the mean token, how many objects of each colour and shape the image holds."""
 
   cfg: eem.VisionConfig
@@ -38,7 +45,8 @@ class TowerPretrainer(nn.Module):
     counts = lambda n, name: nn.Dense(n * (self.max_count + 1), name=name)(pooled).reshape(
         x.shape[0], n, self.max_count + 1)
     return (nn.Dense(self.colours + 1, name="token_colour")(x), nn.Dense(self.shapes + 1, name="token_shape")(x),
-            counts(self.colours, "colour_counts"), counts(self.shapes, "shape_counts"))
+            counts(self.colours, "colour_counts"), counts(self.shapes, "shape_counts"),
+            nn.Dense(len(GLYPHS) + 1, name="token_glyph")(x))
 
 
 def scene_labels(placed, cfg: eem.VisionConfig, colours, shapes, max_count):
@@ -55,22 +63,43 @@ def scene_labels(placed, cfg: eem.VisionConfig, colours, shapes, max_count):
   return tok_c.reshape(-1), tok_s.reshape(-1), np.minimum(n_c, max_count), np.minimum(n_s, max_count)
 
 
+def glyph_labels(glyphs, cfg: eem.VisionConfig) -> np.ndarray:
+  """Per-token glyph: the character whose box centre lies in the patch (1 + GLYPHS index; 0: none)."""
+  g, p = cfg.grid, cfg.patch_size
+  out = np.zeros((g, g), np.int32)
+  for char, x0, y0, x1, y1 in glyphs:
+    col, row = int((x0 + x1) / 2 // p), int((y0 + y1) / 2 // p)
+    if 0 <= row < g and 0 <= col < g and char in GLYPHS:
+      out[row, col] = GLYPHS.index(char) + 1
+  return out.reshape(-1)
+
+
+def labelled_image(rng, index: int, cfg: eem.VisionConfig, colours, shapes, max_count):
+  """Image `index` of the pretraining set and its five labels: every TEXT_SHARE-th is a sign or a
+  form (no objects), the rest object scenes (no glyphs)."""
+  g2 = cfg.grid ** 2
+  if index % TEXT_SHARE == TEXT_SHARE - 1:
+    image, glyphs = scenes.labelled_text_scene(rng, cfg.image_size)
+    zeros = np.zeros(g2, np.int32)
+    labels = (zeros, zeros, np.zeros(len(colours), np.int32), np.zeros(len(shapes), np.int32), glyph_labels(glyphs, cfg))
+  else:
+    image, placed = scenes.labelled_scene(rng, cfg.image_size, "easy")
+    labels = scene_labels(placed, cfg, colours, shapes, max_count) + (np.zeros(g2, np.int32),)
+  return image_lib.preprocess(image, size=cfg.image_size, mean=cfg.image_mean, std=cfg.image_std), labels
+
+
 def pretrain_tower(cfg: eem.VisionConfig, *, images: int, steps: int, batch: int, lr: float,
                    seed: int) -> tuple[dict, dict]:
-  """The vision tower trained from scratch on labelled synthetic scenes (`scenes.labelled_scene`:
-  the dataset's object drawings, with no question or text): per-token colour and shape, per-image
-  counts. -> its parameters and what it reached on held-out scenes."""
+  """The vision tower trained from scratch on labelled synthetic images (`labelled_image`: object
+  scenes, signs and forms, with no question): per-token colour, shape and glyph, per-image counts.
+  -> its parameters and what it reached on held-out images."""
   t0 = time.perf_counter()
   maker = scenes.SceneMaker(cfg.image_size, "easy")
   colours, shapes = maker.colours, maker.shapes
   max_count = (maker.level["grid"] + 1) ** 2
   rng = np.random.default_rng(seed)
   n_total = images + images // 10
-  pixels, labels = [], []
-  for _ in range(n_total):
-    image, placed = scenes.labelled_scene(rng, cfg.image_size, "easy")
-    pixels.append(image_lib.preprocess(image, size=cfg.image_size, mean=cfg.image_mean, std=cfg.image_std))
-    labels.append(scene_labels(placed, cfg, colours, shapes, max_count))
+  pixels, labels = zip(*(labelled_image(rng, i, cfg, colours, shapes, max_count) for i in range(n_total)))
   pixels = np.stack(pixels)
   labels = [np.stack(x) for x in zip(*labels)]
   train_x, test_x = pixels[:images], pixels[images:]
@@ -97,13 +126,16 @@ def pretrain_tower(cfg: eem.VisionConfig, *, images: int, steps: int, batch: int
     params, opt_state, loss = step(params, opt_state, train_x[idx], [y[idx] for y in train_y])
   outs = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, test_x)
   acc = [float(np.mean(np.argmax(np.asarray(o), -1) == y)) for o, y in zip(outs, test_y)]
-  objects = test_y[0] > 0  # token accuracy where an object is
-  obj_acc = [float(np.mean(np.argmax(np.asarray(o), -1)[objects] == y[objects])) for o, y in zip(outs[:2], test_y[:2])]
-  info = dict(what=f"{images} labelled synthetic object scenes (`scenes.labelled_scene`, no text): "
-                   "each visual token's colour and shape, each image's count per colour and shape",
+  where = lambda o, y, m: float(np.mean(np.argmax(np.asarray(o), -1)[m] == y[m]))
+  objects, glyphs = test_y[0] > 0, test_y[4] > 0  # token accuracy where an object / a glyph is
+  obj_acc = [where(o, y, objects) for o, y in zip(outs[:2], test_y[:2])]
+  info = dict(what=f"{images} labelled synthetic images, no question: object scenes (`scenes.labelled_scene`) and, "
+                   f"one in {TEXT_SHARE}, signs and forms with rendered words and digits "
+                   "(`scenes.labelled_text_scene`); read-outs of each visual token's colour, shape and character, "
+                   "each image's count per colour and shape",
               records=images, steps=steps, seconds=time.perf_counter() - t0, final_loss=float(loss),
               held_out=dict(images=len(test_x), token_colour=acc[0], token_shape=acc[1],
                             object_token_colour=obj_acc[0], object_token_shape=obj_acc[1],
-                            colour_counts=acc[2], shape_counts=acc[3]))
+                            colour_counts=acc[2], shape_counts=acc[3], glyph_token=where(outs[4], test_y[4], glyphs)))
   print(f"tower pretraining: {steps} steps in {info['seconds']:.0f} s, held-out {info['held_out']}", flush=True)
   return params["vision"], info

@@ -8,15 +8,16 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("llava", "ee-mllm", "flamingo")
-# Two sizes keep the suite's run to a few minutes (every code path of the default's three runs);
-# half an epoch per stage (one or two steps) and one timed repeat: what is checked here is that
-# every stage runs and what the tables say by construction, not how well the models learn.
-SMALL = ("--sizes", "32,64", "--spread_size", "32", "--stage1_epochs", "0.5", "--stage2_epochs", "0.5",
+# Two sizes and two seeds keep the suite's run to a few minutes (every code path of the default's
+# runs); half an epoch per stage (one or two steps) and one timed repeat: what is checked here is
+# that every stage runs and what the tables say by construction, not how well the models learn.
+SMALL = ("--sizes", "32,64", "--seeds", "0,1", "--stage1_epochs", "0.5", "--stage2_epochs", "0.5",
          "--speed_repeats", "1")
 pytestmark = pytest.mark.slow  # the benchmark script end to end, in a subprocess
 
@@ -43,22 +44,38 @@ def test_writes_the_report_and_its_plots(results):
   report, out, _ = results
   text = (out / "results.md").read_text()
   assert "python benchmarks/data_efficiency.py --scale tiny" in text and "Compute time" in text and "Machine" in text
-  for name in ("data_efficiency.png", "ee_mllm_f_retention.png"):
+  for name in ("data_efficiency.png", "pareto.png", "ee_mllm_f_retention.png"):
     assert f"]({name})" in text
     with Image.open(out / name) as im:
       assert im.format == "PNG" and min(im.size) > 200
-  for heading in ("## Mode x data size", "### Run-to-run spread", "## EE-MLLM-F", "## Speed"):
+  for heading in ("## The paper's claims, decided", "## Benchmarks: informative or not", "## Mode x data size",
+                  "## Paired differences", "## Compute", "## EE-MLLM-F", "## Speed"):
     assert heading in text
+  # every claim has a verdict, and every score of a cell an interval
+  claims = text.split("## The paper's claims, decided")[1].split("\n## ")[0]
+  verdicts = [line for line in claims.splitlines() if line.startswith("- ")]
+  assert len(verdicts) == 4 and all(any(f"**{v}" in line for v in ("supported", "contradicted", "undecided"))
+                                    for line in verdicts)
+  assert " ± " in text.split("## Mode x data size")[1]
 
 
-def test_every_mode_and_size_is_trained_and_scored(results):
+def test_every_mode_size_and_seed_is_trained_and_scored(results):
   report, _, work = results
-  sizes = report["sizes"]
-  assert sorted((e["mode"], e["size"]) for e in report["main"]) == sorted((m, n) for m in MODES for n in sizes)
-  assert sorted(e["mode"] for e in report["spread"]) == sorted(MODES)
-  for e in report["main"] + report["spread"]:
-    assert set(e["scores"]) >= {"open", "MMBench", "SEED"}, e["name"]
+  sizes, seeds = report["sizes"], report["seeds"]
+  assert seeds == [0, 1]
+  assert sorted((e["mode"], e["size"], e["seed"]) for e in report["main"]) == sorted(
+      (m, n, s) for m in MODES for n in sizes for s in seeds)
+  # each LLaVA model also on blank images (the open questions alone)
+  assert sorted((e["size"], e["seed"]) for e in report["blank"]) == sorted((n, s) for n in sizes for s in seeds)
+  assert all(set(e["scores"]) == {"open"} for e in report["blank"])
+  units = {}
+  for e in report["main"] + report["blank"] + report["retention"]:
+    assert set(e["scores"]) >= {"open", "MMBench", "SEED"} or e in report["blank"], e["name"]
     assert all(0.0 <= s <= 1.0 for s in e["scores"].values())
+    for column, per_unit in e["units"].items():  # the per-question scores average to the headline score
+      assert abs(sum(per_unit.values()) / len(per_unit) - e["scores"][column]) < 1e-9, (e["name"], column)
+      assert units.setdefault(column, sorted(per_unit)) == sorted(per_unit), (e["name"], column)
+    assert e["train_flops"] > 0 and e["flops"] > 0
     # the two stages really ran, for the same steps per sample in every mode
     for stage in ("stage1", "stage2"):
       with open(work / "runs" / f"{e['mode']}_{e['size']}_seed{e['seed']}" / stage / "done.json") as f:
@@ -78,19 +95,25 @@ def test_tables_say_what_the_design_implies(results):
   assert by[("ee-mllm", n)]["trainable"] == by[("llava", n)]["trainable"]
   assert by[("flamingo", n)]["trainable"][0] > by[("llava", n)]["trainable"][0]
   assert by[("ee-mllm", n)]["flops"] < by[("llava", n)]["flops"]
-  schedule = report["schedule"]
-  depth = max(p["n"] for p in schedule)
+  depth = report["shapes"]["llm"].split(" layers")[0].split()[-1]
+  depth = int(depth)
+  assert by[("flamingo", n)]["train_flops"] > by[("ee-mllm", n)]["train_flops"]
+  # EE-MLLM-F: every LLaVA model from layer 0; the largest along the whole schedule, every seed
+  f = report["retention"]
+  for seed in report["seeds"]:
+    for size in report["sizes"]:
+      ns = sorted({(p["n"], p["visual_ffn"]) for p in f if p["seed"] == seed and p["size"] == size})
+      want = range(depth) if size == report["schedule_size"] else [0]
+      assert ns == sorted((k, ffn) for k in want for ffn in (False, True)), (seed, size)
+  schedule = [p for p in f if p["seed"] == 0 and p["size"] == report["schedule_size"]]
   for ffn in (True, False):
-    points = sorted((p["n"], p["flops_saved"]) for p in schedule if p["visual_ffn"] == ffn)
-    assert [p[0] for p in points] == list(range(depth + 1))
-    saved = [p[1] for p in points]
-    assert all(a > b for a, b in zip(saved, saved[1:])) and saved[-1] == 0.0
+    saved = [p["flops_saved"] for p in sorted(schedule, key=lambda p: p["n"]) if p["visual_ffn"] == ffn]
+    assert all(a > b for a, b in zip(saved, saved[1:])) and saved[-1] > 0.0
   on = {p["n"]: p["flops_saved"] for p in schedule if p["visual_ffn"]}
   off = {p["n"]: p["flops_saved"] for p in schedule if not p["visual_ffn"]}
   assert all(off[k] > on[k] for k in range(depth))  # dropping the visual FFN saves more
-  # EE-MLLM-F rows are the LLaVA model's weights: the variant at n = depth is LLaVA itself
-  llava = by[("llava", max(report["sizes"]))]
-  assert [p for p in schedule if p["n"] == depth][0]["mean"] == llava["mean"]
+  # EE-MLLM-F rows are the LLaVA model's weights, named after it
+  assert all(p["base"] == f"llava_{p['size']}_seed{p['seed']}" and p["mode"] == "llava" for p in f)
 
 
 def test_speed_table_covers_three_modes_at_each_size(results):
@@ -108,4 +131,38 @@ def test_rerun_reuses_every_cached_step(results, tmp_path):
   report, _, work = results
   again, stdout = run(tmp_path / "docs", work, *SMALL, "--skip_speed")
   assert again["main"] == report["main"] and again["retention"] == report["retention"]
+  assert again["blank"] == report["blank"]
   assert again["speed"] == [] and again["timing"]["align"] < 0.5  # minutes: nothing retrained
+
+
+def test_the_analysis_of_the_scripts_own_results(results):
+  """The script's results.json, one benchmark set to sit at its prior and one made to separate
+  the modes: the rule drops the first, the headline is the second, and the paired differences and
+  their intervals are the hand-computed ones."""
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import evidence  # pylint: disable=g-import-not-at-top
+  report, _, _ = results
+  r = json.loads(json.dumps(report))
+  lift = {"llava": 0.5, "ee-mllm": 0.6, "flamingo": 0.2}
+  for e in r["main"]:
+    for column, units in e["units"].items():
+      for k, unit in enumerate(sorted(units)):
+        if column == "SEED":  # exactly its prior: a uniform letter guess
+          units[unit] = r["priors"]["SEED"]
+        elif column == "open":  # per mode, with a per-seed and per-question wobble
+          units[unit] = lift[e["mode"]] + 0.02 * e["seed"] + 0.1 * ((k % 3) - 1)
+        else:
+          units[unit] = 0.0
+  a = evidence.analyse(r, samples=200)
+  ok = {t["column"]: t["ok"] for t in a["informative"]}
+  assert ok["open"] and not ok["SEED"] and a["cols"] == ["open"]
+  for n in r["sizes"]:
+    by_seed = lambda mode: {e["seed"]: 100 * np.mean(list(e["units"]["open"].values()))
+                            for e in r["main"] if e["mode"] == mode and e["size"] == n}
+    ee, fl = by_seed("ee-mllm"), by_seed("flamingo")
+    d = a["diff"]["flamingo"][n][0.95]
+    assert d.mean == pytest.approx(np.mean([ee[s] - fl[s] for s in ee])) == pytest.approx(40.0)
+    assert d.low <= d.mean <= d.high
+    assert a["cells"][("ee-mllm", n)]["headline"].mean == pytest.approx(np.mean(list(ee.values())))
+  assert a["claims"]["C1"]["verdict"] == "supported"  # +40 points, the same in every seed
+  assert a["claims"]["C2"]["verdict"] == "contradicted"  # +10 points against a +-3 margin

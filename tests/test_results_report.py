@@ -16,6 +16,6 @@ def test_the_committed_report_redraws_from_its_results_json(tmp_path):
   assert done.returncode == 0, done.stderr[-3000:]
   with open(os.path.join(ROOT, "docs", "results.md"), encoding="utf-8") as f:
     assert (tmp_path / "results.md").read_text(encoding="utf-8") == f.read()
-  for name in ("data_efficiency.png", "ee_mllm_f_retention.png"):
+  for name in ("data_efficiency.png", "pareto.png", "ee_mllm_f_retention.png"):
     with Image.open(tmp_path / name) as im:
       assert im.format == "PNG" and min(im.size) > 200

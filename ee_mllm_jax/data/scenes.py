@@ -4,6 +4,7 @@ the questions asked about each, per difficulty level. `data.synthetic` turns the
     maker = SceneMaker(64, "easy")
     image, questions = maker.make(rng, "position", num_questions=2)
     image, placed = labelled_scene(rng, 64)      # objects and where they are, no question
+    image, glyphs = labelled_text_scene(rng, 64) # a sign or a form, and where each character is
 """
 
 from __future__ import annotations
@@ -66,9 +67,20 @@ class Canvas:
         points.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle) + (r * 0.15 if corners == 3 else 0)))
       self.draw.polygon(points, fill=fill)
 
-  def text(self, text: str, x: float, y: float, size: float, fill, anchor="mm"):
+  def text(self, text: str, x: float, y: float, size: float, fill, anchor="mm") -> list[tuple]:
+    """Draws `text` anchored at (x, y); -> each drawn character's box in output pixels,
+    [(char, x0, y0, x1, y1)] (from the font's advance widths; spaces left out)."""
     font = ImageFont.load_default(size=max(1, round(size * self.scale)))
-    self.draw.text((x * self.scale, y * self.scale), text, fill=fill, font=font, anchor=anchor)
+    s = self.scale
+    self.draw.text((x * s, y * s), text, fill=fill, font=font, anchor=anchor)
+    _, top, _, bottom = font.getbbox(text, anchor=anchor)
+    left = x * s - (font.getlength(text) / 2 if anchor[0] == "m" else 0.0)
+    boxes = []
+    for k, char in enumerate(text):
+      if not char.isspace():
+        x0, x1 = left + font.getlength(text[:k]), left + font.getlength(text[:k + 1])
+        boxes.append((char, x0 / s, (y * s + top) / s, x1 / s, (y * s + bottom) / s))
+    return boxes
 
   def finish(self) -> Image.Image:
     return self.image.resize((self.size, self.size), Image.Resampling.LANCZOS)
@@ -106,6 +118,49 @@ def labelled_scene(rng, size: int, difficulty: str = "easy") -> tuple[Image.Imag
              for cell in cells]
   placed: list[tuple] = []
   return _draw_objects(size, rng, grid, objects, placed), placed
+
+
+def labelled_text_scene(rng, size: int) -> tuple[Image.Image, list[tuple]]:
+  """A sign with a word (any of WORDS) or a form with 1-3 "field: value" lines (values of 2-4
+  digits), drawn as the dataset draws its text and form scenes, and where every character is:
+  [(char, x0, y0, x1, y1)] in pixels. The glyph part of a tower's pretraining (what CLIP knows of
+  text), with no question in sight."""
+  if rng.random() < 0.5:
+    return _sign(size, rng, WORDS[rng.integers(len(WORDS))])
+  n = int(rng.integers(1, 4))
+  fields = [FIELDS[i] for i in rng.permutation(len(FIELDS))[:n]]
+  values = [str(int(rng.integers(10, 10 ** int(rng.integers(2, 5))))) for _ in fields]
+  return _form(size, fields, values)
+
+
+SIGN_COLOURS = ((250, 250, 245), (250, 235, 150), (175, 215, 245), (185, 230, 175), (240, 200, 215))
+INK = ("black", "red", "blue", "purple", "brown", "green")
+
+
+def _sign(size, rng, word) -> tuple[Image.Image, list[tuple]]:
+  """`word` on a sign board: board and ink colours, text size (22-36% of the image) and place vary."""
+  canvas = Canvas(size, background=BACKGROUND)
+  text_size = size * rng.uniform(0.22, 0.36)
+  half_w, half_h = min(size * 0.47, text_size * 0.36 * len(word) + size * 0.06), text_size * 0.62
+  cx = size / 2 + rng.uniform(-1, 1) * max(0.0, size / 2 - half_w - 1)
+  cy = size / 2 + rng.uniform(-1, 1) * max(0.0, size / 2 - half_h - 1)
+  s = canvas.scale
+  canvas.draw.rectangle([(cx - half_w) * s, (cy - half_h) * s, (cx + half_w) * s, (cy + half_h) * s],
+                        fill=SIGN_COLOURS[rng.integers(len(SIGN_COLOURS))], outline=(60, 60, 60), width=s)
+  glyphs = canvas.text(word, cx, cy, text_size, COLOURS[INK[rng.integers(len(INK))]])
+  return canvas.finish(), glyphs
+
+
+def _form(size, fields, values) -> tuple[Image.Image, list[tuple]]:
+  """A form: a header bar, then one "field: value" line per field."""
+  canvas, s = Canvas(size, background=(255, 255, 255)), size
+  canvas.draw.rectangle([0, 0, s * canvas.scale, s * 0.14 * canvas.scale], fill=(90, 90, 140))
+  line = (s * 0.8) / (len(fields) + 0.5)
+  glyphs = []
+  for k, (field, value) in enumerate(zip(fields, values)):
+    glyphs += canvas.text(f"{field}: {value}", s * 0.06, s * 0.22 + (k + 0.5) * line, min(line * 0.75, s * 0.2),
+                          (0, 0, 0), anchor="lm")
+  return canvas.finish(), glyphs
 
 
 # ----------------------------------------------------------------------------- scenes
@@ -216,12 +271,8 @@ class SceneMaker:
 
   def _word_scene(self, rng):
     word = self.words[rng.integers(len(self.words))]
-    canvas = Canvas(self.size, background=(245, 245, 240))
-    colour = list(COLOURS.values())[rng.choice([0, 2, 4, 6, 8])]
-    jitter = self.size * 0.08
-    canvas.text(word, self.size / 2 + rng.uniform(-jitter, jitter), self.size / 2 + rng.uniform(-jitter, jitter),
-                self.size * rng.uniform(0.28, 0.34), colour)
-    return canvas.finish(), [Question("text", "What word is written in the image?", word)]
+    image, _ = _sign(self.size, rng, word)
+    return image, [Question("text", "What does the sign say?", word)]
 
   def _doc_scene(self, rng, num_questions):
     lv = self.level
@@ -230,11 +281,6 @@ class SceneMaker:
       values = [DOC_VALUES_EASY[i] for i in rng.integers(len(DOC_VALUES_EASY), size=len(fields))]
     else:
       values = [str(v) for v in rng.integers(10, 100 if lv["doc_fields"] <= 3 else 10000, size=len(fields))]
-    canvas, s = Canvas(self.size, background=(255, 255, 255)), self.size
-    canvas.draw.rectangle([0, 0, s * canvas.scale, s * 0.14 * canvas.scale], fill=(90, 90, 140))
-    line = (s * 0.8) / (len(fields) + 0.5)
-    for k, (field, value) in enumerate(zip(fields, values)):
-      canvas.text(f"{field}: {value}", s * 0.06, s * 0.22 + (k + 0.5) * line, min(line * 0.75, s * 0.2),
-                  (0, 0, 0), anchor="lm")
+    image, _ = _form(self.size, fields, values)
     asked = rng.permutation(len(fields))[:max(1, min(num_questions, len(fields)))]
-    return canvas.finish(), [Question("doc", f"What is the {fields[i]} on the form?", values[i]) for i in asked]
+    return image, [Question("doc", f"What is the {fields[i]} on the form?", values[i]) for i in asked]

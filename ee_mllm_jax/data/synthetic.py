@@ -25,7 +25,7 @@ question's wording, so the best text-only guess -- the answer prior -- is 1/|ans
     count       "How many circles are there?"                  1..max_count
     position    "Where is the red circle relative to ...?"     left/right/above/below
     choice_*    the same, as A-D multiple choice (MMBench/SEED) the correct letter
-    text        "What word is written in the image?"          a word (TextVQA-like)
+    text        "What does the sign say?"                     a word on a sign (TextVQA-like)
     doc         "What is the room on the form?"                a field value (DocVQA-like)
 
 The default (64 px, "easy": big objects on a 2x2 grid, 6 colours, 4 shapes, counts 1-4,
