@@ -152,3 +152,33 @@ def test_command_line_with_a_larger_harder_setting(tmp_path):
   with Image.open(out / val[0]["image"]) as img:
     assert img.size == (336, 336)
   assert json.load(open(out / "manifest.json"))["difficulty"] == "hard"
+
+
+def test_open_questions_file_holds_every_open_val_question_in_textvqa_format(dataset):
+  """benchmarks/open_textvqa.json: the questions a model of any mix answers in words (configs/demo.py's
+  four types among them), read by eval.py's TextVQA reader with the image each val record names."""
+  from ee_mllm_jax.evaluation import benchmarks  # pylint: disable=g-import-not-at-top
+  val = {r["id"]: r for r in json.load(open(dataset.val_file))}
+  open_ids = {int(i.split("-")[1]) for i, r in val.items() if r["question_type"] in synthetic.OPEN_TYPES}
+  assert open_ids and len(open_ids) < len(val)  # the choice questions are left out
+  questions = benchmarks.get("textvqa").read(dataset.open_questions, dataset.root)
+  assert {int(q.qid) for q in questions} == open_ids
+  for q in questions:
+    r = val[f"val-{int(q.qid):06d}"]
+    assert (q.question, set(q.answers), q.image) == (r["question"], {r["answer"]}, os.path.join(dataset.root, r["image"]))
+
+
+def test_demo_mix_files_lead_to_its_open_questions_and_an_older_dataset_gets_the_file(tmp_path):
+  """configs/demo.py's mix writes empty benchmark files: reading one says where its questions are;
+  ensure_dataset adds open_textvqa.json to a dataset generated before it existed, changing nothing
+  else."""
+  from ee_mllm_jax.evaluation import benchmarks  # pylint: disable=g-import-not-at-top
+  mix = dict(color=1.0, shape=1.0, count=1.0, position=1.0)
+  ds = synthetic.ensure_dataset(str(tmp_path / "demo"), num_train=8, num_val=12, mix=mix)
+  with pytest.raises(benchmarks.BenchmarkFormatError, match="no textvqa questions.*configs/demo_bench.py.*open_textvqa"):
+    benchmarks.get("textvqa").read(ds.benchmarks["textvqa"], ds.root)
+  assert len(benchmarks.get("textvqa").read(ds.open_questions, ds.root)) == 12
+  before = tree_hash(ds.root)
+  os.remove(ds.open_questions)
+  synthetic.ensure_dataset(str(tmp_path / "demo"), num_train=8, num_val=12, mix=mix)
+  assert tree_hash(ds.root) == before

@@ -14,7 +14,10 @@ Writes (same arguments -> byte-identical files):
                                         the benchmarks (`evaluation.benchmarks`, each one's
                                         `synthetic_kind` and `synthetic_file`): textvqa_val.json
         (text), docvqa_val.json (doc), mmbench_dev.tsv (choice_attribute), seed_bench.json
-        (choice_spatial); ids are the val record's number
+        (choice_spatial); ids are the val record's number. A file whose question type the mix
+        lacks holds a header and no question (configs/demo.py's four: configs/demo_bench.py
+        trains on all types). open_textvqa.json: every open val question (colour, shape, count,
+        position, text, doc) in TextVQA's format, the questions any mix's model can answer
     DIR/manifest.json                   the arguments (ensure_dataset compares them)
 
 The scenes and their questions are drawn in `data.scenes`. Question types and their answers (every answer is drawn uniformly, independently of the
@@ -51,6 +54,8 @@ from ee_mllm_jax.data.scenes import LETTERS, LEVELS, Question, SceneMaker  # noq
 from ee_mllm_jax.evaluation import benchmarks, prompts
 
 QUESTION_TYPES = ("color", "shape", "count", "position", "choice_attribute", "choice_spatial", "text", "doc")
+OPEN_TYPES = ("color", "shape", "count", "position", "text", "doc")  # answered in words, not a letter
+OPEN_FILE = "benchmarks/open_textvqa.json"
 DEFAULT_MIX = {"color": 1.0, "shape": 1.0, "count": 1.0, "position": 1.0, "choice_attribute": 0.5,
                "choice_spatial": 0.5, "text": 0.5, "doc": 0.5}
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>", "<image>"]
@@ -82,6 +87,11 @@ class SyntheticDataset:
   def benchmarks(self) -> dict[str, str]:
     """{benchmark name: its file} for the benchmarks the dataset writes (`benchmarks.synthetic()`)."""
     return {b.name: self.path(f"benchmarks/{b.synthetic_file}") for b in benchmarks.synthetic()}
+
+  @property
+  def open_questions(self) -> str:
+    """The open val questions in TextVQA's format (`eval.py --benchmark textvqa --data ...`)."""
+    return self.path(OPEN_FILE)
 
   def data_config(self, model_config, **fields):
     """A DataConfig for this dataset and a ModelConfig (image size, P, mean/std)."""
@@ -164,6 +174,17 @@ def _write_benchmarks(root, records):
   for bench in benchmarks.synthetic():
     rows = [(int(r["id"].split("-")[1]), r) for r in records if r["question_type"] == bench.synthetic_kind]
     bench.write_synthetic(os.path.join(root, "benchmarks", bench.synthetic_file), rows, root)
+  _write_open_questions(root, records)
+
+
+def _write_open_questions(root, records):
+  """OPEN_FILE: the val questions of every open type, in TextVQA's format (the model is asked in
+  words and scored by VQA accuracy, here exact match after normalisation: 10 equal answers)."""
+  rows = [(int(r["id"].split("-")[1]), r) for r in records if r["question_type"] in OPEN_TYPES]
+  path = os.path.join(root, OPEN_FILE)
+  tmp = f"{path}.{os.getpid()}.tmp"  # renamed into place: processes of one job may add it at once
+  benchmarks.get("textvqa").write_synthetic(tmp, rows, root)
+  os.replace(tmp, path)
 
 
 def generate(out_dir: str, *, seed: int = 0, num_train: int = 4000, num_val: int = 400,
@@ -224,7 +245,11 @@ def ensure_dataset(out_dir: str, **kwargs) -> SyntheticDataset:
     if found != wanted:
       raise ValueError(f"{out_dir} holds a different synthetic dataset ({found}); wanted {wanted}. "
                        "Delete it or choose another directory.")
-    return SyntheticDataset(out_dir)
+    dataset = SyntheticDataset(out_dir)
+    if not os.path.exists(dataset.open_questions):  # generated before that file was written
+      with open(dataset.val_file) as f:
+        _write_open_questions(out_dir, json.load(f))
+    return dataset
   if os.path.isdir(out_dir) and os.listdir(out_dir):
     raise ValueError(f"{out_dir} exists, is not empty and has no manifest.json")
   parent = os.path.dirname(os.path.abspath(out_dir))

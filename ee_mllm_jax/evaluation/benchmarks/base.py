@@ -66,7 +66,10 @@ class Benchmark:
     """The file's questions; a file without any, or with a question id twice, is refused."""
     questions = self.load(path, image_root)
     if not questions:
-      raise BenchmarkFormatError(f"{path}: no {self.name} questions")
+      hint = (f" (a synthetic dataset's {self.synthetic_file} holds its {self.synthetic_kind!r} questions, none where "
+              "the mix has none, as configs/demo.py's: train configs/demo_bench.py for them, or score the demo's "
+              "open questions, benchmarks/open_textvqa.json)") if self.synthetic_file else ""
+      raise BenchmarkFormatError(f"{path}: no {self.name} questions{hint}")
     seen = set()
     for q in questions:
       if q.qid in seen:
