@@ -249,8 +249,8 @@ def split_at_last_image(batch: dict[str, Any]) -> tuple[dict[str, np.ndarray], d
 # ----------------------------------------------------------------------------- evaluation helpers
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _labelled_logprobs(params, cfg, batch, cache):
+@functools.partial(jax.jit, static_argnames=("cfg", "greedy"))
+def _labelled_logprobs(params, cfg, batch, cache, greedy=False):
   model = EEMLLM(cfg)
   if cache is None:
     logits = model.apply({"params": params}, *(batch[k] for k in MODEL_KEYS))
@@ -261,13 +261,17 @@ def _labelled_logprobs(params, cfg, batch, cache):
   scored = labels != batch_lib.IGNORE_INDEX
   logp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), jnp.where(scored, labels, 0)[..., None],
                              axis=-1)[..., 0]
-  return jnp.sum(jnp.where(scored, logp, 0.0), axis=1), jnp.sum(scored, axis=1, dtype=jnp.int32)
+  out = jnp.sum(jnp.where(scored, logp, 0.0), axis=1), jnp.sum(scored, axis=1, dtype=jnp.int32)
+  if greedy:  # every labelled token is the argmax of its logits (lmms-eval's is_greedy)
+    out += (jnp.all(~scored | (jnp.argmax(logits, axis=-1) == labels), axis=1),)
+  return out
 
 
 def labelled_logprobs(params, cfg: ModelConfig, batch: dict[str, Any], *,
-                      cache: Cache | None = None) -> tuple[jax.Array, jax.Array]:
+                      cache: Cache | None = None, greedy: bool = False) -> tuple[jax.Array, ...]:
   """Teacher-forced log-likelihood of each row's labelled tokens: (B,) sum over t of
-  log p(labels[t] | tokens <= t) where labels[t] != IGNORE_INDEX, and (B,) their count.
+  log p(labels[t] | tokens <= t) where labels[t] != IGNORE_INDEX, and (B,) their count; with
+  `greedy`, also (B,) bool: every labelled token is its position's argmax (greedy decoding's).
 
   Without `cache`, `batch` is a batch (`batch.py`) with labels. With `cache` (a prefix from
   `prefill_prefix`, rows matched by `Cache.take_rows` / `.repeat`), `batch` holds the text after the
@@ -276,4 +280,4 @@ def labelled_logprobs(params, cfg: ModelConfig, batch: dict[str, Any], *,
   """
   keys = (MODEL_KEYS if cache is None else TEXT_KEYS) + ("labels",)
   batch_lib.validate(batch, cfg if cache is None else None, keys=keys)
-  return _labelled_logprobs(params, cfg, {k: batch[k] for k in keys}, cache)
+  return _labelled_logprobs(params, cfg, {k: batch[k] for k in keys}, cache, greedy)

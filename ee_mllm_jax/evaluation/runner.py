@@ -229,20 +229,23 @@ class Runner:
     """Each question's options scored as the assistant's reply: 4 rows per question, every row
     continuing from its image's prefix cache (one forward over the text after the image)."""
     n_opt = len(items[0].options)
-    layouts = [o for it in items for o in it.options]
     rows = [g for g in image_of_row for _ in range(n_opt)]
-    px = [pixels[g] for g in rows]
-    total = self.rows * n_opt
-    batch = self._collate(layouts, px, total)
-    if self.settings.reuse_prefix:
-      prefix, rest, rows = self._split(batch, rows + [rows[-1]] * (total - len(rows)))
-      cache = self._prefix_cache(prefix, rows)
-      sums, _ = labelled_logprobs(self.params, self.model.cfg,
-                                      self._shard({k: rest[k] for k in batch_lib.TEXT_KEYS + ("labels",)}), cache=cache)
-    else:
-      sums, _ = labelled_logprobs(self.params, self.model.cfg, self._shard({k: batch[k] for k in batch_lib.TRAIN_KEYS}))
-    sums = np.asarray(jax.device_get(sums))
+    sums = self.score_layouts([o for it in items for o in it.options], pixels, rows, self.rows * n_opt)[0]
     return [sums[i * n_opt:(i + 1) * n_opt].tolist() for i in range(len(items))]
+
+  def score_layouts(self, layouts: list[TextLayout], pixels: list[np.ndarray], image_of_row: list[int], total: int,
+                    greedy: bool = False) -> tuple[np.ndarray, ...]:
+    """`labelled_logprobs` of answered layouts (row r about image `pixels[image_of_row[r]]`) in a
+    batch of `total` rows, each continuing from its image's prefix cache -> host arrays, one row each."""
+    batch = self._collate(layouts, [pixels[g] for g in image_of_row], total)
+    if self.settings.reuse_prefix:
+      prefix, rest, rows = self._split(batch, image_of_row + [image_of_row[-1]] * (total - len(image_of_row)))
+      out = labelled_logprobs(self.params, self.model.cfg, self._shard({k: rest[k] for k in batch_lib.TEXT_KEYS + (
+          "labels",)}), cache=self._prefix_cache(prefix, rows), greedy=greedy)
+    else:
+      out = labelled_logprobs(self.params, self.model.cfg, self._shard({k: batch[k] for k in batch_lib.TRAIN_KEYS}),
+                              greedy=greedy)
+    return tuple(np.asarray(x)[:len(layouts)] for x in jax.device_get(out))
 
   # -------------------------------------------------------------------------- batching
 
