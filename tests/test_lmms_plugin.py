@@ -171,3 +171,26 @@ def test_lmms_eval_cli_scores_equal_eval_py_on_a_generation_and_a_likelihood_tas
     np.testing.assert_allclose(-nll, r["option_logprobs"], rtol=1e-6, err_msg=r["question_id"])
     assert ("ABCD"[int(np.argmin(nll))], g["acc"]) == (r["likelihood_choice"], float(r["likelihood_correct"]))
   assert scores["ee_synthetic_seed_ll"]["acc,none"] == pytest.approx(metrics["likelihood_accuracy"], abs=1e-12)
+
+
+def test_model_args_as_lmms_eval_passes_them_choose_the_mode_and_sampling(checkpoint, tmp_path):  # noqa: F811
+  """`--model_args` reach the model as lmms-eval parses them (`create_from_arg_string`): the mode
+  flags run the weights in another mode, as eval.py's `--config.*` do; an unknown one is refused
+  by name; a request's generation settings pick greedy or sampled decoding."""
+  from ee_mllm_jax.evaluation import lmms_model, model as model_lib  # pylint: disable=g-import-not-at-top
+  extra = {"batch_size": "1", "max_batch_size": None, "device": None}  # what lmms-eval's CLI adds
+  lm = lmms_model.EEMLLM.create_from_arg_string(
+      f"checkpoint={checkpoint},attention=composite,visual_ffn=true,max_new_tokens=5", extra)
+  assert lm.model.mode == model_lib.from_checkpoint(checkpoint, attention="composite", visual_ffn=True).mode
+  assert lm.model.cfg.mode_name.startswith("EE-MLLM-F") and lm.settings.max_new_tokens == 5
+  assert lm.runner.rows % lm.runner.dp == 0 and lm.settings.batch_size == 1
+  with pytest.raises(ValueError, match=r"unknown model_args \['visual_fnn'\]"):
+    lmms_model.EEMLLM.create_from_arg_string(f"checkpoint={checkpoint},visual_fnn=false", extra)
+  assert lm._sampling({"until": ["\n\n"], "max_new_tokens": 7, "temperature": 0.2, "top_p": 0.9}) == (
+      7, 0.2, 0.9, ("\n\n",))
+  assert lm._sampling({"until": "ASSISTANT:", "temperature": 0.2, "do_sample": False, "top_p": 0.9}) == (
+      5, 0.0, 1.0, ("ASSISTANT:",))
+  assert lmms_model.cut("red\n\nUSER: more", ("\n\n",)) == "red"
+  (tmp_path / "hf").mkdir()
+  (tmp_path / "hf" / "model.safetensors").write_bytes(b"")
+  assert lmms_model.is_hf_dir(str(tmp_path / "hf")) and not lmms_model.is_hf_dir(checkpoint)
