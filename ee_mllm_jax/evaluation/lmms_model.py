@@ -93,44 +93,53 @@ class EEMLLM(lmms):
                                             max_new_tokens=int(max_new_tokens), reuse_prefix=bool(reuse_prefix),
                                             progress_bar=False)
     self.runner = runner_lib.Runner(self.model, self.settings, sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1)))
-    self._pixels: dict[str, np.ndarray] = {}
+    self._sources: dict[str, Instance] = {}  # image key -> a request with that image (one call's)
     log.warning("ee_mllm: %s, %s", self.model.source, self.model.mode)
 
   # -------------------------------------------------------------------------- requests -> items
 
-  def _image(self, req: Instance) -> str:
-    """The request's one image, preprocessed once per distinct image -> its key."""
+  def _visual(self, req: Instance) -> Image.Image:
+    """The request's one image (a model of this project reads one per question)."""
     doc_to_visual, doc_id, task, split = req.args[2:6]
     visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else []
     visuals = [v for v in (visuals or []) if v is not None]
     if len(visuals) != 1 or not isinstance(visuals[0], Image.Image):
       raise runner_lib.EvalError(f"task {task} doc {doc_id}: ee_mllm reads one image per question, the task gives "
                                  f"{len(visuals)} visual(s) {[type(v).__name__ for v in visuals]}")
-    img = visuals[0]
-    key = hashlib.sha256(f"{img.mode}{img.size}".encode() + img.tobytes()).hexdigest()
-    if key not in self._pixels:
-      m, cfg = self.model, self.model.cfg.vision
-      try:
-        self._pixels[key] = image_lib.preprocess(img, size=cfg.image_size, mean=cfg.image_mean, std=cfg.image_std,
-                                                 mode=m.image_preprocess, background=m.alpha_background)
-      except Exception as e:  # an exotic mode Pillow cannot convert
-        raise runner_lib.EvalError(f"task {task} doc {doc_id}: cannot convert its image ({img.mode}): {e}") from None
-    return key
+    return visuals[0]
 
   def _question(self, i: int, req: Instance) -> benchmarks.Question:
-    return benchmarks.Question(str(i), b"", self._image(req), req.args[0], ("",))
+    """Request i as a question whose image key is its image's content (equal images share their
+    prefix); the image itself is decoded again for its batch, so that memory holds one batch's."""
+    img = self._visual(req)
+    key = hashlib.sha256(f"{img.mode}{img.size}".encode() + img.tobytes()).hexdigest()
+    self._sources.setdefault(key, req)
+    return benchmarks.Question(str(i), b"", key, req.args[0], ("",))
+
+  def _pixels(self, key: str) -> np.ndarray:
+    req, m, cfg = self._sources[key], self.model, self.model.cfg.vision
+    img = self._visual(req)
+    try:
+      return image_lib.preprocess(img, size=cfg.image_size, mean=cfg.image_mean, std=cfg.image_std,
+                                  mode=m.image_preprocess, background=m.alpha_background)
+    except Exception as e:  # an exotic mode Pillow cannot convert
+      raise runner_lib.EvalError(f"task {req.args[4]} doc {req.args[3]}: cannot convert its image ({img.mode}): "
+                                 f"{e}") from None
 
   def _run(self, items: list, step, desc: str) -> dict[int, Any]:
     """`step(batch, pixels, image_of_row)` over eval.py's batches of `items` -> {request index: result}."""
     self.runner.fit_image_rows(items)
     out = {}
-    with tqdm(total=len(items), desc=desc, disable=self.rank != 0) as bar:
-      for batch in self.runner._batches(items):  # pylint: disable=protected-access
-        keys = list(dict.fromkeys(it.q.image_key for it in batch))
-        image_of_row = [keys.index(it.q.image_key) for it in batch]
-        for it, result in zip(batch, step(batch, [self._pixels[k] for k in keys], image_of_row)):
-          out[int(it.q.qid)] = result
-        bar.update(len(batch))
+    try:
+      with tqdm(total=len(items), desc=desc, disable=self.rank != 0) as bar:
+        for batch in self.runner._batches(items):  # pylint: disable=protected-access
+          keys = list(dict.fromkeys(it.q.image_key for it in batch))
+          image_of_row = [keys.index(it.q.image_key) for it in batch]
+          for it, result in zip(batch, step(batch, [self._pixels(k) for k in keys], image_of_row)):
+            out[int(it.q.qid)] = result
+          bar.update(len(batch))
+    finally:
+      self._sources.clear()
     return out
 
   # -------------------------------------------------------------------------- the lmms API
