@@ -165,7 +165,8 @@ def test_open_questions_file_holds_every_open_val_question_in_textvqa_format(dat
   assert {int(q.qid) for q in questions} == open_ids
   for q in questions:
     r = val[f"val-{int(q.qid):06d}"]
-    assert (q.question, set(q.answers), q.image) == (r["question"], {r["answer"]}, os.path.join(dataset.root, r["image"]))
+    image = os.path.join(dataset.root, r["image"])
+    assert (q.question, set(q.answers), q.image) == (r["question"], {r["answer"]}, image)
 
 
 def test_demo_mix_files_lead_to_its_open_questions_and_an_older_dataset_gets_the_file(tmp_path):
@@ -175,7 +176,8 @@ def test_demo_mix_files_lead_to_its_open_questions_and_an_older_dataset_gets_the
   from ee_mllm_jax.evaluation import benchmarks  # pylint: disable=g-import-not-at-top
   mix = dict(color=1.0, shape=1.0, count=1.0, position=1.0)
   ds = synthetic.ensure_dataset(str(tmp_path / "demo"), num_train=8, num_val=12, mix=mix)
-  with pytest.raises(benchmarks.BenchmarkFormatError, match="no textvqa questions.*configs/demo_bench.py.*open_textvqa"):
+  with pytest.raises(benchmarks.BenchmarkFormatError,
+                     match="no textvqa questions.*configs/demo_bench.py.*open_textvqa"):
     benchmarks.get("textvqa").read(ds.benchmarks["textvqa"], ds.root)
   assert len(benchmarks.get("textvqa").read(ds.open_questions, ds.root)) == 12
   before = tree_hash(ds.root)

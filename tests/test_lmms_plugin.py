@@ -147,7 +147,8 @@ def _eval_py(checkpoint, bench, benchmark, out, batch_size):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_lmms_eval_cli_scores_equal_eval_py_on_a_generation_and_a_likelihood_task(checkpoint, bench, tmp_path):  # noqa: F811
+def test_lmms_eval_cli_scores_equal_eval_py_on_a_generation_and_a_likelihood_task(
+    checkpoint, bench, tmp_path):  # noqa: F811
   textvqa, seed = _write_tasks(bench, str(tmp_path / "tasks"))
   scores, samples = _lmms_eval(checkpoint, str(tmp_path / "tasks"), str(tmp_path / "lmms_out"), tmp_path)
 
