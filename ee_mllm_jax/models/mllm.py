@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from ee_mllm_jax import batch as batch_lib
 from ee_mllm_jax.config import ModelConfig
+from ee_mllm_jax.models import reduction
 from ee_mllm_jax.models.cross import PerceiverResampler
 from ee_mllm_jax.models.llm import LLM
 from ee_mllm_jax.models.projector import Projector
@@ -41,7 +42,12 @@ class EEMLLM(nn.Module):
     """(B, I, Y, X, C) -> the visual tokens the decoder reads (B, I*P, E): projected (E = D), or,
     in cross mode with `cross_media_width="vision"`, the tower's features (E = the tower's width)."""
     b, i = pixel_values.shape[:2]
-    feats = self.vision(pixel_values.reshape((b * i,) + pixel_values.shape[2:]))
+    images, mode = pixel_values.reshape((b * i,) + pixel_values.shape[2:]), self.cfg.mode
+    if mode.visionzip:  # P -> dominant + contextual tokens per image, before the projector
+      feats = reduction.visionzip_merge(*self.vision(images, scores=True), mode.visionzip_dominant,
+                                        mode.visionzip_contextual)
+    else:
+      feats = self.vision(images)
     if self.cfg.has_projector:
       feats = self.projector(feats)
     return feats.reshape(b, i * feats.shape[1], -1)
