@@ -52,13 +52,8 @@ class Mode:
                                   "attention (with visionzip_contextual 0: off)")
   visionzip_contextual: int = _flag("visionzip_contextual", 0, doc="VisionZip: merged tokens per image")
 
-  @property
-  def fastv(self) -> bool:
-    return self.fastv_layer > 0
-
-  @property
-  def visionzip(self) -> bool:
-    return self.visionzip_dominant + self.visionzip_contextual > 0
+  fastv = property(lambda self: self.fastv_layer > 0)  # FastV on
+  visionzip = property(lambda self: self.visionzip_dominant + self.visionzip_contextual > 0)  # VisionZip on
 
   def fastv_kept(self, visual_len: int) -> int:
     """Visual tokens a row keeps from layer K: ceil((1 - R) V), at least 1 (V without FastV)."""
@@ -87,8 +82,7 @@ class Mode:
     if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
       raise ValueError(f"fastv_ratio must be a number in [0, 1), got {r!r}")
     if self.fastv_layer >= depth:
-      raise ValueError(f"fastv_layer must be in [1, {depth - 1}] (0: off): pruning after the last layer prunes "
-                       f"nothing, got {self.fastv_layer}")
+      raise ValueError(f"fastv_layer must be in [1, {depth - 1}] (0: off), got {self.fastv_layer}")
     if (self.fastv or self.visionzip) and not self.visual_in_decoder:
       raise ValueError(f"FastV and VisionZip run in self and composite mode, not {self.name}")
     if self.visionzip and not self.visionzip_dominant:
@@ -135,8 +129,10 @@ class Mode:
         (f.metadata["flag"], getattr(self, f.name)) for f in self.fields() if f.metadata["params"])
 
   def flags(self) -> dict[str, Any]:
-    """The flat form: {"attention": name, flag: value, ...} of this mode's own fields."""
-    return {"attention": self.name, **{f.metadata["flag"]: getattr(self, f.name) for f in self.fields()}}
+    """The flat form: {"attention": name, flag: value, ...} of this mode's own fields (a reduction
+    field only where it is not its default, so records without a reduction read as before)."""
+    return {"attention": self.name, **{f.metadata["flag"]: getattr(self, f.name) for f in self.fields()
+                                       if f.name not in REDUCTION_FIELDS or getattr(self, f.name) != f.default}}
 
   def implied(self) -> dict[str, Any]:
     """Flags of other modes whose value this mode implies (a config may state them)."""
