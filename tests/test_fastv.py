@@ -17,6 +17,7 @@ from models import forward, greedy_by_full_forward, init_params
 from reference import naive_llm_logits
 from test_model import assert_close_on_valid, naive_logits
 from ee_mllm_jax.batch import model_inputs
+from ee_mllm_jax.generate import prefill_prefix, split_at_last_image
 from ee_mllm_jax.models.reduction import fastv_order, received_attention
 
 # (attention flags) of LLaVA, EE-MLLM-F and EE-MLLM-F with a layer schedule, on self-trained weights
@@ -131,3 +132,17 @@ def test_setting_is_named_and_travels_with_the_flags():
       cfg.replace(**bad)
   with pytest.raises(ValueError, match="FastV and VisionZip"):
     eem.ModelConfig.preset("tiny", attention="cross", cross_every=1, fastv_layer=1)
+
+
+def test_prefix_reuse_ranks_by_the_prefix():
+  """A cached image prefix is ranked by the prefix's queries (the system text before the image):
+  generation from it equals full forwards that rank by those text tokens alone."""
+  cfg = llava().run_as(**SETTINGS_GEN["ee-mllm-f"], fastv_ratio=0.5)
+  batch, params = make_batch(cfg, MIXED_PLANS), init_params(cfg)
+  prefix, rest = split_at_last_image(batch)
+  reused = eem.generate(params, cfg, rest, cache=prefill_prefix(params, cfg, prefix), max_new_tokens=4)
+  last_image = np.max(np.where(batch["image_valid"][:, :, None], batch["visual_positions"].reshape(
+      len(MIXED_PLANS), 2, -1), -1), axis=(1, 2))
+  before = batch["text_valid"] & (batch["text_positions"] < last_image[:, None])
+  want, _ = greedy_by_full_forward(cfg, params, batch, 4, rank=before)
+  np.testing.assert_array_equal(np.asarray(reused.tokens), want)
