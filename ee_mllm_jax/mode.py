@@ -355,7 +355,8 @@ def hf_model_type(mode: Mode, trained: Mode) -> str:
   (self attention, self-trained); any other mode is "ee_mllm", so that transformers' stock
   classes warn (LlavaConfig: "a model of type ee_mllm ...") or refuse (AutoConfig) instead of
   silently running a different model. `ee_mllm_jax.torch` registers "ee_mllm"."""
-  return "llava" if isinstance(mode, Self) and isinstance(trained, Self) else "ee_mllm"
+  stock = isinstance(mode, Self) and isinstance(trained, Self) and not (mode.fastv or mode.visionzip)
+  return "llava" if stock else "ee_mllm"  # a reduction is not stock LLaVA either
 
 
 def to_hf_record(mode: Mode, trained: Mode) -> dict[str, Any]:

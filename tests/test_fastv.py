@@ -130,6 +130,9 @@ def test_setting_is_named_and_travels_with_the_flags():
   for bad in (dict(fastv_layer=3), dict(fastv_ratio=1.0), dict(fastv_layer=-1)):
     with pytest.raises(ValueError, match=next(iter(bad))):
       cfg.replace(**bad)
+  # an export with a reduction is not stock LLaVA, and the PyTorch port refuses it rather than drop it
+  from ee_mllm_jax.mode import Self, hf_model_type
+  assert hf_model_type(Self(fastv_layer=1), Self()) == "ee_mllm" and hf_model_type(Self(), Self()) == "llava"
   with pytest.raises(ValueError, match="FastV and VisionZip"):
     eem.ModelConfig.preset("tiny", attention="cross", cross_every=1, fastv_layer=1)
 
