@@ -322,6 +322,8 @@ class Cache:
   cross_v: jax.Array | None = None
   media_pos: jax.Array | None = None
   media_valid: jax.Array | None = None
+  # FastV (None otherwise): validity (B, S) for layers >= `fastv_layer`, the dropped visual slots off
+  late_valid: jax.Array | None = None
 
   @property
   def size(self) -> int:
@@ -336,10 +338,13 @@ class Cache:
     if extra == 0:
       return self
     grow = lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
-    return self.replace(k=grow(self.k, 2), v=grow(self.v, 2), pos=grow(self.pos, 1), valid=grow(self.valid, 1))
+    late = None if self.late_valid is None else grow(self.late_valid, 1)
+    return self.replace(k=grow(self.k, 2), v=grow(self.v, 2), pos=grow(self.pos, 1), valid=grow(self.valid, 1),
+                        late_valid=late)
 
   # The row axis of every per-row field (k/v and cross_k/cross_v lead with their layer/block axis).
-  _ROW_AXES = {"k": 1, "v": 1, "pos": 0, "valid": 0, "cross_k": 1, "cross_v": 1, "media_pos": 0, "media_valid": 0}
+  _ROW_AXES = {"k": 1, "v": 1, "pos": 0, "valid": 0, "cross_k": 1, "cross_v": 1, "media_pos": 0, "media_valid": 0,
+               "late_valid": 0}
 
   def take_rows(self, rows) -> "Cache":
     """The cache whose row b is row `rows[b]` of this one ((B',) ints): prefixes shared by
@@ -360,4 +365,6 @@ class Cache:
     at = (0, self.index)
     return self.replace(pos=jax.lax.dynamic_update_slice(self.pos, pos_t.astype(self.pos.dtype), at),
                         valid=jax.lax.dynamic_update_slice(self.valid, valid_t, at),
+                        late_valid=None if self.late_valid is None else
+                        jax.lax.dynamic_update_slice(self.late_valid, valid_t, at),
                         index=self.index + pos_t.shape[1])

@@ -237,6 +237,7 @@ class ModelConfig(_Replaceable):
         raise ValueError(f"ModelConfig.{name} must be an ee_mllm_jax.mode.Mode (Self(), Composite(...), "
                          f"Cross(...)), got {value!r}; flat flags go through replace(attention=..., ...)")
     self.mode.validate(self.llm.depth)
+    self.mode.tokens_per_image(self.vision.num_patches)  # VisionZip's counts fit the tower's P
     if self.trained_mode is not None:
       self.trained_mode.validate(self.llm.depth)
     if self.projector not in PROJECTORS:
@@ -310,7 +311,8 @@ class ModelConfig(_Replaceable):
 
   @property
   def tokens_per_image(self) -> int:
-    return self.vision.num_patches
+    """Visual tokens per image in the sequence (P; VisionZip's dominant + contextual: `Mode.tokens_per_image`)."""
+    return self.mode.tokens_per_image(self.vision.num_patches)
 
   @property
   def layer_schedule(self) -> tuple[tuple[str, int], ...]:

@@ -17,6 +17,11 @@ resampler runs per image, R latents attending to P + R keys. The cross modules' 
 own shape (`cross_heads` x `cross_head_dim`, by default the LLM's) and reads media of width E (the
 LLM's after the projector, or the tower's with `cross_media_width="vision"`, then no projector).
 
+FastV and VisionZip (models/reduction.py): the layers from K run on V' = ceil((1 - R) V) visual
+tokens, and layer K-1's scores are computed once more for the ranking (`fastv_ranking`); VisionZip
+adds the tower's last-layer scores and the merge (`visionzip`), and the projector and the decoder
+see d + c tokens per image.
+
 Letters: V visual tokens, T text tokens, S = V + T keys, D width, N/K query/kv heads,
 H head dim, F MLP width, P patches per image, I images, M media tokens per image, R latents.
 
@@ -26,6 +31,7 @@ For MFU, `PEAK_FLOPS` is the dense bf16 peak of the accelerators we know (`peak_
 from __future__ import annotations
 
 from ee_mllm_jax.config import ModelConfig, VisionConfig
+from ee_mllm_jax.models.reduction import segments
 
 
 def vision_flops(cfg: VisionConfig, *, images: int) -> float:
@@ -50,6 +56,15 @@ def projector_flops(cfg: ModelConfig, *, images: int) -> float:
 
 
 SOFTMAX_FLOPS_PER_SCORE = 6
+
+
+def visionzip_flops(cfg: ModelConfig, *, images: int) -> float:
+  """VisionZip's extra work per image: the last tower layer's scores once more for the ranking,
+  then the contextual merge (key similarities to the c centres, the sums of their features)."""
+  vc, d, c = cfg.vision, cfg.mode.visionzip_dominant, cfg.mode.visionzip_contextual
+  tokens, others = vc.num_patches + (1 if vc.class_token else 0), vc.num_patches - d - c
+  ranking = (2 * vc.head_dim + SOFTMAX_FLOPS_PER_SCORE) * tokens * tokens * vc.num_heads
+  return images * (ranking + (2 * others * c * (vc.head_dim + vc.width) if c else 0))
 
 
 def _layer_flops(c, *, queries: int, keys: int, ffn_tokens: int, aligner_tokens: int) -> tuple[float, float]:
@@ -108,19 +123,25 @@ def llm_flops(cfg: ModelConfig, *, visual_len: int, text_len: int, batch: int = 
            "lm_head": batch * 2 * t * c.width * c.vocab_size}
     out["total"] = sum(out.values())
     return out
-  lin = att = 0.0
-  for kind, layers in cfg.layer_schedule:  # self layers, then composite ones (a schedule)
+  lin = att = rank = 0.0
+  for kind, layers, scores in segments(cfg.mode, c.depth):  # self layers, then composite ones (a schedule)
     composite = kind == "composite"
-    run_lin, run_att = _layer_flops(c, queries=t if composite else v + t, keys=v + t,
+    queries = t if composite else v + t
+    run_lin, run_att = _layer_flops(c, queries=queries, keys=v + t,
                                     ffn_tokens=v + t if cfg.mode.visual_ffn_in(kind) else t,
                                     aligner_tokens=v if composite else 0)
     lin, att = lin + layers * run_lin, att + layers * run_att
+    if scores:  # FastV: layer K-1's scores once more for the ranking; later layers on V' visual tokens
+      rank = (2 * c.head_dim + SOFTMAX_FLOPS_PER_SCORE) * queries * (v + t) * c.num_heads
+      v = cfg.mode.fastv_kept(v)
   out = {
       "llm_linear": batch * lin,
       "attention": batch * att,
       "softmax": batch * att * SOFTMAX_FLOPS_PER_SCORE / (4 * c.head_dim),
       "lm_head": batch * 2 * t * c.width * c.vocab_size,
   }
+  if rank:
+    out["fastv_ranking"] = batch * rank
   out["total"] = sum(out.values())
   return out
 
@@ -130,6 +151,8 @@ def forward_flops(cfg: ModelConfig, *, batch: int, num_images: int, text_len: in
   images = batch * num_images
   out = {"vision": vision_flops(cfg.vision, images=images),
          "projector": projector_flops(cfg, images=images)}
+  if cfg.mode.visionzip:
+    out["visionzip"] = visionzip_flops(cfg, images=images)
   if getattr(cfg.mode, "resampler_latents", 0):
     out["resampler"] = resampler_flops(cfg, images=images)
   llm = llm_flops(cfg, visual_len=num_images * cfg.tokens_per_image, text_len=text_len, batch=batch)

@@ -22,6 +22,7 @@ HF config code import it without JAX.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, ClassVar, Literal
 
 # A decoder layer's kind: does it run visual queries ("self") or the aligner ("composite")?
@@ -43,6 +44,49 @@ class Mode:
 
   name: ClassVar[str]
   paper: ClassVar[str]
+  # Training-free visual-token reduction (docs/design.md, "Token reduction"), fields of every mode
+  # (cross refuses them); no parameter changes.
+  fastv_layer: int = _flag("fastv_layer", 0, doc="FastV: rank visual tokens after layer K-1, prune from layer K (0: off)")
+  fastv_ratio: float = _flag("fastv_ratio", 0.5, doc="FastV: the share R of visual tokens dropped at layer K")
+  visionzip_dominant: int = _flag("visionzip_dominant", 0, doc="VisionZip: tokens kept per image by the tower's "
+                                  "attention (with visionzip_contextual 0: off)")
+  visionzip_contextual: int = _flag("visionzip_contextual", 0, doc="VisionZip: merged tokens per image")
+
+  fastv = property(lambda self: self.fastv_layer > 0)  # FastV on
+  visionzip = property(lambda self: self.visionzip_dominant + self.visionzip_contextual > 0)  # VisionZip on
+
+  def fastv_kept(self, visual_len: int) -> int:
+    """Visual tokens a row keeps from layer K: ceil((1 - R) V), at least 1 (V without FastV)."""
+    if not self.fastv:
+      return visual_len
+    return max(1, math.ceil(round(visual_len * (1 - self.fastv_ratio), 6)))
+
+  def tokens_per_image(self, patches: int) -> int:
+    """Visual tokens per image the projector and the decoder see: VisionZip's dominant +
+    contextual (at most P), else the tower's P."""
+    if self.visionzip and self.visionzip_dominant + self.visionzip_contextual > patches:
+      raise ValueError(f"visionzip_dominant + visionzip_contextual must be <= the tower's {patches} tokens per image")
+    return self.visionzip_dominant + self.visionzip_contextual if self.visionzip else patches
+
+  def reduction_name(self) -> str:
+    """" + VisionZip 4+2 + FastV K=2 R=50%", or "" without a reduction."""
+    out = f" + VisionZip {self.visionzip_dominant}+{self.visionzip_contextual}" if self.visionzip else ""
+    return out + (f" + FastV K={self.fastv_layer} R={self.fastv_ratio:.0%}" if self.fastv else "")
+
+  def _validate_reduction(self, depth: int) -> None:
+    for f in ("fastv_layer", "visionzip_dominant", "visionzip_contextual"):
+      v = getattr(self, f)
+      if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"{f} must be an int >= 0, got {v!r}")
+    r = self.fastv_ratio
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
+      raise ValueError(f"fastv_ratio must be a number in [0, 1), got {r!r}")
+    if self.fastv_layer >= depth:
+      raise ValueError(f"fastv_layer must be in [1, {depth - 1}] (0: off), got {self.fastv_layer}")
+    if (self.fastv or self.visionzip) and not self.visual_in_decoder:
+      raise ValueError(f"FastV and VisionZip run in self and composite mode, not {self.name}")
+    if self.visionzip and not self.visionzip_dominant:
+      raise ValueError("visionzip_dominant must be >= 1 when VisionZip is on (visionzip_contextual > 0)")
 
   # ------------------------------------------------------------------ what the model asks
   def schedule(self, depth: int) -> tuple[tuple[LayerKind, int], ...]:
@@ -72,6 +116,7 @@ class Mode:
 
   def validate(self, depth: int) -> None:
     """ValueError naming the field when this mode cannot run a decoder of `depth` layers."""
+    self._validate_reduction(depth)
 
   # ------------------------------------------------------------------ fields and records
   @classmethod
@@ -84,8 +129,10 @@ class Mode:
         (f.metadata["flag"], getattr(self, f.name)) for f in self.fields() if f.metadata["params"])
 
   def flags(self) -> dict[str, Any]:
-    """The flat form: {"attention": name, flag: value, ...} of this mode's own fields."""
-    return {"attention": self.name, **{f.metadata["flag"]: getattr(self, f.name) for f in self.fields()}}
+    """The flat form: {"attention": name, flag: value, ...} of this mode's own fields (a reduction
+    field only where it is not its default, so records without a reduction read as before)."""
+    return {"attention": self.name, **{f.metadata["flag"]: getattr(self, f.name) for f in self.fields()
+                                       if f.name not in REDUCTION_FIELDS or getattr(self, f.name) != f.default}}
 
   def implied(self) -> dict[str, Any]:
     """Flags of other modes whose value this mode implies (a config may state them)."""
@@ -125,6 +172,7 @@ class Composite(Mode):
     return self.visual_ffn
 
   def validate(self, depth):
+    self._validate_reduction(depth)
     if not isinstance(self.visual_ffn, bool):
       raise ValueError(f"visual_ffn must be true or false, got {self.visual_ffn!r}")
     n = self.from_layer
@@ -195,6 +243,7 @@ class Cross(Mode):
     return depth // self.every
 
   def validate(self, depth):
+    self._validate_reduction(depth)
     for f in ("every", "ffn_mult", "resampler_latents", "resampler_depth", "heads", "head_dim"):
       v = getattr(self, f)
       if isinstance(v, bool) or not isinstance(v, int):
@@ -235,7 +284,9 @@ class Cross(Mode):
 MODES: dict[str, type[Mode]] = {m.name: m for m in (Self, Composite, Cross)}
 NAMES: tuple[str, ...] = tuple(MODES)
 # Every flat flag: "attention" and each mode's fields, in order (configs and CLIs offer all of them).
-FLAGS: tuple[str, ...] = ("attention",) + tuple(f.metadata["flag"] for m in MODES.values() for f in m.fields())
+FLAGS: tuple[str, ...] = ("attention",) + tuple(dict.fromkeys(f.metadata["flag"] for m in MODES.values()
+                                                               for f in m.fields()))
+REDUCTION_FIELDS = tuple(f.name for f in dataclasses.fields(Mode))  # carried over when the mode switches
 
 
 def parse(flags: dict[str, Any], base: Mode | None = None) -> Mode:
@@ -260,7 +311,7 @@ def parse(flags: dict[str, Any], base: Mode | None = None) -> Mode:
   if isinstance(base, cls):
     values = {f.name: getattr(base, f.name) for f in cls.fields()}
   else:
-    values = {f.name: f.default for f in cls.fields()}
+    values = {f.name: getattr(base, f.name) if f.name in REDUCTION_FIELDS else f.default for f in cls.fields()}
     if cls is Composite:
       values["visual_ffn"] = base.runs_visual_ffn
   own = {f.metadata["flag"]: f.name for f in cls.fields()}
@@ -304,7 +355,8 @@ def hf_model_type(mode: Mode, trained: Mode) -> str:
   (self attention, self-trained); any other mode is "ee_mllm", so that transformers' stock
   classes warn (LlavaConfig: "a model of type ee_mllm ...") or refuse (AutoConfig) instead of
   silently running a different model. `ee_mllm_jax.torch` registers "ee_mllm"."""
-  return "llava" if isinstance(mode, Self) and isinstance(trained, Self) else "ee_mllm"
+  stock = isinstance(mode, Self) and isinstance(trained, Self) and not (mode.fastv or mode.visionzip)
+  return "llava" if stock else "ee_mllm"  # a reduction is not stock LLaVA either
 
 
 def to_hf_record(mode: Mode, trained: Mode) -> dict[str, Any]:
@@ -332,8 +384,12 @@ def from_hf_record(hf: dict[str, Any], depth: int | None = None) -> tuple[Mode, 
 def describe(mode: Mode, depth: int, trained: Mode | None = None) -> str:
   """The mode that runs, in words, naming the training mode when it differs:
   "EE-MLLM-F: composite, visual FFN, on self-trained weights"."""
-  text = mode.describe(depth)
-  if trained is None or trained == mode:
-    return text
+  text, reduction = mode.describe(depth), mode.reduction_name()
+  if trained is None or _without_reduction(trained) == _without_reduction(mode):
+    return text + reduction
   text = f"{text}, on {trained.name}-trained weights"
-  return f"EE-MLLM-F: {text}" if isinstance(trained, Self) and isinstance(mode, Composite) else text
+  return (f"EE-MLLM-F: {text}" if isinstance(trained, Self) and isinstance(mode, Composite) else text) + reduction
+
+
+def _without_reduction(mode: Mode) -> Mode:
+  return dataclasses.replace(mode, **{f.name: f.default for f in dataclasses.fields(Mode)})

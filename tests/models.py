@@ -35,6 +35,11 @@ def forward(cfg, params, batch):
 
 
 @functools.cache
+def _forward_ranked(cfg):
+  return jax.jit(lambda params, batch, rank: eem.EEMLLM(cfg).apply({"params": params}, **batch, rank_text=rank))
+
+
+@functools.cache
 def _embed_image(cfg):
   return jax.jit(lambda params, pixels: eem.EEMLLM(cfg).apply({"params": params}, pixels, method="embed_image"))
 
@@ -44,8 +49,9 @@ def embed_image(cfg, params, pixel_values):
   return _embed_image(cfg)(params, pixel_values)
 
 
-def greedy_by_full_forward(cfg, params, batch, steps):
-  """The uncached definition: append each row's argmax to its prompt, rerun the whole model."""
+def greedy_by_full_forward(cfg, params, batch, steps, rank=None):
+  """The uncached definition: append each row's argmax to its prompt, rerun the whole model.
+  FastV: `rank` (B, T) marks the text that ranks the visual tokens (None: the prompt)."""
   b = batch["input_ids"].shape[0]
   grown = {k: v for k, v in batch.items() if k != "labels"}
   for k, fill in [("input_ids", 0), ("text_positions", 0), ("text_valid", False)]:
@@ -54,8 +60,13 @@ def greedy_by_full_forward(cfg, params, batch, steps):
   next_pos = np.max(np.where(batch["text_valid"], batch["text_positions"], -1), 1) + 1
   rows = np.arange(b)
   tokens, logprobs = np.zeros((b, steps), np.int32), np.zeros((b, steps), np.float32)
+  rank = batch["text_valid"] if rank is None else rank
+  prompt = np.concatenate([rank, np.zeros((b, steps), bool)], axis=1)
   for i in range(steps):
-    logits = np.asarray(forward(cfg, params, grown))[rows, n_prompt + i - 1]
+    if cfg.mode.fastv:  # FastV ranks by the prompt's queries, as the cached prefill does
+      logits = np.asarray(_forward_ranked(cfg)(params, batch_lib.model_inputs(grown), prompt))[rows, n_prompt + i - 1]
+    else:
+      logits = np.asarray(forward(cfg, params, grown))[rows, n_prompt + i - 1]
     tokens[:, i] = logits.argmax(-1)
     logprobs[:, i] = np.asarray(jax.nn.log_softmax(logits))[rows, tokens[:, i]]
     col = n_prompt + i

@@ -38,20 +38,27 @@ def _silu(x):
   return x / (1 + np.exp(-x))
 
 
-def naive_llm_logits(llm_params, cfg, x_v, input_ids, pos_v, pos_t, valid_v, valid_t):
-  """Text logits (B, T, vocab) of the naive form. llm_params: unboxed `params["llm"]`."""
+def naive_llm_logits(llm_params, cfg, x_v, input_ids, pos_v, pos_t, valid_v, valid_t, kept_out=None):
+  """Text logits (B, T, vocab) of the naive form. llm_params: unboxed `params["llm"]`.
+
+  FastV (`cfg.mode.fastv`): at layer K-1 each visual token scores the softmax weight it receives,
+  averaged over heads and summed over that layer's queries (valid tokens; text only in a composite
+  layer); after that layer each row's ceil((1 - R) V) best valid ones are kept (as many invalid
+  ones as needed to fill up), the rest deleted from every array. `kept_out`, a list, receives the
+  kept indices (B, V') in original order."""
   c = cfg.llm
   p = {k: np.asarray(v, np.float64) for k, v in _flatten(llm_params).items()}
   x_t = p["embed_tokens/embedding"][np.asarray(input_ids)]
   x = np.concatenate([np.asarray(x_v, np.float64), x_t], 1)
   pos = np.concatenate([pos_v, pos_t], 1)
   valid = np.concatenate([valid_v, valid_t], 1)
-  n_vis, n_all = x_v.shape[1], x.shape[1]
-  is_text = np.arange(n_all) >= n_vis
-  self_mask = valid[:, None, :] & (pos[:, None, :] <= pos[:, :, None])
-  composite_mask = self_mask & (is_text[:, None] | np.eye(n_all, dtype=bool))[None]
+  n_vis = x_v.shape[1]
   g = c.num_heads // c.num_kv_heads
   for i in range(c.depth):
+    n_all = x.shape[1]
+    is_text = np.arange(n_all) >= n_vis
+    self_mask = valid[:, None, :] & (pos[:, None, :] <= pos[:, :, None])
+    composite_mask = self_mask & (is_text[:, None] | np.eye(n_all, dtype=bool))[None]
     composite = cfg.attention == "composite" and i >= cfg.mode.from_layer
     mask = composite_mask if composite else self_mask
     ffn_rows = is_text if composite and not cfg.mode.visual_ffn else np.ones(n_all, bool)
@@ -75,6 +82,17 @@ def naive_llm_logits(llm_params, cfg, x_v, input_ids, pos_v, pos_t, valid_v, val
     f = np.einsum("bsf,fd->bsd", _silu(h @ L["mlp/gate_proj/kernel"]) * (h @ L["mlp/up_proj/kernel"]),
                   L["mlp/down_proj/kernel"])
     x = x + f * ffn_rows[None, :, None]
+    if cfg.mode.fastv and i == cfg.mode.fastv_layer - 1:
+      voters = valid & (is_text if composite else True)
+      scores = (w.mean(1) * voters[:, :, None]).sum(1)[:, :n_vis]
+      kept = int(np.ceil(round(n_vis * (1 - cfg.mode.fastv_ratio), 6)))
+      rank = np.argsort(-np.where(valid[:, :n_vis], scores, -np.inf), axis=1, kind="stable")[:, :kept]
+      keep = np.sort(rank, axis=1)
+      if kept_out is not None:
+        kept_out.append(keep)
+      rows = np.arange(x.shape[0])[:, None]
+      x, pos, valid = (np.concatenate([a[rows, keep], a[:, n_vis:]], 1) for a in (x, pos, valid))
+      n_vis = kept
   h = _rms(x[:, n_vis:], p["norm/scale"], c.rms_norm_eps)
   w_out = p["embed_tokens/embedding"].T if c.tie_embeddings else p["lm_head/kernel"]
   return h @ w_out

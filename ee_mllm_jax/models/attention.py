@@ -21,6 +21,7 @@ from ee_mllm_jax.config import LLMConfig
 from ee_mllm_jax.mode import LayerKind
 from ee_mllm_jax.models.kernels import attend
 from ee_mllm_jax.models.layers import Linear, rope
+from ee_mllm_jax.models.reduction import received_attention
 
 
 class Attention(nn.Module):
@@ -62,19 +63,26 @@ class Attention(nn.Module):
     """
     return self.o_proj.repeated_input(v_vis, self.cfg.num_heads // self.cfg.num_kv_heads)
 
-  def __call__(self, h_v, h_t, pos_v, pos_t, valid_v, valid_t):
+  def __call__(self, h_v, h_t, pos_v, pos_t, valid_v, valid_t, rank_t=None):
     """Forward phase. Normed streams (B,V,D), (B,T,D) -> attention outputs for both, and this
-    layer's (k, v) over [visual; text], each (B, V+T, K, H)."""
+    layer's (k, v) over [visual; text], each (B, V+T, K, H). With `rank_t` (B, T) bool (FastV's
+    layer K-1, see models/reduction.py) also each visual token's received attention (B, V) from
+    this layer's queries: the valid visual ones (self) and the text ones `rank_t` marks."""
     n_vis = h_v.shape[1]
     pos = jnp.concatenate([pos_v, pos_t], axis=1)
     valid = jnp.concatenate([valid_v, valid_t], axis=1)
     h = jnp.concatenate([h_v, h_t], axis=1)
     k, v = self.keys_values(h, pos)
     if self.mode == "self":
-      out = self.o_proj(self.attend(self.queries(h, pos), k, v, pos, pos, valid, same_tokens=True))
-      return out[:, :n_vis], out[:, n_vis:], (k, v)
-    out_t = self.o_proj(self.attend(self.queries(h_t, pos_t), k, v, pos_t, pos, valid))
-    return self.align(v[:, :n_vis]), out_t, (k, v)
+      q, q_pos, q_valid = self.queries(h, pos), pos, jnp.concatenate([valid_v, rank_t], 1) if rank_t is not None else None
+      out = self.o_proj(self.attend(q, k, v, pos, pos, valid, same_tokens=True))
+      a_v, a_t = out[:, :n_vis], out[:, n_vis:]
+    else:
+      q, q_pos, q_valid = self.queries(h_t, pos_t), pos_t, rank_t
+      a_v, a_t = self.align(v[:, :n_vis]), self.o_proj(self.attend(q, k, v, pos_t, pos, valid))
+    if rank_t is None:
+      return a_v, a_t, (k, v)
+    return a_v, a_t, (k, v), received_attention(q, k, q_pos, q_valid, pos, valid, n_vis)
 
   def extend(self, h_t, pos_t, cache_k, cache_v, cache_pos, cache_valid, layer):
     """Extend phase. Text queries against a KV cache that already holds their own keys

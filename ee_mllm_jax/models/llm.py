@@ -44,6 +44,7 @@ from ee_mllm_jax.batch import Cache, last_valid_index
 from ee_mllm_jax.config import LLMConfig
 from ee_mllm_jax.mode import Cross, LayerKind, Mode
 from ee_mllm_jax.models.attention import Attention
+from ee_mllm_jax.models import reduction
 from ee_mllm_jax.models.cross import GatedCrossBlock, MediaContext
 from ee_mllm_jax.models.layers import Linear, RMSNorm, SwiGLU, layer_slice, logical, scan_layers, stack_view
 
@@ -56,6 +57,7 @@ class ForwardContext:
   pos_t: jax.Array
   valid_v: jax.Array
   valid_t: jax.Array
+  rank_t: jax.Array | None = None  # FastV: the text queries that rank visual tokens (None: valid_t)
 
 
 @flax.struct.dataclass
@@ -67,6 +69,8 @@ class ExtendContext:
   index: jax.Array
   cache_pos: jax.Array
   cache_valid: jax.Array
+  late_valid: jax.Array | None = None  # FastV: slot validity for layers >= late_from (Cache.late_valid)
+  late_from: int = flax.struct.field(pytree_node=False, default=0)
 
 
 @flax.struct.dataclass
@@ -92,6 +96,7 @@ class DecoderLayer(nn.Module):
   visual_ffn: bool  # Mode.visual_ffn_in(mode)
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  scores: bool = False  # FastV's layer K-1: also returns each visual token's received attention
 
   def setup(self):
     c = self.cfg
@@ -111,12 +116,13 @@ class DecoderLayer(nn.Module):
 
   def forward(self, carry: Streams, ctx: ForwardContext) -> tuple[Streams, tuple[jax.Array, jax.Array]]:
     norm1 = self.input_layernorm
-    a_v, a_t, kv = self.self_attn(norm1(carry.x_v), norm1(carry.x_t), ctx.pos_v, ctx.pos_t, ctx.valid_v,
-                                  ctx.valid_t)
+    rank = () if not self.scores else (ctx.valid_t if ctx.rank_t is None else ctx.rank_t & ctx.valid_t,)
+    a_v, a_t, kv, *scores = self.self_attn(norm1(carry.x_v), norm1(carry.x_t), ctx.pos_v, ctx.pos_t, ctx.valid_v,
+                                           ctx.valid_t, *rank)
     x_v = carry.x_v + a_v
     if self.visual_ffn:
       x_v = x_v + self.mlp(self.post_attention_layernorm(x_v))
-    return Streams(x_v=x_v, x_t=self._text_rest(carry.x_t, a_t)), kv
+    return Streams(x_v=x_v, x_t=self._text_rest(carry.x_t, a_t)), (kv, scores[0]) if scores else kv
 
   def extend(self, carry: ExtendCarry, layer: jax.Array, ctx: ExtendContext) -> ExtendCarry:
     h = self.input_layernorm(carry.x_t)
@@ -124,7 +130,9 @@ class DecoderLayer(nn.Module):
     at = (layer, 0, ctx.index, 0, 0)
     k_all = jax.lax.dynamic_update_slice(carry.k, k_new[None].astype(carry.k.dtype), at)
     v_all = jax.lax.dynamic_update_slice(carry.v, v_new[None].astype(carry.v.dtype), at)
-    a_t = self.self_attn.extend(h, ctx.pos_t, k_all, v_all, ctx.cache_pos, ctx.cache_valid, layer)
+    valid = ctx.cache_valid if ctx.late_valid is None else jnp.where(layer >= ctx.late_from, ctx.late_valid,
+                                                                     ctx.cache_valid)
+    a_t = self.self_attn.extend(h, ctx.pos_t, k_all, v_all, ctx.cache_pos, valid, layer)
     return ExtendCarry(x_t=self._text_rest(carry.x_t, a_t), k=k_all, v=v_all)
 
   def _text_rest(self, x_t, a_t):
@@ -155,12 +163,16 @@ class Decoded:
   v: jax.Array | None
   cross_k: jax.Array | None = None
   cross_v: jax.Array | None = None
+  order: jax.Array | None = None  # FastV: the visual slots' order (B, V), kept tokens first
 
 
 class ScheduleRuns(nn.Module):
   """The forward phase through a multi-run layer schedule: one scan per run (`runs_0`,
-  `runs_1`), the carry handed on; -> final carry and (k, v) over all L layers. It runs as a
-  `stack_view` of LLM's `layers/` (`_run_views`): each run reads its slice of the one stack."""
+  `runs_1`, ...: `reduction.segments`), the carry handed on; -> final carry, (k, v) over all L
+  layers and FastV's visual order (None without FastV). It runs as a `stack_view` of LLM's
+  `layers/` (`_run_views`): each run reads its slice of the one stack. Under FastV the run of
+  layer K-1 scores the visual tokens, and the later runs get the gathered stream and its
+  positions: a smaller static V' (models/reduction.py)."""
 
   cfg: LLMConfig
   mode: Mode
@@ -171,21 +183,33 @@ class ScheduleRuns(nn.Module):
 
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.runs = [_decoder_stack(count, self.remat, self.unroll)(self.cfg, kind, self.mode.visual_ffn_in(kind), **kw)
-                 for kind, count in self.mode.schedule(self.cfg.depth)]
+    self.runs = [_decoder_stack(count, self.remat, self.unroll)(self.cfg, kind, self.mode.visual_ffn_in(kind),
+                                                                 scores=scores, **kw)
+                 for kind, count, scores in reduction.segments(self.mode, self.cfg.depth)]
 
   def __call__(self, carry: Streams, ctx: ForwardContext):
-    kvs = []
-    for run in self.runs:
+    kvs, order, early = [], None, None
+    for (_, _, scores), run in zip(reduction.segments(self.mode, self.cfg.depth), self.runs):
       carry, kv = run(carry, None, ctx)
-      kvs.append(kv)
-    return carry, _concat_layers(*kvs)
+      if not scores:
+        kvs.append(kv)
+        continue
+      kvs.append(kv[0])
+      kept = self.mode.fastv_kept(carry.x_v.shape[1])
+      order = reduction.fastv_order(kv[1][0], ctx.valid_v, kept)
+      take = lambda x: reduction.take_tokens(x, order[:, :kept])
+      carry = carry.replace(x_v=take(carry.x_v))
+      ctx = ctx.replace(pos_v=take(ctx.pos_v), valid_v=take(ctx.valid_v))
+      early, kvs = _concat_layers(*kvs), []
+    if order is None:
+      return carry, _concat_layers(*kvs), None
+    return carry, reduction.fastv_keys_values(early, _concat_layers(*kvs), order, kept), order
 
 
 def _run_views(schedule, layers):
-  """`layers/` (L, ...) -> {"runs_i": its slice} for `ScheduleRuns`."""
+  """`layers/` (L, ...) -> {"runs_i": its slice} for `ScheduleRuns` (schedule: its segments)."""
   views, start = {}, 0
-  for i, (_, count) in enumerate(schedule):
+  for i, (_, count, _) in enumerate(schedule):
     views[f"runs_{i}"] = layer_slice(layers, start, start + count)
     start += count
   return views
@@ -275,8 +299,8 @@ class LLM(nn.Module):
     schedule = self.mode.schedule(c.depth)
     kind = schedule[-1][0]
     self.layers = _decoder_stack(c.depth, self.remat, self.unroll)(c, kind, self.mode.visual_ffn_in(kind), **kw)
-    if len(schedule) > 1:
-      self.schedule_runs = stack_view(ScheduleRuns, functools.partial(_run_views, schedule))(
+    if len(reduction.segments(self.mode, c.depth)) > 1:
+      self.schedule_runs = stack_view(ScheduleRuns, functools.partial(_run_views, reduction.segments(self.mode, c.depth)))(
           c, self.mode, remat=self.remat, unroll=self.unroll, **kw)
       nn.share_scope(self.schedule_runs, self.layers)  # it reads `layers/`
     if isinstance(self.mode, Cross):
@@ -300,17 +324,20 @@ class LLM(nn.Module):
     logits = self.embed_tokens.attend(h) if self.cfg.tie_embeddings else self.lm_head(h)
     return logits.astype(jnp.float32)
 
-  def _forward_layers(self, x_v, input_ids, pos_v, pos_t, valid_v, valid_t) -> Decoded:
+  def _forward_layers(self, x_v, input_ids, pos_v, pos_t, valid_v, valid_t, rank_t=None) -> Decoded:
     """Both streams through every layer (see `Decoded`). Cross mode: x_v (B, I, M, E) are the
-    media, pos_v / valid_v (B, I) each image's last position and validity."""
+    media, pos_v / valid_v (B, I) each image's last position and validity. FastV: `rank_t`
+    (B, T) bool, the text queries that rank the visual tokens (None: every valid one)."""
     x_t = self.embed(input_ids)
     init = self.is_initializing()
     if self.mode.visual_in_decoder:
-      ctx = ForwardContext(pos_v=pos_v, pos_t=pos_t, valid_v=valid_v, valid_t=valid_t)
+      ctx = ForwardContext(pos_v=pos_v, pos_t=pos_t, valid_v=valid_v, valid_t=valid_t, rank_t=rank_t)
       carry = Streams(x_v=x_v.astype(self.dtype), x_t=x_t)
-      run = self.schedule_runs if len(self.mode.schedule(self.cfg.depth)) > 1 and not init else self.layers
-      carry, (k, v) = run(carry, None, ctx) if run is self.layers else run(carry, ctx)
-      return Decoded(x_t=carry.x_t, k=k, v=v)
+      if hasattr(self, "schedule_runs") and not init:
+        carry, (k, v), order = self.schedule_runs(carry, ctx)
+      else:
+        (carry, (k, v)), order = self.layers(carry, None, ctx), None
+      return Decoded(x_t=carry.x_t, k=k, v=v, order=order)
     b = x_t.shape[0]
     ctx = ForwardContext(pos_v=jnp.zeros((b, 0), pos_t.dtype), pos_t=pos_t, valid_v=jnp.zeros((b, 0), bool),
                          valid_t=valid_t)
@@ -323,10 +350,10 @@ class LLM(nn.Module):
     k, v = (a.reshape((self.cfg.depth,) + a.shape[2:]) for a in (k, v))  # (J, k, ...) -> (L, ...)
     return Decoded(x_t=carry.x_t, k=k, v=v, cross_k=cross_k, cross_v=cross_v)
 
-  def __call__(self, x_v, input_ids, pos_v, pos_t, valid_v, valid_t):
+  def __call__(self, x_v, input_ids, pos_v, pos_t, valid_v, valid_t, rank_t=None):
     """Full forward -> text logits (B, T, vocab) and per-layer (k, v), each (L, B, V+T, K, H)
-    (cross mode: (L, B, T, K, H), text keys only)."""
-    out = self._forward_layers(x_v, input_ids, pos_v, pos_t, valid_v, valid_t)
+    (cross mode: (L, B, T, K, H), text keys only; FastV: the cache's slot order)."""
+    out = self._forward_layers(x_v, input_ids, pos_v, pos_t, valid_v, valid_t, rank_t)
     return self.logits(out.x_t), (out.k, out.v)
 
   def prefill(self, x_v, input_ids, pos_v, pos_t, valid_v, valid_t, cache_size: int | None = None):
@@ -345,14 +372,20 @@ class LLM(nn.Module):
       cache = Cache(k=out.k, v=out.v, pos=pos_t.astype(jnp.int32), valid=valid_t, index=index, cross_k=out.cross_k,
                     cross_v=out.cross_v, media_pos=pos_v.astype(jnp.int32), media_valid=valid_v)
     else:
+      late_valid = None
+      if out.order is not None:  # FastV: visual slots kept-first; layers >= K see only the kept ones
+        pos_v, valid_v = (reduction.take_tokens(a, out.order) for a in (pos_v, valid_v))
+        kept = jnp.arange(valid_v.shape[1]) < self.mode.fastv_kept(valid_v.shape[1])
+        late_valid = jnp.concatenate([valid_v & kept, valid_t], 1)
       cache = Cache(k=out.k, v=out.v, pos=jnp.concatenate([pos_v, pos_t], 1).astype(jnp.int32),
-                    valid=jnp.concatenate([valid_v, valid_t], 1), index=index)
+                    valid=jnp.concatenate([valid_v, valid_t], 1), index=index, late_valid=late_valid)
     return logits, cache.pad(cache_size or out.k.shape[2])
 
   def extend(self, input_ids, pos_t, valid_t, cache: Cache):
     """Append text tokens (B, T) at slots [index, index + T) of the cache; -> logits, new cache."""
     new = cache.with_text(pos_t, valid_t)
-    ctx = ExtendContext(pos_t=pos_t, index=cache.index, cache_pos=new.pos, cache_valid=new.valid)
+    ctx = ExtendContext(pos_t=pos_t, index=cache.index, cache_pos=new.pos, cache_valid=new.valid,
+                        late_valid=new.late_valid, late_from=self.mode.fastv_layer)
     carry = ExtendCarry(x_t=self.embed(input_ids), k=cache.k, v=cache.v)
     if not self.mode.visual_in_decoder:
       layers = jnp.arange(self.cfg.depth).reshape(self.mode.blocks(self.cfg.depth), self.mode.every)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from ee_mllm_jax import batch as batch_lib
 from ee_mllm_jax.config import ModelConfig
+from ee_mllm_jax.models import reduction
 from ee_mllm_jax.models.cross import PerceiverResampler
 from ee_mllm_jax.models.llm import LLM
 from ee_mllm_jax.models.projector import Projector
@@ -41,7 +42,12 @@ class EEMLLM(nn.Module):
     """(B, I, Y, X, C) -> the visual tokens the decoder reads (B, I*P, E): projected (E = D), or,
     in cross mode with `cross_media_width="vision"`, the tower's features (E = the tower's width)."""
     b, i = pixel_values.shape[:2]
-    feats = self.vision(pixel_values.reshape((b * i,) + pixel_values.shape[2:]))
+    images, mode = pixel_values.reshape((b * i,) + pixel_values.shape[2:]), self.cfg.mode
+    if mode.visionzip:  # P -> dominant + contextual tokens per image, before the projector
+      feats = reduction.visionzip_merge(*self.vision(images, scores=True), mode.visionzip_dominant,
+                                        mode.visionzip_contextual)
+    else:
+      feats = self.vision(images)
     if self.cfg.has_projector:
       feats = self.projector(feats)
     return feats.reshape(b, i * feats.shape[1], -1)
@@ -66,16 +72,21 @@ class EEMLLM(nn.Module):
       media = self.resampler(media)
     return media, jnp.max(visual_positions.reshape(b, i, -1), axis=-1), image_valid
 
-  def forward(self, pixel_values, image_valid, input_ids, text_positions, text_valid, visual_positions):
-    """Text-stream logits (B, T, vocab) float32 and the per-layer keys/values over [visual; text]."""
+  def forward(self, pixel_values, image_valid, input_ids, text_positions, text_valid, visual_positions,
+              rank_text=None):
+    """Text-stream logits (B, T, vocab) float32 and the per-layer keys/values over [visual; text].
+    FastV: `rank_text` (B, T) bool marks the text queries that rank the visual tokens (None: every
+    valid one; a cached prefill ranks by its prompt, so the full forward that equals a cached
+    generation ranks by the prompt alone)."""
     x_v, pos_v, valid_v = self._checked(pixel_values, image_valid, input_ids, text_positions, text_valid,
                                         visual_positions)
-    return self.llm(x_v, input_ids, pos_v, text_positions, valid_v, text_valid)
+    return self.llm(x_v, input_ids, pos_v, text_positions, valid_v, text_valid, rank_text)
 
   def __call__(self, pixel_values, image_valid, input_ids, text_positions, text_valid, visual_positions,
-               labels=None):
+               labels=None, rank_text=None):
     del labels  # accepted so that a whole training batch can be passed with **batch
-    logits, _ = self.forward(pixel_values, image_valid, input_ids, text_positions, text_valid, visual_positions)
+    logits, _ = self.forward(pixel_values, image_valid, input_ids, text_positions, text_valid, visual_positions,
+                             rank_text)
     return logits
 
   def prefill(self, pixel_values, image_valid, input_ids, text_positions, text_valid, visual_positions,

@@ -15,13 +15,19 @@ import jax.numpy as jnp
 
 from ee_mllm_jax.config import VisionConfig
 from ee_mllm_jax.models.kernels import attend
+from ee_mllm_jax.models.reduction import attention_weights
 from ee_mllm_jax.models.layers import ACTIVATIONS, LayerNorm, Linear, layer_slice, logical, scan_layers, stack_view
 
 
 class VisionLayer(nn.Module):
+  """One encoder layer; with `scores` (VisionZip's layer, models/reduction.py) it also returns each
+  token's attention received (B, tokens): from the CLS query (CLIP), or the mean over queries
+  (SigLIP), averaged over heads; and the keys averaged over heads (B, tokens, H)."""
+
   cfg: VisionConfig
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  scores: bool = False
 
   @nn.compact
   def __call__(self, x, _=None):
@@ -39,7 +45,10 @@ class VisionLayer(nn.Module):
     act = ACTIVATIONS["quick_gelu" if c.kind == "clip" else "gelu_tanh"]
     h = act(Linear((c.width,), (c.mlp_dim,), ("embed", "mlp"), use_bias=True, name="fc1", **kw)(h))
     x = x + Linear((c.mlp_dim,), (c.width,), ("mlp", "embed"), use_bias=True, name="fc2", **kw)(h)
-    return x, None
+    if not self.scores:
+      return x, None
+    w = attention_weights(q, k, None, None, None, None)  # (B, tokens, tokens)
+    return x, (w[:, 0] if c.class_token else w.mean(axis=1), k.mean(axis=2))
 
 
 class VisionTower(nn.Module):
@@ -56,7 +65,9 @@ class VisionTower(nn.Module):
   unroll: int | bool = 1
 
   @nn.compact
-  def __call__(self, images):
+  def __call__(self, images, scores: bool = False):
+    """-> features (B, P, D); with `scores` also VisionZip's (B, P) scores and (B, P, H) keys of the
+    last computed layer (`VisionLayer`)."""
     c = self.cfg
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b, p, g = images.shape[0], c.patch_size, c.grid
@@ -78,13 +89,39 @@ class VisionTower(nn.Module):
     if c.class_token:
       x = LayerNorm(c.layer_norm_eps, name="pre_layrnorm", **kw)(x)
 
-    n_run = c.num_layers_run
+    n_run, first = c.num_layers_run, 1 if c.class_token else 0
     make = functools.partial(scan_layers, VisionLayer, remat=self.remat, unroll=self.unroll)
-    if n_run == c.depth or self.is_initializing():
-      stack = make(length=c.depth)
-    else:  # read only the first n_run layers of the stacked parameters
-      stack = stack_view(make(length=n_run), lambda p: layer_slice(p, 0, n_run))
-    x, _ = stack(c, name="layers", **kw)(x, None)
-    if self.is_initializing():  # HF keeps it; LLaVA's features (hidden_states[k]) never use it
-      LayerNorm(c.layer_norm_eps, name="post_layernorm", **kw)(x)
-    return x[:, 1:] if c.class_token else x
+    if self.is_initializing():
+      x, _ = make(length=c.depth)(c, name="layers", **kw)(x, None)
+      LayerNorm(c.layer_norm_eps, name="post_layernorm", **kw)(x)  # HF keeps it; LLaVA's features never use it
+      aux = (jnp.zeros(x.shape[:2], jnp.float32), jnp.ones(x.shape[:2] + (1,), x.dtype))  # shapes only
+    elif n_run == c.depth and not scores:
+      x, _ = make(length=c.depth)(c, name="layers", **kw)(x, None)
+    elif not scores:  # read only the first n_run layers of the stacked parameters
+      x, _ = stack_view(make(length=n_run), lambda p: layer_slice(p, 0, n_run))(c, name="layers", **kw)(x, None)
+    else:
+      view = lambda p: {"plain": layer_slice(p, 0, n_run - 1), "last": layer_slice(p, n_run - 1, n_run)}
+      x, aux = stack_view(_ScoredLayers, view)(c, self.remat, self.unroll, name="layers", **kw)(x)
+    if not scores:
+      return x[:, first:]
+    return x[:, first:], aux[0][:, first:], aux[1][:, first:]
+
+
+class _ScoredLayers(nn.Module):
+  """The tower's first `num_layers_run` layers with the last one scoring (`VisionLayer.scores`),
+  run as a `stack_view` of `layers/`: `plain` reads layers [0, n - 1), `last` layer n - 1."""
+
+  cfg: VisionConfig
+  remat: str = "none"
+  unroll: int | bool = 1
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    make = functools.partial(scan_layers, VisionLayer, remat=self.remat, unroll=self.unroll)
+    if self.cfg.num_layers_run > 1:
+      x, _ = make(length=self.cfg.num_layers_run - 1)(self.cfg, name="plain", **kw)(x, None)
+    x, aux = make(length=1)(self.cfg, scores=True, name="last", **kw)(x, None)
+    return x, tuple(a[0] for a in aux)

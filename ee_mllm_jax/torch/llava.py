@@ -51,6 +51,8 @@ def modes_of(config: LlavaConfig) -> tuple[mode_lib.Mode, mode_lib.Mode]:
                                           config.text_config.num_hidden_layers)
   if not mode.visual_in_decoder:
     raise ValueError(f"the PyTorch port runs self and composite attention, not {mode.describe(1)}")
+  if mode.fastv or mode.visionzip:  # issue 25 item 7: not ported; refused rather than silently dropped
+    raise ValueError(f"the PyTorch port does not run token reduction ({mode.reduction_name()[3:]})")
   return mode, trained
 
 
