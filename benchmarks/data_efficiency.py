@@ -1,7 +1,8 @@
 """The paper's comparative claims as one rerunnable experiment: data efficiency of the three modes,
 EE-MLLM-F along the layer schedule, and the speed table. Writes docs/results.md with its plots.
 
-    python benchmarks/data_efficiency.py                 # the default: about 90 minutes on 2 CPU cores
+    python benchmarks/data_efficiency.py                 # the default, 3 seeds (seed 0 alone: 93 min of step
+                                                         # time on 2 shared CPU cores, 63 of it alignment)
     python benchmarks/data_efficiency.py --scale tiny    # the test suite's minutes-long version
     python benchmarks/data_efficiency.py --scale large --preset llava-1.5-7b   # on a GPU: 4x the data, a
                                                     # bigger model, and the full-size 7B speed rows
@@ -156,6 +157,8 @@ def train_once(config) -> str:
   if not os.path.exists(done):
     t0 = time.perf_counter()
     summary = loop_lib.train(config)
+    if summary["step"] < config.steps:  # stopped by a signal: checkpointed, not done; a rerun resumes it
+      raise SystemExit(f"{config.workdir}: stopped at step {summary['step']} of {config.steps}; rerun to resume")
     _write_json(done, dict(seconds=time.perf_counter() - t0, step=summary["step"],
                            train_loss=summary["train_loss"]))
   return config.workdir
