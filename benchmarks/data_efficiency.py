@@ -69,7 +69,7 @@ import numpy as np
 
 import ee_mllm_jax as eem
 import results_report
-from experiment_data import dataset, ds_seconds
+from experiment_data import dataset, ds_seconds, write_json
 import speed_table
 import tower_pretraining
 from data_efficiency_settings import (BENCHMARKS, EXTRA_METRICS, INFORMATIVE_SDS, MARGIN, MODE_LABELS, MODES,
@@ -80,7 +80,6 @@ from ee_mllm_jax import flops as flops_lib
 from ee_mllm_jax import loading
 from ee_mllm_jax import params as params_lib
 from ee_mllm_jax import sharding
-from ee_mllm_jax import storage
 from ee_mllm_jax.evaluation import benchmarks
 from ee_mllm_jax.evaluation import model as model_lib
 from ee_mllm_jax.evaluation import prompts as prompts_lib
@@ -107,10 +106,6 @@ def parse_args(argv=None):
   p.add_argument("--skip_speed", action="store_true", help="leave the speed table out")
   p.add_argument("--note", default="", help="a sentence for the report (e.g. what else ran on the machine)")
   return p.parse_args(argv)
-
-
-def _write_json(path: str, obj):
-  storage.atomic_write(path, json.dumps(obj))
 
 
 # ------------------------------------------------------------------------------------ models
@@ -159,7 +154,7 @@ def train_once(config) -> str:
     summary = loop_lib.train(config)
     if summary["step"] < config.steps:  # stopped by a signal: checkpointed, not done; a rerun resumes it
       raise SystemExit(f"{config.workdir}: stopped at step {summary['step']} of {config.steps}; rerun to resume")
-    _write_json(done, dict(seconds=time.perf_counter() - t0, step=summary["step"],
+    write_json(done, dict(seconds=time.perf_counter() - t0, step=summary["step"],
                            train_loss=summary["train_loss"]))
   return config.workdir
 
@@ -190,7 +185,7 @@ def pretrained_parts(scale: Scale, ds, files, work: str, vocab: int) -> tuple[st
   info = {"llm": _done(llm_run) | {"records": n, "steps": steps, "what": "the text of the pretraining pool's "
                                    "conversations, images removed (a causal LM over the chat template)"},
           "tower": tower_info}
-  _write_json(info_path, info)
+  write_json(info_path, info)
   return out, info
 
 
@@ -252,7 +247,7 @@ def evaluate(run: dict, ds, files, work: str, scale: Scale, variant: str = "", b
   result = dict(name=name, model_mode=model.mode, scores=scores, units=units, mean=float(np.mean(list(scores.values()))),
                 seconds=time.perf_counter() - t0, cfg=model.cfg.to_dict())
   os.makedirs(os.path.dirname(out_path), exist_ok=True)
-  _write_json(out_path, result)
+  write_json(out_path, result)
   return with_extra_metrics(result, work)
 
 

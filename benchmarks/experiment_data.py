@@ -27,7 +27,7 @@ def dataset(scale: Scale, work: str) -> tuple[data_lib.SyntheticDataset, dict[st
                                image_size=scale.image_size, difficulty="easy", vocab_size=scale.vocab, max_turns=1,
                                mix=dict(MIX))
   if fresh:
-    _write_json(ds.path("generated_in.json"), dict(seconds=time.perf_counter() - t0))
+    write_json(ds.path("generated_in.json"), dict(seconds=time.perf_counter() - t0))
   files = {f"train_{n}": ds.path(f"splits/train_{n}.json") for n in scale.sizes}
   files.update(pretrain=ds.path("splits/pretrain.json"), pretrain_text=ds.path("splits/pretrain_text.json"),
                open_val=ds.path("open_val.json"), open_blank_val=ds.path("open_blank_val.json"))
@@ -38,14 +38,14 @@ def dataset(scale: Scale, work: str) -> tuple[data_lib.SyntheticDataset, dict[st
   pool, pre = records[:max(scale.sizes)], records[max(scale.sizes):need]
   os.makedirs(ds.path("splits"), exist_ok=True)
   for n in scale.sizes:
-    _write_json(files[f"train_{n}"], pool[:n])
-  _write_json(files["pretrain"], pre)
-  _write_json(files["pretrain_text"], [text_only(r) for r in pre] + letter_exercises(pre))
+    write_json(files[f"train_{n}"], pool[:n])
+  write_json(files["pretrain"], pre)
+  write_json(files["pretrain_text"], [text_only(r) for r in pre] + letter_exercises(pre))
   with open(ds.val_file) as f:
     val = json.load(f)
   Image.new("RGB", (scale.image_size,) * 2, scenes.BACKGROUND).save(ds.path("blank.png"))
   for name, image in (("open_val", None), ("open_blank_val", "blank.png")):
-    _write_json(files[name], {"data": [
+    write_json(files[name], {"data": [
         dict(question_id=r["id"], image_id=os.path.splitext(os.path.basename(image or r["image"]))[0],
              image_path=image or r["image"], question=r["question"], answers=[r["answer"]] * 10,
              question_type=r["question_type"]) for r in val if r["question_type"] in OPEN_TYPES]})
@@ -96,5 +96,5 @@ def ds_seconds(ds) -> float | None:
     return json.load(f)["seconds"] / 60
 
 
-def _write_json(path: str, obj):
+def write_json(path: str, obj):
   storage.atomic_write(path, json.dumps(obj))

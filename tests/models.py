@@ -74,3 +74,13 @@ def greedy_by_full_forward(cfg, params, batch, steps, rank=None):
     grown["text_positions"][rows, col] = next_pos + i
     grown["text_valid"][rows, col] = True
   return tokens, logprobs
+
+
+def assert_cached_generation_equals_full_forwards(cfg, batch, steps=6):
+  """`eem.generate` (prefill and cached decode) gives the tokens, and log-probs to 1e-5, of
+  `greedy_by_full_forward` on random parameters."""
+  params = init_params(cfg)
+  out = eem.generate(params, cfg, batch, max_new_tokens=steps)
+  want_tokens, want_logprobs = greedy_by_full_forward(cfg, params, batch, steps)
+  np.testing.assert_array_equal(np.asarray(out.tokens), want_tokens)
+  np.testing.assert_allclose(np.asarray(out.logprobs), want_logprobs, rtol=0, atol=1e-5)

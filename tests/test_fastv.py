@@ -13,7 +13,7 @@ import pytest
 import ee_mllm_jax as eem
 from batches import MIXED_PLANS, make_batch
 from jaxpr_shapes import shapes_in_jaxpr
-from models import forward, greedy_by_full_forward, init_params
+from models import assert_cached_generation_equals_full_forwards, forward, greedy_by_full_forward, init_params
 from reference import naive_llm_logits
 from test_model import assert_close_on_valid, naive_logits
 from ee_mllm_jax.batch import model_inputs
@@ -114,11 +114,7 @@ SETTINGS_GEN = {"self": dict(attention="self", fastv_layer=1),
 def test_cached_greedy_generation_equals_repeated_full_forwards(setting):
   """The prefill ranks by the prompt; the full forwards rank by the prompt too (`rank_text`)."""
   cfg = llava().run_as(**SETTINGS_GEN[setting], fastv_ratio=0.5)
-  batch, params = make_batch(cfg, MIXED_PLANS), init_params(cfg)
-  out = eem.generate(params, cfg, batch, max_new_tokens=6)
-  want_tokens, want_logprobs = greedy_by_full_forward(cfg, params, batch, 6)
-  np.testing.assert_array_equal(np.asarray(out.tokens), want_tokens)
-  np.testing.assert_allclose(np.asarray(out.logprobs), want_logprobs, rtol=0, atol=1e-5)
+  assert_cached_generation_equals_full_forwards(cfg, make_batch(cfg, MIXED_PLANS))
 
 
 def test_setting_is_named_and_travels_with_the_flags():

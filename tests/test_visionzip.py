@@ -8,7 +8,7 @@ import pytest
 
 import ee_mllm_jax as eem
 from batches import MIXED_PLANS, make_batch
-from models import forward, greedy_by_full_forward, init_params
+from models import assert_cached_generation_equals_full_forwards, forward, init_params
 from ee_mllm_jax.generate import prefill_prefix, split_at_last_image
 from ee_mllm_jax.models.reduction import visionzip_merge
 
@@ -68,11 +68,7 @@ SETTINGS = {"visionzip": dict(visionzip_dominant=6, visionzip_contextual=2),
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_cached_greedy_generation_equals_repeated_full_forwards(setting):
   cfg = llava().run_as(**SETTINGS[setting])
-  batch, params = make_batch(cfg, MIXED_PLANS), init_params(cfg)
-  out = eem.generate(params, cfg, batch, max_new_tokens=6)
-  want_tokens, want_logprobs = greedy_by_full_forward(cfg, params, batch, 6)
-  np.testing.assert_array_equal(np.asarray(out.tokens), want_tokens)
-  np.testing.assert_allclose(np.asarray(out.logprobs), want_logprobs, rtol=0, atol=1e-5)
+  assert_cached_generation_equals_full_forwards(cfg, make_batch(cfg, MIXED_PLANS))
 
 
 def test_prefix_reuse_equals_recomputing():
