@@ -1,4 +1,4 @@
-"""Model configuration: small frozen dataclasses, one per module, plus named presets.
+"""Model configuration: small frozen dataclasses, one per module (named presets: `ee_mllm_jax.presets`).
 
 Each module receives only its own config (`VisionConfig` for the tower, `LLMConfig` for the
 decoder); `ModelConfig` ties them together with the interaction mode (`ee_mllm_jax.mode`: `Self()`
@@ -18,7 +18,7 @@ import typing
 from typing import Literal
 
 from ee_mllm_jax import mode as mode_lib
-from ee_mllm_jax.mode import Composite, Mode, Self
+from ee_mllm_jax.mode import Composite, Mode
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -188,6 +188,32 @@ class RopeScaling(_Replaceable):
 
 
 @dataclasses.dataclass(frozen=True)
+class LoRA(_Replaceable):
+  """Low-rank adapters on the decoder's projections (Hu et al. 2021, as PEFT computes them):
+  `y = x W + (alpha / rank) * dropout(x) A B`, A (in, rank), B (rank, out), B = 0 at init (so
+  the model starts as the base). `targets` is a regex matched (`re.match`) against the projection's
+  parameter path without the leaf ("llm/layers/self_attn/q_proj"); LLaVA's LoRA recipe adapts
+  every decoder projection but lm_head. The adapters live beside the kernel (`lora_a`, `lora_b`),
+  so composite mode's aligner, which reuses v_proj/o_proj, reads the adapted weights too.
+  Dropout applies where the call passes a "dropout" rng (the train step), not in eval or decoding."""
+
+  rank: int = 8
+  alpha: float = 16.0
+  dropout: float = 0.0
+  targets: str = r"llm/(layers|cross)/"
+
+  def __post_init__(self):
+    if not (isinstance(self.rank, int) and self.rank > 0):
+      raise ValueError(f"LoRA.rank must be a positive int, got {self.rank!r}")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"LoRA.dropout must be in [0, 1), got {self.dropout!r}")
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+
+@dataclasses.dataclass(frozen=True)
 class LLMConfig(_Replaceable):
   """A LLaMA / Qwen2 decoder: RMSNorm, rotate-half RoPE, GQA, SwiGLU."""
 
@@ -203,6 +229,7 @@ class LLMConfig(_Replaceable):
   rms_norm_eps: float = 1e-5
   qkv_bias: bool = False
   tie_embeddings: bool = False
+  lora: LoRA | None = None  # adapters on the decoder's projections (none: the plain model)
   attention_impl: AttentionImpl = runtime("auto")
   attention_block: int = runtime(512)  # queries per block of "blocked", keys per block of "chunked"
 
@@ -352,48 +379,9 @@ class ModelConfig(_Replaceable):
 
   @classmethod
   def preset(cls, name: str, **overrides) -> "ModelConfig":
+    from ee_mllm_jax.presets import PRESETS  # pylint: disable=g-import-not-at-top
     try:
       cfg = PRESETS[name]
     except KeyError:
       raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}") from None
     return cfg.replace(**overrides) if overrides else cfg
-
-
-PRESETS: dict[str, ModelConfig] = {
-    # Unit tests: everything small, GQA on, two images of 16 tokens fit easily.
-    "tiny": ModelConfig(
-        vision=VisionConfig(image_size=32, patch_size=8, width=32, depth=2, num_heads=2,
-                            mlp_dim=64, feature_layer=-1),
-        llm=LLMConfig(vocab_size=256, width=64, depth=2, num_heads=4, num_kv_heads=2,
-                      head_dim=16, mlp_dim=128),
-    ),
-    # Trains on the synthetic dataset on 2 CPU cores in minutes (EE-MLLM, composite).
-    "demo": ModelConfig(
-        vision=VisionConfig(image_size=64, patch_size=8, width=128, depth=4, num_heads=4,
-                            mlp_dim=512, feature_layer=-1),
-        llm=LLMConfig(vocab_size=1024, width=256, depth=4, num_heads=8, num_kv_heads=4,
-                      head_dim=32, mlp_dim=704),
-    ),
-    # LLaVA-1.5-7B: CLIP ViT-L/14 at 336 px (feature layer -2, 576 tokens), mlp2x_gelu,
-    # Vicuna-7B v1.5. A released self-attention checkpoint: run with
-    # `.run_as(attention="composite")` for EE-MLLM-F, or
-    # `.replace(attention="composite", visual_ffn=False)` to train EE-MLLM.
-    "llava-1.5-7b": ModelConfig(
-        vision=VisionConfig(kind="clip", image_size=336, patch_size=14, width=1024, depth=24,
-                            num_heads=16, mlp_dim=4096, layer_norm_eps=1e-5, feature_layer=-2),
-        llm=LLMConfig(vocab_size=32000, width=4096, depth=32, num_heads=32, num_kv_heads=32,
-                      head_dim=128, mlp_dim=11008, rope_theta=10000.0, rms_norm_eps=1e-5),
-        projector="mlp2x_gelu", mode=Self(),
-    ),
-    # Qwen2-7B + SigLIP-so400m/14 at 384 px (729 tokens), as LLaVA-OneVision-7B ships it
-    # (the tower's last layer removed, features from the new last layer).
-    "qwen2-7b-siglip": ModelConfig(
-        vision=VisionConfig(kind="siglip", image_size=384, patch_size=14, width=1152, depth=26,
-                            num_heads=16, mlp_dim=4304, layer_norm_eps=1e-6, feature_layer=-1,
-                            image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD),
-        llm=LLMConfig(vocab_size=152064, width=3584, depth=28, num_heads=28, num_kv_heads=4,
-                      head_dim=128, mlp_dim=18944, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-                      qkv_bias=True),
-        projector="mlp2x_gelu", mode=Self(),
-    ),
-}
