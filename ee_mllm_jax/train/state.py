@@ -3,7 +3,10 @@
 The state is a plain dict, so Orbax saves it and `jax.tree` maps it:
 
     step       () int32            optimizer updates done
-    params     nested dict         all parameters (float32 master copies by default)
+    params     nested dict         all parameters: the trainable ones in the model's param_dtype
+                                   (float32 masters by default), the frozen ones in its compute
+                                   dtype (`cast_frozen`: only read, so bf16 training holds the
+                                   frozen 7B LLM in 13.5 GB, not 27)
     opt_state  optax state         over the *trainable* parameters only
     rng        (2,) uint32         base key; step k uses fold_in(rng, k)
 
@@ -16,6 +19,7 @@ optimizer state, and pass through every step unchanged (bit-identical).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any, Callable
 
@@ -46,6 +50,10 @@ class OptimConfig:
   eps: float = 1e-8
   clip_norm: float = 1.0  # global-norm clipping; <= 0 disables
   trainable: str = ".*"  # regex over parameter paths; the rest is frozen
+  # ((regex, learning rate), ...): trainable parameters whose path a regex matches (the first
+  # that does) train at that peak rate, on the same warmup and decay (LLaVA's LoRA recipe:
+  # (("projector/", 2e-5),) beside the adapters' 2e-4). Clipping stays one global norm.
+  group_learning_rates: tuple[tuple[str, float], ...] = ()
 
 
 def make_schedule(cfg: OptimConfig) -> optax.Schedule:
@@ -57,11 +65,12 @@ def make_schedule(cfg: OptimConfig) -> optax.Schedule:
 # Weight decay by a parameter's role, read from its name (the last key of its path), never from its
 # rank: scan-stacking gives norm scales, biases and the resampler's latents a layer axis, and a
 # 1-D gate is as much a parameter as a (L, D) scale. Decayed: projection matrices ("kernel", the
-# tower's patch convolution) and embedding tables (token and position embeddings). Not decayed:
+# tower's patch convolution, LoRA's A and B as HF's Trainer decays them) and embedding tables
+# (token and position embeddings). Not decayed:
 # norm scales, biases, the resampler's latents, the cross blocks' tanh gates, CLIP's class token.
 # OpenFlamingo decays only its gated cross-attention blocks' matrices (not the perceiver's); here
 # every matrix that trains is decayed, the perceiver's included.
-DECAYED_NAMES = ("kernel", "embedding", "patch_embedding", "position_embedding")
+DECAYED_NAMES = ("kernel", "embedding", "patch_embedding", "position_embedding", "lora_a", "lora_b")
 UNDECAYED_NAMES = ("scale", "bias", "latents", "attn_gate", "ff_gate", "class_embedding")
 
 
@@ -93,8 +102,24 @@ def make_optimizer(cfg: OptimConfig) -> tuple[optax.GradientTransformation, opta
   schedule = make_schedule(cfg)
   adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                       mask=decay_mask)
-  tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw) if cfg.clip_norm > 0 else adamw
-  return tx, schedule
+  # AdamW's update (decay included) is proportional to the rate, so a group's own rate is the
+  # base update scaled by rate / learning_rate.
+  groups = [optax.masked(optax.scale(rate / cfg.learning_rate), functools.partial(_group_mask, i, cfg))
+            for i, (_, rate) in enumerate(cfg.group_learning_rates)]
+  parts = ([optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []) + [adamw] + groups
+  return (optax.chain(*parts) if len(parts) > 1 else adamw), schedule
+
+
+def _group_mask(index: int, cfg: OptimConfig, params: Params) -> Params:
+  """True where group `index` is the first of `cfg.group_learning_rates` whose regex matches."""
+  regexes = [re.compile(pattern) for pattern, _ in cfg.group_learning_rates]
+
+  def first(path, _):
+    p = "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+    hits = [i for i, r in enumerate(regexes) if r.match(p)]
+    return bool(hits) and hits[0] == index
+
+  return jax.tree_util.tree_map_with_path(first, params)
 
 
 def _path(key: tuple[str, ...]) -> str:
@@ -110,6 +135,12 @@ def split_params(params: Params, pattern: str) -> tuple[Params, Params]:
   return traverse_util.unflatten_dict(train), traverse_util.unflatten_dict(frozen)
 
 
+def cast_frozen(params: Params, pattern: str, dtype) -> Params:
+  """`params` (boxed or not) with the frozen ones (not matched by `pattern`) in `dtype`."""
+  train, frozen = split_params(params, pattern)
+  return merge_params(train, jax.tree.map(lambda x: x.astype(dtype), frozen))
+
+
 def merge_params(train: Params, frozen: Params) -> Params:
   flat = {**traverse_util.flatten_dict(frozen), **traverse_util.flatten_dict(train)}
   return traverse_util.unflatten_dict(flat)
@@ -118,11 +149,13 @@ def merge_params(train: Params, frozen: Params) -> Params:
 def make_init_fn(model: nn.Module, optimizer: optax.GradientTransformation, pattern: str,
                  seed: int = 0) -> Callable[[], dict[str, Any]]:
   """() -> boxed train state. Boxes (nn.LogicallyPartitioned) carry the logical axis names
-  to the optimizer moments too, so `sharding.tree_shardings` can place the whole state."""
+  to the optimizer moments too, so `sharding.tree_shardings` can place the whole state. Frozen
+  parameters are held in the compute dtype (`cast_frozen`)."""
 
   def init():
     key = jax.random.PRNGKey(seed)
     params = model.init(jax.random.fold_in(key, 0), **batch_lib.example(model.cfg))["params"]
+    params = cast_frozen(params, pattern, model.cfg.dtype)
     train, _ = split_params(params, pattern)
     if not train:
       raise ValueError(f"the trainable pattern {pattern!r} matches no parameter")

@@ -70,7 +70,7 @@ def make_gradient_fn(model: nn.Module, trainable: str, accum_steps: int = 1,
           accumulate, (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros((), jnp.int32)),
           _microbatches(batch, accum_steps))
     denom = jnp.maximum(tokens, 1.0)
-    return jax.tree.map(lambda g: g / denom, grads), loss_sum, tokens
+    return jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads), loss_sum, tokens
 
   return gradients
 
