@@ -41,7 +41,8 @@ def get_config():
   c.accum_steps = 1
   c.optim = ml_collections.ConfigDict(dict(
       learning_rate=1e-3, warmup_ratio=0.05, end_lr_ratio=0.05, weight_decay=0.01,
-      b1=0.9, b2=0.98, eps=1e-8, clip_norm=1.0, trainable=".*"))
+      b1=0.9, b2=0.98, eps=1e-8, clip_norm=1.0, trainable=".*",
+      group_learning_rates=()))  # ((regex, peak lr), ...): own rates (train.state.OptimConfig)
 
   c.checkpoint = ml_collections.ConfigDict(dict(dir="", every_steps=200, keep=2, async_save=True))
   # kind "orbax" | "hf" (path) | "hf_parts" (vision_path + llm_path: HF tower + HF LLM, fresh projector)

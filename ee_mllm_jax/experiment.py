@@ -23,7 +23,7 @@ import ml_collections
 
 from ee_mllm_jax import data as data_lib
 from ee_mllm_jax import mode as mode_lib
-from ee_mllm_jax.config import ModelConfig
+from ee_mllm_jax.config import LoRA, ModelConfig
 from ee_mllm_jax.train.state import OptimConfig
 
 # Top-level ModelConfig fields an experiment may set (besides llm.* / vision.* and the mode's flags).
@@ -61,6 +61,11 @@ def model_section(preset: str, *, llm=(), vision=(), **values) -> ml_collections
     kinds = {f.name: f.type for f in dataclasses.fields(getattr(ModelConfig, part))}
     section[part] = ml_collections.ConfigDict({n: unset({"int": int, "float": float, "str": str, "bool": bool}.get(
         kinds[n], object)) for n in names})
+  # LoRA (config.LoRA), off at rank 0: `--config.model.llm.lora.rank=8` turns it on (with
+  # `--config.optim.trainable='projector/|.*/lora_[ab]$'`, ee_mllm_jax.lora.TRAINABLE).
+  lora = LoRA()
+  section["llm"]["lora"] = ml_collections.ConfigDict(dict(rank=0, alpha=lora.alpha, dropout=lora.dropout,
+                                                          targets=lora.targets))
   return ml_collections.ConfigDict(section)
 
 
@@ -78,6 +83,10 @@ def model_config(config) -> ModelConfig:
   flags = {k: v for k, v in set_(m).items() if k in mode_lib.FLAGS}
   for part in ("llm", "vision"):
     parts = set_(m.get(part))
+    if part == "llm" and parts.get("lora") is not None and not isinstance(parts["lora"], LoRA):
+      lora = dict(parts.pop("lora"))  # a ConfigDict (model_section; rank 0: no adapters)
+      if lora["rank"]:
+        parts["lora"] = LoRA(**lora)
     if parts:
       changes[part] = dataclasses.replace(getattr(preset, part), **parts)
   if flags:

@@ -75,6 +75,26 @@ def test_a_stopped_run_restarts_exactly(uninterrupted, tiny_dataset, tmp_path, s
   assert read_scalars(workdir, purge="session_log") == metrics_scalars(workdir)  # TensorBoard: each step once
 
 
+# LoRA with dropout (its masks come from the step's rng) and the projector at its own rate.
+LORA = {"model.llm.lora.rank": 4, "model.llm.lora.dropout": 0.1, "optim.trainable": "projector/|.*/lora_[ab]$",
+        "optim.group_learning_rates": '(("projector/", 1e-4),)'}
+
+
+@pytest.mark.slow
+def test_a_killed_lora_run_restarts_exactly(tiny_dataset, tmp_path):
+  """LLaVA#1200 / #1437: a LoRA run killed mid-save resumes, and its losses are the uninterrupted
+  LoRA run's, bit for bit."""
+  full, split = str(tmp_path / "full"), str(tmp_path / "split")
+  subprocess.run(_command(tiny_dataset, full, STEPS, **LORA), env=_env(2), check=True, timeout=300, capture_output=True)
+  proc = _start_and_wait(_command(tiny_dataset, split, STEPS, **LORA), split, losses=3)
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate(timeout=240)
+  assert max(logged_losses(split)) < STEPS
+  subprocess.run(_command(tiny_dataset, split, STEPS, **LORA), env=_env(2), check=True, timeout=300, capture_output=True)
+  assert logged_losses(split) == logged_losses(full)
+  from ee_mllm_jax import loading  # pylint: disable=g-import-not-at-top
+  assert loading.read_run_config(full)["model"]["llm"]["lora"]["rank"] == 4  # the adapters' settings travel
+
 def _descendants(pid: int) -> set[int]:
   out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True, check=True).stdout
   children: dict[int, list[int]] = {}

@@ -167,13 +167,28 @@ def image_processor_config(cfg: ModelConfig, image_preprocess: str) -> dict:
 
 def export_hf(cfg: ModelConfig, params: Mapping[str, Any], out_dir: str, *, tokenizer_json: str,
               template: str = "vicuna_v1", system_prompt: str | None = None, image_preprocess: str = "pad",
-              dtype=None, max_shard_bytes: int = 5 << 30, overwrite: bool = False) -> str:
+              dtype=None, max_shard_bytes: int = 5 << 30, overwrite: bool = False, peft_dir: str | None = None) -> str:
   """Writes the LLaVA directory for in-memory `params`; returns `out_dir`. A non-empty `out_dir`
-  is refused unless `overwrite` (then weight files and indices it does not write are removed)."""
+  is refused unless `overwrite` (then weight files and indices it does not write are removed).
+  LoRA adapters (`cfg.llm.lora`) are merged into their kernels: the directory is the plain model;
+  with `peft_dir` they are written there instead, as a PEFT adapter over `out_dir`'s base."""
   import tokenizers  # pylint: disable=g-import-not-at-top
+
+  from ee_mllm_jax import lora  # pylint: disable=g-import-not-at-top
+  from ee_mllm_jax import params as params_lib  # pylint: disable=g-import-not-at-top
+  from ee_mllm_jax.convert import peft_adapter  # pylint: disable=g-import-not-at-top
 
   from ee_mllm_jax.data import text as text_lib  # pylint: disable=g-import-not-at-top
 
+  if cfg.llm.lora is not None:
+    if peft_dir:
+      peft_adapter.write_adapter(cfg, params, peft_dir, base_model=os.path.abspath(out_dir), dtype=dtype)
+      params = params_lib.unflatten({k: v for k, v in params_lib.flatten(params).items() if not lora.is_adapter(k)})
+    else:
+      params = lora.merge(params, cfg.llm.lora.scale)
+    cfg = cfg.replace(llm=cfg.llm.replace(lora=None))
+  elif peft_dir:
+    raise ExportError("--peft writes LoRA adapters, and this model has none")
   tokenizer_json, image_id = _with_image_token(tokenizer_json, cfg.llm.vocab_size)
   tok = tokenizers.Tokenizer.from_str(tokenizer_json)
   end_of_turn = text_lib.ChatTemplate(template).end_of_turn
@@ -262,10 +277,13 @@ def main(argv=None):
   parser.add_argument("--dtype", default=None, help="dtype written (default: the parameters'), e.g. bfloat16 / bf16")
   parser.add_argument("--max_shard_gb", type=float, default=5.0)
   parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+  parser.add_argument("--peft", default=None, help="LoRA runs: write the adapters to this PEFT adapter directory "
+                      "and the unmerged base to --out (default: merge them into --out)")
   args = parser.parse_args(argv)
   try:
     out = export_checkpoint(args.checkpoint, args.out, dtype=_dtype(args.dtype) if args.dtype else None,
-                            max_shard_bytes=int(args.max_shard_gb * (1 << 30)), overwrite=args.overwrite)
+                            max_shard_bytes=int(args.max_shard_gb * (1 << 30)), overwrite=args.overwrite,
+                            peft_dir=args.peft)
   except (ExportError, FileNotFoundError) as e:  # user errors: one line, exit 1
     sys.exit(f"error: {e}")
   print(f"wrote {out}")

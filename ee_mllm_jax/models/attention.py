@@ -34,7 +34,7 @@ class Attention(nn.Module):
 
   def setup(self):
     c = self.cfg
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=c.lora)
     self.q_proj = Linear((c.width,), (c.num_heads, c.head_dim), ("embed", "heads", "head_dim"),
                          use_bias=c.qkv_bias, **kw)
     self.k_proj = Linear((c.width,), (c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"),

@@ -30,6 +30,8 @@ the latents attend to [media; latents] and adds an FFN (4 x E); a final LayerNor
 
 from __future__ import annotations
 
+import typing
+
 import flax.linen as nn
 import flax.struct
 import jax
@@ -88,11 +90,13 @@ class FeedForward(nn.Module):
   eps: float = 1e-5
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  lora: typing.Any = None  # config.LoRA or None (see layers.Linear)
 
   @nn.compact
   def __call__(self, x):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = LayerNorm(self.eps, name="norm", **kw)(x)
+    kw["lora"] = self.lora
     h = jax.nn.gelu(Linear((self.width,), (self.mlp_dim,), ("embed", "mlp"), name="up_proj", **kw)(h),
                     approximate=self.activation == "gelu_tanh")
     return Linear((self.mlp_dim,), (self.width,), ("mlp", "embed"), name="down_proj", **kw)(h)
@@ -123,8 +127,8 @@ class GatedCrossBlock(nn.Module):
     c, x, kw = self.cfg, self.cross, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.norm = LayerNorm(**kw)
     self.q_proj, self.k_proj, self.v_proj, self.o_proj = _projections(
-        c.width, self.media_dim, *x.attention_shape(c.num_heads, c.head_dim), kw)
-    self.ffn = FeedForward(c.width, x.ffn_mult * c.width, x.ffn_activation, **kw)
+        c.width, self.media_dim, *x.attention_shape(c.num_heads, c.head_dim), dict(kw, lora=c.lora))
+    self.ffn = FeedForward(c.width, x.ffn_mult * c.width, x.ffn_activation, lora=c.lora, **kw)
     gate = lambda name: self.param(name, logical(nn.initializers.zeros, ()), (), self.param_dtype)
     self.attn_gate, self.ff_gate = gate("attn_gate"), gate("ff_gate")
 
@@ -158,12 +162,13 @@ class ResamplerLayer(nn.Module):
   def __call__(self, latents, media):
     c, x, kw = self.cfg, self.cross, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     q_proj, k_proj, v_proj, o_proj = _projections(self.width, self.width, *x.attention_shape(c.num_heads, c.head_dim),
-                                                  kw, named=True)
+                                                  dict(kw, lora=c.lora), named=True)
     h_m, h_l = LayerNorm(name="media_norm", **kw)(media), LayerNorm(name="latent_norm", **kw)(latents)
     both = jnp.concatenate([h_m, h_l], axis=1)
     latents = latents + o_proj(attend(q_proj(h_l), k_proj(both), v_proj(both), impl=c.attention_impl,
                                       block=c.attention_block))
-    return latents + FeedForward(self.width, 4 * self.width, x.ffn_activation, name="ffn", **kw)(latents), None
+    ffn = FeedForward(self.width, 4 * self.width, x.ffn_activation, name="ffn", lora=c.lora, **kw)
+    return latents + ffn(latents), None
 
 
 class PerceiverResampler(nn.Module):

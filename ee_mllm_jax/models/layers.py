@@ -6,6 +6,8 @@ Every parameter carries logical axis names (see `ee_mllm_jax.sharding`): `embed`
 
 from __future__ import annotations
 
+import re
+import typing
 from typing import Sequence
 
 import flax.linen as nn
@@ -25,6 +27,9 @@ class Linear(nn.Module):
 
   `in_shape`/`features` are kept as tuples so that attention projections hold their natural
   (D, N, H) / (N, H, D) kernels, which makes sharding by head and HF conversion direct.
+  With `lora` (a config.LoRA) whose `targets` match this projection's path, it also holds
+  adapters `lora_a` (in_shape + (r,)) and `lora_b` ((r,) + features) and adds
+  `scale * dropout(x) . lora_a . lora_b`.
   """
 
   in_shape: tuple[int, ...]
@@ -34,6 +39,7 @@ class Linear(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernel_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
+  lora: typing.Any = None  # config.LoRA or None
 
   def setup(self):
     self.kernel = self.param("kernel", logical(self.kernel_init, self.names),
@@ -41,28 +47,45 @@ class Linear(nn.Module):
     if self.use_bias:
       self.bias = self.param("bias", logical(nn.initializers.zeros, self.names[len(self.in_shape):]),
                              self.features, self.param_dtype)
+    # Adapters exist where the parameters hold them; init creates them where `lora.targets` match
+    # (a view over a stacked layer axis runs under another path, so apply never matches paths).
+    self.adapted = self.has_variable("params", "lora_a") or (
+        self.lora is not None and self.is_initializing() and re.match(self.lora.targets, "/".join(self.path)))
+    if self.adapted:
+      if self.lora is None:
+        raise ValueError(f"{'/'.join(self.path)} holds LoRA adapters but the config has no `lora`: set "
+                         "llm.lora as in training, or merge the adapters (ee_mllm_jax.lora.merge)")
+      n_in, r = len(self.in_shape), self.lora.rank
+      a_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=tuple(range(n_in)), out_axis=-1)
+      self.lora_a = self.param("lora_a", logical(a_init, self.names[:n_in] + (None,)), self.in_shape + (r,),
+                               self.param_dtype)
+      self.lora_b = self.param("lora_b", logical(nn.initializers.zeros, (None,) + self.names[n_in:]),
+                               (r,) + self.features, self.param_dtype)
 
   def __call__(self, x):
-    return self._project(x, self.kernel.astype(self.dtype))
+    y = self._project(x, self.kernel.astype(self.dtype))
+    return y + self._adapter(x, self.lora_a) if self.adapted else y
 
   def repeated_input(self, x, repeats: int):
     """Equals `self(jnp.repeat(x, repeats, axis=-len(in_shape)))`: the first input axis of x
     holds in_shape[0] / repeats entries, each feeding `repeats` consecutive kernel rows. The
-    kernel rows are summed instead of repeating x, which costs `repeats` times less (e.g. GQA:
-    o_proj applied to values, each kv head read by G query heads). A wrapped projection (LoRA,
-    quantisation) overrides this together with __call__."""
+    kernel rows (and lora_a's) are summed instead of repeating x, which costs `repeats` times
+    less (e.g. GQA: o_proj applied to values, each kv head read by G query heads)."""
     if repeats == 1:  # nothing to fold: no reshaped/summed copy of the kernel
       return self(x)
     n0 = self.in_shape[0]
     if n0 % repeats:
       raise ValueError(f"input axis of {n0} does not split into groups of {repeats}")
 
+    def fold(w):
+      return w.reshape((n0 // repeats, repeats) + w.shape[1:]).sum(1)
+
     def folded(x, kernel):
-      kernel = kernel.astype(self.dtype)
-      return self._project(x, kernel.reshape((n0 // repeats, repeats) + kernel.shape[1:]).sum(1))
+      return self._project(x, fold(kernel.astype(self.dtype)))
 
     # Recomputed in the backward pass, so the folded kernel is not one more saved residual per layer.
-    return jax.checkpoint(folded)(x, self.kernel)
+    y = jax.checkpoint(folded)(x, self.kernel)
+    return y + self._adapter(x, fold(self.lora_a)) if self.adapted else y
 
   def _project(self, x, kernel):
     n_in, n_out = len(self.in_shape), len(self.features)
@@ -71,6 +94,18 @@ class Linear(nn.Module):
     if self.use_bias:
       y = y + self.bias.astype(self.dtype).reshape((1,) * (y.ndim - n_out) + self.features)
     return y
+
+  def _adapter(self, x, lora_a):
+    """scale * dropout(x) . lora_a . lora_b (lora_a folded by `repeated_input` where it is)."""
+    x = x.astype(self.dtype)
+    if self.lora.dropout > 0 and self.has_rng("dropout"):
+      keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.lora.dropout, x.shape)
+      x = jnp.where(keep, x / (1.0 - self.lora.dropout), 0).astype(self.dtype)
+    n_in = lora_a.ndim - 1
+    h = jax.lax.dot_general(x, lora_a.astype(self.dtype), ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))),
+                                                          ((), ())))
+    y = jax.lax.dot_general(h, self.lora_b.astype(self.dtype), (((h.ndim - 1,), (0,)), ((), ())))
+    return (self.lora.scale * y).astype(self.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -157,10 +192,11 @@ class SwiGLU(nn.Module):
   mlp_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  lora: typing.Any = None  # config.LoRA or None (see Linear)
 
   @nn.compact
   def __call__(self, x):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
     up = lambda name: Linear((self.width,), (self.mlp_dim,), ("embed", "mlp"), name=name, **kw)
     h = jax.nn.silu(up("gate_proj")(x)) * up("up_proj")(x)
     h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))

@@ -104,7 +104,7 @@ class DecoderLayer(nn.Module):
     self.self_attn = Attention(c, self.mode, **kw)
     self.input_layernorm = RMSNorm(c.rms_norm_eps, **kw)
     self.post_attention_layernorm = RMSNorm(c.rms_norm_eps, **kw)
-    self.mlp = SwiGLU(c.width, c.mlp_dim, **kw)
+    self.mlp = SwiGLU(c.width, c.mlp_dim, lora=c.lora, **kw)
 
   def __call__(self, carry, layer, ctx):
     """The scanned step: `layer` is this layer's index in the stack (extend phase only)."""
@@ -314,7 +314,7 @@ class LLM(nn.Module):
       nn.share_scope(self, self.cross_groups)  # it reads `layers/` and `cross/`
     self.norm = RMSNorm(c.rms_norm_eps, **kw)
     if not c.tie_embeddings:
-      self.lm_head = Linear((c.width,), (c.vocab_size,), ("embed", "vocab"), **kw)
+      self.lm_head = Linear((c.width,), (c.vocab_size,), ("embed", "vocab"), lora=c.lora, **kw)
 
   def embed(self, input_ids):
     return self.embed_tokens(input_ids)
