@@ -23,6 +23,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_DATA = dict(seed=0, num_train=96, num_val=16, image_size=32, vocab_size=384, max_turns=1)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Each compiled XLA:CPU program holds ~7 memory mappings until its cache entry goes; the suite
+  compiles thousands, and a process past vm.max_map_count (65530) segfaults in whatever maps next
+  (seen in the compilation cache's write). Programs are released after each test module (shared
+  ones come back from the persistent cache)."""
+  yield
+  import gc  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.clear_caches()
+  gc.collect()
+
 def demo_config():
   """configs/demo.py's get_config(), the experiment every trainer test starts from."""
   from ee_mllm_jax import experiment  # pylint: disable=g-import-not-at-top
