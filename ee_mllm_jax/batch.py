@@ -205,6 +205,9 @@ def validate(batch: Mapping[str, Any], cfg=None, *, keys: Sequence[str] = MODEL_
     if p is None and sizes["I"] and sizes["IP"] % sizes["I"]:
       raise BatchError(f"batch['visual_positions'] has {sizes['IP']} columns, not a multiple of the "
                        f"{sizes['I']} image slots")
+  if sizes.get("I") == 0 and cfg is not None and not cfg.mode.visual_in_decoder:
+    raise BatchError("a batch without image slots (I = 0) runs in self and composite mode; cross mode's blocks "
+                     "need at least one slot (an invalid one: image_valid False)")
   return sizes
 
 
@@ -269,10 +272,10 @@ def check_distinct_positions(batch: Mapping[str, Any]):
 def visual_valid(image_valid, visual_len: int):
   """(B, I) image validity -> (B, I*P) validity of each visual token (numpy or jax)."""
   i = image_valid.shape[1]
-  if i == 0 or visual_len % i:
+  if (i == 0 and visual_len) or (i and visual_len % i):
     raise BatchError(f"{visual_len} visual tokens do not split over {i} image slots")
   xp = jnp if isinstance(image_valid, jax.Array) else np
-  return xp.repeat(image_valid, visual_len // i, axis=1)
+  return xp.repeat(image_valid, visual_len // i if i else 0, axis=1)  # i = 0: a text-only batch, (B, 0)
 
 
 def prefill_slots(cfg, batch: Mapping[str, Any]) -> int:

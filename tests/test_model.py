@@ -167,3 +167,20 @@ def test_jit_and_grad_are_finite(dtype, attention):
   flat = jax.tree_util.tree_flatten_with_path(grads)[0]
   zero = [jax.tree_util.keystr(k) for k, g in flat if not bool(jnp.any(g != 0))]
   assert zero == ["['vision']['post_layernorm']['bias']", "['vision']['post_layernorm']['scale']"], zero
+
+
+@pytest.mark.parametrize("mode", ["self", "composite"])
+def test_a_batch_without_image_slots_equals_one_with_an_invalid_slot(mode):
+  """Text-only batches (data.max_images = 0) need no image slot: the logits are those of the same
+  rows with one slot whose image is invalid. Cross mode refuses them by name."""
+  cfg = eem.ModelConfig.preset("tiny").replace(**({"attention": "self"} if mode == "self" else
+                                                  {"attention": "composite", "visual_ffn": False}))
+  one = make_batch(cfg, [[5], [7]], max_images=1)
+  none = dict(one, pixel_values=one["pixel_values"][:, :0], image_valid=one["image_valid"][:, :0],
+              visual_positions=one["visual_positions"][:, :0])
+  params = init_params(cfg)
+  want, got = np.asarray(forward(cfg, params, one)), np.asarray(forward(cfg, params, none))
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.max(np.abs(want)))  # summation order only
+  cross = eem.ModelConfig.preset("tiny").replace(attention="cross", cross_every=1)
+  with pytest.raises(eem.batch.BatchError, match="cross mode's blocks need at least one slot"):
+    eem.batch.validate(none, cross)

@@ -50,7 +50,7 @@ class EEMLLM(nn.Module):
       feats = self.vision(images)
     if self.cfg.has_projector:
       feats = self.projector(feats)
-    return feats.reshape(b, i * feats.shape[1], -1)
+    return feats.reshape(b, i * feats.shape[1], feats.shape[-1])  # explicit: i = 0 (text-only batches) has no -1
 
   def _checked(self, pixel_values, image_valid, input_ids, text_positions, text_valid, visual_positions):
     """Validates the inputs against the batch contract; -> what the decoder reads of the images:
