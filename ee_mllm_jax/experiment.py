@@ -119,9 +119,9 @@ def data_config(config, model_cfg: ModelConfig, synthetic=None) -> data_lib.Data
       raise ConfigError(f"init_from.llm_path {init_from['llm_path']!r} has no tokenizer.json, the run's tokenizer: "
                         "write one with transformers' AutoTokenizer.from_pretrained(dir).save_pretrained(dir), "
                         "or set data.tokenizer_file")
-  if synthetic is not None:
+  if synthetic is not None:  # its images sit beside its records (a real-data recipe's image_dir does not apply)
     fields.update(train_file=synthetic.train_file, val_file=synthetic.val_file,
-                  tokenizer_file=synthetic.tokenizer_file)
+                  tokenizer_file=synthetic.tokenizer_file, image_dir=None)
   if "buckets" in fields:
     fields["buckets"] = tuple(fields["buckets"])
   return data_lib.DataConfig.for_model(model_cfg, **fields)
