@@ -187,8 +187,9 @@ def largest_batch(peak_at, budget: float, start: int, limit: int = 4096) -> int:
   peaks taken to grow with b. From `start`, doubling (halving when it does not fit) until a batch
   that fits and one that does not bracket the answer, then bisection. A step's memory is close to
   affine in the batch, so once two batches are known the next probe is where the straight line
-  through them meets the budget (two probes find it when it is affine), with a midpoint probe
-  after two such probes that did not halve the bracket."""
+  through them meets the budget (two probes find it when it is affine; before the bracket, at most
+  8x up and at least halving down), with a midpoint probe after two such probes that did not
+  halve the bracket."""
   seen = {}
 
   def fits(b):
@@ -211,8 +212,9 @@ def largest_batch(peak_at, budget: float, start: int, limit: int = 4096) -> int:
     if hi is None:  # all fit so far: double, or extrapolate from the two largest
       x = crossing(*sorted(seen)[-2:]) if len(seen) > 1 else 2 * lo
       b, how = int(min(max(x + 1, lo + 1), 8 * lo, limit)), "extrapolate"
-    elif lo == 0:  # none fits so far: halve
-      b, how = hi // 2, "halve"
+    elif lo == 0:  # none fits so far: halve, or less where the two smallest extrapolate lower
+      x = crossing(*sorted(seen)[:2]) if len(seen) > 1 else math.inf
+      b, how = int(max(min(x, hi // 2), 1)), "halve"
     elif slow >= 2:
       b, how, slow = (lo + hi) // 2, "midpoint", 0
     else:
