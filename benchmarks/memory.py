@@ -8,9 +8,10 @@ presets can be measured on a CPU, for one device or per device of a mesh.
     python benchmarks/memory.py --prefill_visual 2880,11520        # prefill, xla vs chunked attention
 
 The memory table (one row per recipe x mesh; per-device peak at LLaVA's published batch and the
-largest per-device batch that fits each budget):
+largest per-device batch that fits each budget; `auto` is the attention train.py runs, which on
+a CPU is the "blocked" kernel at these lengths, on a GPU cuDNN's fused one):
 
-    python benchmarks/memory.py --no_licm --remat full --attention_impl xla --text_len 2048 \
+    python benchmarks/memory.py --no_licm --remat full --attention_impl auto --text_len 2048 \
       --config configs/llava15_7b_stage1.py:self configs/llava15_7b_stage1.py:composite \
       --mesh 1 fsdp=8 --batch 32 --fit 24,40,80 --markdown          # stage 2: its configs, --batch 16
 
