@@ -211,7 +211,7 @@ def largest_batch(peak_at, budget: float, start: int, limit: int = 4096) -> int:
     if hi is not None and hi - lo <= 1 or hi is None and lo >= limit:
       return lo
     if hi is None:  # all fit so far: double, or extrapolate from the two largest
-      x = crossing(*sorted(seen)[-2:]) if len(seen) > 1 else 2 * lo
+      x = crossing(*sorted(seen)[-2:]) if len(seen) > 1 else 2 * lo - 1  # (probes x + 1)
       b, how = int(min(max(x + 1, lo + 1), 8 * lo, limit)), "extrapolate"
     elif lo == 0:  # none fits so far: halve, or less where the two smallest extrapolate lower
       x = crossing(*sorted(seen)[:2]) if len(seen) > 1 else math.inf
