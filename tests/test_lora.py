@@ -242,6 +242,24 @@ def test_a_lora_run_trains_exports_merged_and_reloads(tiny_dataset, tmp_path):
   assert set(params_lib.flatten(exported)) == set(merged)
   for k, v in params_lib.flatten(exported).items():
     np.testing.assert_array_equal(np.asarray(v), np.asarray(merged[k], np.float32), err_msg=k)
+  # PEFT's own reading of the adapter directory over the unmerged base merges to the same weights.
+  peft = pytest.importorskip("peft")
+  transformers = pytest.importorskip("transformers")
+  base_dir, adapter_dir = str(tmp_path / "base"), str(tmp_path / "adapter")
+  export_lib.main(["--checkpoint", workdir, "--out", base_dir, "--peft", adapter_dir])
+  base_cfg, base = load_hf_llava(base_dir)
+  assert base_cfg.llm.lora is None
+  unmerged = {k: v for k, v in params_lib.flatten(params).items() if not lora.is_adapter(k)}
+  for k, v in params_lib.flatten(base).items():
+    np.testing.assert_array_equal(np.asarray(v), np.asarray(unmerged[k], np.float32), err_msg=k)
+  model = peft.PeftModel.from_pretrained(transformers.LlavaForConditionalGeneration.from_pretrained(base_dir),
+                                         adapter_dir).merge_and_unload()
+  want = transformers.LlavaForConditionalGeneration.from_pretrained(out).state_dict()
+  got = model.state_dict()
+  assert set(got) == set(want)
+  for k, v in want.items():
+    scale = max(float(v.abs().max()), 1e-6)
+    assert float((got[k] - v).abs().max()) <= 1e-6 * scale, k
 
 
 def test_group_dtypes_round_trip_through_orbax_and_an_older_float32_checkpoint_restores_cast(tmp_path):
@@ -273,24 +291,6 @@ def test_group_dtypes_round_trip_through_orbax_and_an_older_float32_checkpoint_r
   for k, v in params_lib.flatten(restored["params"]).items():
     want = params_lib.flatten(older["params"])[k]
     np.testing.assert_array_equal(v, want.astype(v.dtype), err_msg=k)
-  # PEFT's own reading of the adapter directory over the unmerged base merges to the same weights.
-  peft = pytest.importorskip("peft")
-  transformers = pytest.importorskip("transformers")
-  base_dir, adapter_dir = str(tmp_path / "base"), str(tmp_path / "adapter")
-  export_lib.main(["--checkpoint", workdir, "--out", base_dir, "--peft", adapter_dir])
-  base_cfg, base = load_hf_llava(base_dir)
-  assert base_cfg.llm.lora is None
-  unmerged = {k: v for k, v in params_lib.flatten(params).items() if not lora.is_adapter(k)}
-  for k, v in params_lib.flatten(base).items():
-    np.testing.assert_array_equal(np.asarray(v), np.asarray(unmerged[k], np.float32), err_msg=k)
-  model = peft.PeftModel.from_pretrained(transformers.LlavaForConditionalGeneration.from_pretrained(base_dir),
-                                         adapter_dir).merge_and_unload()
-  want = transformers.LlavaForConditionalGeneration.from_pretrained(out).state_dict()
-  got = model.state_dict()
-  assert set(got) == set(want)
-  for k, v in want.items():
-    scale = max(float(v.abs().max()), 1e-6)
-    assert float((got[k] - v).abs().max()) <= 1e-6 * scale, k
 
 
 @pytest.mark.slow

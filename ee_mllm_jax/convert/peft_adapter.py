@@ -6,7 +6,7 @@
 
 `target_modules` lists the adapted modules by their full HF names (one per layer), so PEFT adapts
 exactly those (a bare "q_proj" would also match the vision tower's). The HF module of an adapted
-projection is its kernel's HF tensor name without ".weight" (`convert/names.py`); the input and
+projection is its kernel's HF tensor (`convert/names.py`) under transformers 5's module path; the input and
 output axes flatten as the kernel's do (heads-major), so `W + (alpha/r) B A` in PyTorch is our merge.
 """
 
@@ -23,6 +23,17 @@ from ee_mllm_jax.convert import names, safetensors_io
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Checkpoint prefixes (as transformers 5 writes a LLaVA) -> its module paths, which PEFT names.
+MODULE_PREFIXES = {"language_model.model.": "model.language_model.", "language_model.lm_head.": "lm_head.",
+                   "vision_tower.": "model.vision_tower.", "multi_modal_projector.": "model.multi_modal_projector."}
+
+
+def module_name(tensor: str) -> str:
+  """A weight's checkpoint name -> the module that holds it in LlavaForConditionalGeneration."""
+  for prefix, module in MODULE_PREFIXES.items():
+    if tensor.startswith(prefix):
+      return module + tensor[len(prefix):-len(".weight")]
+  raise ValueError(f"{tensor}: no LLaVA module prefix ({sorted(MODULE_PREFIXES)})")
 
 
 def write_adapter(cfg: ModelConfig, params: Mapping[str, Any], out_dir: str, *, base_model: str = "",
@@ -43,7 +54,7 @@ def write_adapter(cfg: ModelConfig, params: Mapping[str, Any], out_dir: str, *, 
     layers = range(a.shape[0]) if "{i}" in hf_name else [None]
     for i in layers:
       a_i, b_i = (a[i], b[i]) if i is not None else (a, b)
-      module = hf_name[:-len(".weight")].format(i=i)
+      module = module_name(hf_name.format(i=i))
       modules.append(module)
       r = a_i.shape[-1]
       for suffix, value in (("lora_A", a_i.reshape(-1, r).T), ("lora_B", b_i.reshape(r, -1).T)):
