@@ -6,7 +6,7 @@ The state is a plain dict, so Orbax saves it and `jax.tree` maps it:
     params     nested dict         all parameters: the trainable ones in the model's param_dtype
                                    (float32 masters by default), the frozen ones in its compute
                                    dtype (`cast_frozen`: only read, so bf16 training holds the
-                                   frozen 7B LLM in 13.5 GB, not 27)
+                                   frozen 7B LLM in 13.2 GiB, not 26.3)
     opt_state  optax state         over the *trainable* parameters only
     rng        (2,) uint32         base key; step k uses fold_in(rng, k)
 
