@@ -30,6 +30,11 @@ def adapters(params: dict[str, Any]) -> dict[str, Any]:
   return {k[:-len("/lora_a")]: (v, flat[k[:-1] + "b"]) for k, v in flat.items() if k.endswith("/lora_a")}
 
 
+def without_adapters(params: dict[str, Any]) -> dict[str, Any]:
+  """The parameters less every adapter leaf (the base the adapters were trained over)."""
+  return params_lib.unflatten({k: v for k, v in params_lib.flatten(params).items() if not is_adapter(k)})
+
+
 def delta(lora_a: jax.Array, lora_b: jax.Array, kernel_ndim: int, scale: float) -> jax.Array:
   """scale * A B in the kernel's layout, float32: A (stack..., in..., r), B (stack..., r, out...)."""
   stack = lora_a.ndim + lora_b.ndim - kernel_ndim - 2
@@ -42,9 +47,8 @@ def delta(lora_a: jax.Array, lora_b: jax.Array, kernel_ndim: int, scale: float) 
 def merge(params: dict[str, Any], scale: float) -> dict[str, Any]:
   """The parameters with every adapter folded into its kernel (in float32, then the kernel's dtype)
   and the adapter leaves gone: the plain model's parameters."""
-  flat = params_lib.flatten(params)
-  out = {k: v for k, v in flat.items() if not is_adapter(k)}
+  out = params_lib.flatten(without_adapters(params))
   for path, (a, b) in adapters(params).items():
-    kernel = flat[path + "/kernel"]
+    kernel = out[path + "/kernel"]
     out[path + "/kernel"] = (kernel.astype(jnp.float32) + delta(a, b, kernel.ndim, scale)).astype(kernel.dtype)
   return params_lib.unflatten(out)

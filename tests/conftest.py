@@ -51,16 +51,20 @@ def tiny_overrides(dataset: str, workdir: str, steps: int) -> dict:
                  "data.buckets": (32,), "checkpoint.every_steps": 1, "checkpoint.keep": 2})
 
 
-def tiny_config(dataset: str, workdir: str, steps: int, **overrides):
-  """configs/demo.py with `tiny_overrides` and then `overrides` ({"optim.learning_rate": ...})."""
-  config = demo_config()
-  for key, value in {**tiny_overrides(dataset, workdir, steps), **overrides}.items():
+def set_overrides(config, overrides: dict):
+  """Sets flat dotted keys ({"optim.learning_rate": ...}) on an experiment config; returns it."""
+  for key, value in overrides.items():
     node = config
     *parents, leaf = key.split(".")
     for p in parents:
       node = node[p]
     node[leaf] = value
   return config
+
+
+def tiny_config(dataset: str, workdir: str, steps: int, **overrides):
+  """configs/demo.py with `tiny_overrides` and then `overrides` ({"optim.learning_rate": ...})."""
+  return set_overrides(demo_config(), {**tiny_overrides(dataset, workdir, steps), **overrides})
 
 
 def logged_losses(workdir: str) -> dict[int, float]:

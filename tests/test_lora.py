@@ -249,7 +249,7 @@ def test_a_lora_run_trains_exports_merged_and_reloads(tiny_dataset, tmp_path):
   export_lib.main(["--checkpoint", workdir, "--out", base_dir, "--peft", adapter_dir])
   base_cfg, base = load_hf_llava(base_dir)
   assert base_cfg.llm.lora is None
-  unmerged = {k: v for k, v in params_lib.flatten(params).items() if not lora.is_adapter(k)}
+  unmerged = params_lib.flatten(lora.without_adapters(params))
   for k, v in params_lib.flatten(base).items():
     np.testing.assert_array_equal(np.asarray(v), np.asarray(unmerged[k], np.float32), err_msg=k)
   model = peft.PeftModel.from_pretrained(transformers.LlavaForConditionalGeneration.from_pretrained(base_dir),
@@ -298,21 +298,15 @@ def test_the_llava_lora_recipe_trains_the_tiny_preset(tiny_dataset, tmp_path):
   """configs/llava15_7b_lora.py as published (rank 128, alpha 256, dropout 0.05, lr 2e-4, projector
   2e-5, bf16, remat), only shrunk to the tiny preset and the synthetic set, trains end to end."""
   import json  # pylint: disable=g-import-not-at-top
-  from conftest import ROOT, TINY_DATA, logged_losses, tiny_overrides  # pylint: disable=g-import-not-at-top
+  from conftest import ROOT, TINY_DATA, logged_losses, set_overrides, tiny_overrides  # pylint: disable=g-import-not-at-top
   from ee_mllm_jax import experiment, loading  # pylint: disable=g-import-not-at-top
   from ee_mllm_jax.train import loop  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, ROOT)  # the recipe imports configs.*
   config = experiment.load_config_file(os.path.join(ROOT, "configs", "llava15_7b_lora.py"))
-  overrides = {**tiny_overrides(tiny_dataset, str(tmp_path), 2), "init_from.path": "", "steps": 2,
-               "data.tokenizer_file": "", "data.worker_count": 0, "data.buckets": (128,)}
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  set_overrides(config, {**tiny_overrides(tiny_dataset, str(tmp_path), 2), "init_from.path": "", "steps": 2,
+                         "data.tokenizer_file": "", "data.worker_count": 0, "data.buckets": (128,)})
   assert config.model.llm.lora.rank == 128 and config.optim.group_learning_rates == (("projector/", 2e-5),)
   loop.train(config)
   cfg, params = loading.load_model(str(tmp_path))

@@ -175,15 +175,13 @@ def export_hf(cfg: ModelConfig, params: Mapping[str, Any], out_dir: str, *, toke
   import tokenizers  # pylint: disable=g-import-not-at-top
 
   from ee_mllm_jax import lora  # pylint: disable=g-import-not-at-top
-  from ee_mllm_jax import params as params_lib  # pylint: disable=g-import-not-at-top
   from ee_mllm_jax.convert import peft_adapter  # pylint: disable=g-import-not-at-top
-
   from ee_mllm_jax.data import text as text_lib  # pylint: disable=g-import-not-at-top
 
   if cfg.llm.lora is not None:
     if peft_dir:
       peft_adapter.write_adapter(cfg, params, peft_dir, base_model=os.path.abspath(out_dir), dtype=dtype)
-      params = params_lib.unflatten({k: v for k, v in params_lib.flatten(params).items() if not lora.is_adapter(k)})
+      params = lora.without_adapters(params)
     else:
       params = lora.merge(params, cfg.llm.lora.scale)
     cfg = cfg.replace(llm=cfg.llm.replace(lora=None))
