@@ -21,7 +21,12 @@ tokens: a stream slot past its row's own count points at a scratch row Z that is
 A layer schedule (`composite_from_layer=n`) runs layers [0, n) as ordinary self-attention layers in
 the same loop: the queries are every row, q = rope(q_proj(h)), the mask causal over all Z, and the
 output updates both streams (no aligner); the FFN runs on visual rows too. Keys/values and the
-cache are written alike in both kinds of layer.
+cache are written alike in both kinds of layer. Self mode is the schedule with every layer self.
+
+FastV (`torch/reduction.py`): layer K-1 also scores the visual rows; from layer K the layers
+compute the rows [kept visual; text] only (`_Compact`, a smaller V'), their keys are the only
+keys of the prefill's attention, and the cache receives them at their sequence slots (zeros at
+the dropped ones, which the cache marks invalid for layers >= K in every later step).
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
 
-from ee_mllm_jax.mode import Composite
+from ee_mllm_jax.mode import Composite, Mode
+from ee_mllm_jax.torch import reduction
 
 SUPPORTED_DECODERS = ("llama", "qwen2")
 
@@ -53,11 +59,12 @@ def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def _interleave(length: int, *streams: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-  """(index (B, T or V), rows (B, T or V, D)) pairs -> (B, length, D) with each row at its index (scratch dropped)."""
+  """(index (B, T or V), rows (B, T or V, D)) pairs -> (B, length, D) with each row at its index (scratch
+  dropped; a row no stream fills, a visual token FastV dropped, is zero)."""
   first = streams[0][1]
-  out = first.new_empty((first.shape[0], length + 1, first.shape[2]))
+  out = first.new_zeros((first.shape[0], length + 1) + first.shape[2:])
   for index, rows in streams:
-    out.scatter_(1, index[..., None].expand(rows.shape), rows)
+    out.scatter_(1, index.view(index.shape + (1,) * (rows.dim() - 2)).expand(rows.shape), rows)
   return out[:, :length]
 
 
@@ -65,8 +72,8 @@ def _expand_kv_heads(v: torch.Tensor, groups: int, head_dim: int) -> torch.Tenso
   """(B, V, K*H) values -> (B, V, N*H): query head n reads kv head n // groups (transformers' repeat_kv)."""
   if groups == 1:
     return v
-  b, r, _ = v.shape
-  return v.view(b, r, -1, 1, head_dim).expand(b, r, -1, groups, head_dim).reshape(b, r, -1)
+  b, r, width = v.shape
+  return v.view(b, r, width // head_dim, 1, head_dim).expand(b, r, -1, groups, head_dim).reshape(b, r, width * groups)
 
 
 def split_rows(is_visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,15 +89,18 @@ def split_rows(is_visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
           torch.where(slots[:v] < n_visual[:, None], visual_first, length))
 
 
-def _attention_mask(query_index: torch.Tensor, key_valid: torch.Tensor, impl: str, dtype) -> torch.Tensor:
-  """(B, 1, T, S) mask of queries (text rows, or every row in a self-attention layer) at sequence
-  indices query_index (B, T) over S keys: causal by index, padded keys out. A query always sees
-  itself, so that no row is empty (a padded query's output is discarded, as in transformers, but
-  must not be NaN)."""
-  keys = torch.arange(key_valid.shape[1], device=key_valid.device)
-  q = query_index[:, :, None]
-  allowed = (keys <= q) & (key_valid[:, None, :] | (keys == q))
-  allowed = allowed[:, None]
+def _allowed(query_index: torch.Tensor, key_valid: torch.Tensor, key_index: torch.Tensor | None = None) -> torch.Tensor:
+  """(B, 1, Q, S) bool: queries (text rows, or every row in a self-attention layer) at sequence
+  indices query_index (B, Q) over S keys at key_index (B, S) (default: keys 0..S-1 in sequence
+  order), causal by index, invalid keys out. A query always sees itself, so that no row is empty
+  (a padded query's output is discarded, as in transformers, but must not be NaN)."""
+  keys = torch.arange(key_valid.shape[1], device=key_valid.device)[None] if key_index is None else key_index
+  q, keys = query_index[:, :, None], keys[:, None, :]
+  return ((keys <= q) & (key_valid[:, None, :] | (keys == q)))[:, None]
+
+
+def _as_mask(allowed: torch.Tensor, impl: str, dtype) -> torch.Tensor:
+  """The `allowed` mask as the attention implementation takes it: boolean (sdpa), additive (eager)."""
   if impl == "sdpa":
     return allowed
   return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
@@ -108,13 +118,15 @@ def _attention_fn(impl: str) -> Callable:
 def composite_decoder(lm, inputs_embeds: torch.Tensor, is_visual: torch.Tensor, *,
                       attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                       cache: Cache | None = None, use_cache: bool | None = None,
-                      mode: Composite = Composite()) -> BaseModelOutputWithPast:
-  """`lm.forward` (a LlamaModel / Qwen2Model) in composite mode: inputs_embeds (B, Z, D), is_visual (B, Z),
+                      mode: Mode = Composite()) -> BaseModelOutputWithPast:
+  """`lm.forward` (a LlamaModel / Qwen2Model) in `mode`: inputs_embeds (B, Z, D), is_visual (B, Z),
   attention_mask (B, S) 1 = real token (S = cached + Z), position_ids (B, Z) (default: the sequence
-  index); `mode` (an `ee_mllm_jax.mode.Composite`) gives the layer schedule (layers before its
-  `from_layer` run self attention) and which layers run the visual FFN. Writes every token's keys/values
-  (visual included) to `cache` and returns the final-norm hidden states (B, Z, D); visual rows hold
-  their aligner-updated states."""
+  index). `mode` (an `ee_mllm_jax.mode.Mode`, self or composite) gives the layer schedule (layers
+  before a composite mode's `from_layer` run self attention), which layers run the visual FFN and
+  FastV (`torch/reduction.py`; a forward over an empty cache whose input holds visual tokens
+  prunes them after layer K-1). Writes every token's keys/values (visual included; zeros at the
+  slots FastV dropped, which the cache marks) to `cache` and returns the final-norm hidden states
+  (B, Z, D); visual rows hold their aligner-updated states (zeros where FastV dropped them)."""
   cfg = lm.config
   mode.validate(cfg.num_hidden_layers)
   kinds = [kind for kind, count in mode.schedule(cfg.num_hidden_layers) for _ in range(count)]
@@ -139,41 +151,92 @@ def composite_decoder(lm, inputs_embeds: torch.Tensor, is_visual: torch.Tensor, 
     raise ValueError(f"composite attention takes a 2D attention_mask (B, {past + length}), got {tuple(attention_mask.shape)}")
 
   text_index, visual_index = split_rows(is_visual)
+  prune = mode.fastv_layer if mode.fastv and visual_index.shape[1] else 0  # FastV: drop visual rows before it
+  if prune and past:
+    raise NotImplementedError("FastV prunes the visual tokens of a forward over an empty cache (a prompt with its "
+                              "images), not of images after cached tokens")
+  late = None if prune else reduction.late_key_valid(cache, key_valid)  # (K, validity) of a FastV-pruned cache
   impl = cfg._attn_implementation or "eager"
   attend = _attention_fn(impl)
-  mask = _attention_mask(text_index.clamp(max=length - 1) + past, key_valid, impl, inputs_embeds.dtype)
-  mask_every = None  # a self-attention layer's: every row is a query
-  if "self" in kinds:
-    mask_every = _attention_mask(torch.arange(length, device=device)[None].expand(b, length) + past, key_valid, impl,
-                                 inputs_embeds.dtype)
+  text_at, every_at = text_index.clamp(max=length - 1) + past, torch.arange(length, device=device)[None] + past
+  allowed = {(kind, lt): _allowed(text_at if kind == "composite" else every_at.expand(b, length), valid)
+             for kind in set(kinds) for lt, valid in ((False, key_valid), (True, late and late[1])) if valid is not None}
+  masks = {key: _as_mask(a, impl, inputs_embeds.dtype) for key, a in allowed.items()}
 
   cos, sin = lm.rotary_emb(inputs_embeds, position_ids=position_ids.expand(b, length))  # (B, Z, H)
   cos_t, sin_t = _gather(cos, text_index), _gather(sin, text_index)
   x_t, x_v = _gather(inputs_embeds, text_index), _gather(inputs_embeds, visual_index)
+  kept = None  # FastV, from layer `prune`: the compact rows [kept visual; text] (`_Compact`)
   for i, layer in enumerate(lm.layers[:cfg.num_hidden_layers]):
     visual_queries = kinds[i] == "self"  # a self-attention layer of the schedule
     attn = layer.self_attn
-    h_t = layer.input_layernorm(x_t)
-    h = _interleave(length, (text_index, h_t), (visual_index, layer.input_layernorm(x_v)))
-    k = _rope(attn.k_proj(h).view(b, length, -1, attn.head_dim).transpose(1, 2), cos, sin)  # (B, K, Z, H)
-    v_rows = attn.v_proj(h)  # (B, Z, K*H)
-    v = v_rows.view(b, length, -1, attn.head_dim).transpose(1, 2)  # (B, K, Z, H)
-    h_q, cos_q, sin_q, mask_q = (h, cos, sin, mask_every) if visual_queries else (h_t, cos_t, sin_t, mask)
-    rows = h_q.shape[1]  # Z or T
+    h_t, h_v = layer.input_layernorm(x_t), layer.input_layernorm(x_v)
+    if kept is None:  # every row, interleaved in sequence order (B, Z, D)
+      h, rows_cos, rows_sin = _interleave(length, (text_index, h_t), (visual_index, h_v)), cos, sin
+    else:
+      h, rows_cos, rows_sin = torch.cat([h_v, h_t], 1), kept.cos, kept.sin
+    k_rows = attn.k_proj(h).view(b, h.shape[1], -1, attn.head_dim)  # (B, rows, K, H)
+    v_rows = attn.v_proj(h)  # (B, rows, K*H)
+    k = _rope(k_rows.transpose(1, 2), rows_cos, rows_sin)  # (B, K, rows, H)
+    v = v_rows.view(b, h.shape[1], -1, attn.head_dim).transpose(1, 2)
+    h_q, cos_q, sin_q = (h, rows_cos, rows_sin) if visual_queries else (h_t, cos_t, sin_t)
+    rows = h_q.shape[1]
     q = _rope(attn.q_proj(h_q).view(b, rows, -1, attn.head_dim).transpose(1, 2), cos_q, sin_q)  # (B, N, rows, H)
-    if cache is not None:
-      k, v = cache.update(k, v, attn.layer_idx)
-    out, _ = attend(attn, q, k, v, mask_q, dropout=0.0, scaling=attn.scaling)  # (B, rows, N, H)
+    if kept is None:
+      if cache is not None:
+        k, v = cache.update(k, v, attn.layer_idx)
+      key = (kinds[i], late is not None and i >= late[0])
+      out, _ = attend(attn, q, k, v, masks[key], dropout=0.0, scaling=attn.scaling)  # (B, rows, N, H)
+    else:
+      if cache is not None:  # the cache keeps every slot in sequence order: zeros where dropped
+        cache.update(*(_interleave(length, (kept.index, a.transpose(1, 2))).transpose(1, 2) for a in (k, v)),
+                     attn.layer_idx)
+      out, _ = attend(attn, q, k, v, kept.masks[kinds[i]], dropout=0.0, scaling=attn.scaling)
     out = attn.o_proj(out.reshape(b, rows, -1))
     if visual_queries:
-      x_t, x_v = x_t + _gather(out, text_index), x_v + _gather(out, visual_index)
+      a_t, a_v = (_gather(out, text_index), _gather(out, visual_index)) if kept is None else (
+          out[:, x_v.shape[1]:], out[:, :x_v.shape[1]])
+      x_t, x_v = x_t + a_t, x_v + a_v
     else:
       x_t = x_t + out
       # Aligner: softmax over the single key a visual query may see is 1, so its output is its own value.
-      x_v = x_v + attn.o_proj(_expand_kv_heads(_gather(v_rows, visual_index), attn.num_key_value_groups,
-                                               attn.head_dim))
+      v_vis = _gather(v_rows, visual_index) if kept is None else v_rows[:, :x_v.shape[1]]
+      x_v = x_v + attn.o_proj(_expand_kv_heads(v_vis, attn.num_key_value_groups, attn.head_dim))
     x_t = x_t + layer.mlp(layer.post_attention_layernorm(x_t))
     if mode.visual_ffn_in(kinds[i]):
       x_v = x_v + layer.mlp(layer.post_attention_layernorm(x_v))
-  hidden = lm.norm(_interleave(length, (text_index, x_t), (visual_index, x_v)))
+    if i == prune - 1:  # FastV: rank by this layer's attention, keep the best visual rows from here on
+      query_valid = (key_valid[:, past:] if visual_queries else
+                     (text_index < length) & _gather(key_valid[:, past:, None], text_index)[..., 0])
+      scores = reduction.received_attention(q, k, allowed[(kinds[i], False)], attn.scaling, query_valid,
+                                            visual_index)
+      order = reduction.fastv_order(scores, visual_index < length, mode.fastv_kept(visual_index.shape[1]))
+      kept = _Compact(visual_index, order[:, :mode.fastv_kept(visual_index.shape[1])], text_index, key_valid, cos,
+                      sin, impl, inputs_embeds.dtype)
+      x_v = reduction.take(x_v, kept.order)
+      if cache is not None:
+        reduction.mark_cache(cache, prune, kept.prompt_slots(is_visual))
+  hidden = lm.norm(_interleave(length, (text_index, x_t), (visual_index if kept is None else kept.visual, x_v)))
   return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache if use_cache else None)
+
+
+class _Compact:
+  """FastV's rows from layer K: [kept visual; text] (B, V' + T) and what a layer reads of them:
+  each row's sequence index (`index`, the scratch Z for an empty slot), RoPE angles, and the
+  masks of text queries / every row's queries over these rows' keys alone (this forward runs
+  over an empty cache, so its own rows are every key)."""
+
+  def __init__(self, visual_index, order, text_index, key_valid, cos, sin, impl, dtype):
+    length = key_valid.shape[1]
+    self.order = order  # (B, V'): the kept rows' slots in the visual stream
+    self.visual = reduction.take(visual_index, order)  # (B, V') their sequence indices
+    self.index = torch.cat([self.visual, text_index], 1)
+    self.cos, self.sin = _gather(cos, self.index), _gather(sin, self.index)
+    valid = (self.index < length) & _gather(key_valid[:, :, None], self.index)[..., 0]
+    self.masks = {"self": _as_mask(_allowed(self.index, valid, self.index), impl, dtype),
+                  "composite": _as_mask(_allowed(text_index, valid, self.index), impl, dtype)}
+
+  def prompt_slots(self, is_visual):
+    """(B, Z) bool: the slots layers >= K keep, every text slot and the kept visual ones."""
+    kept = torch.cat([~is_visual, torch.zeros_like(is_visual[:, :1])], 1)
+    return kept.scatter(1, self.visual, True)[:, :is_visual.shape[1]]

@@ -25,10 +25,12 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText, LlavaConfig, LlavaForConditionalGeneration, LlavaModel
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast, LlavaPreTrainedModel
 from transformers.utils.deprecation import deprecate_kwarg
 
 from ee_mllm_jax import mode as mode_lib
+from ee_mllm_jax.torch import reduction
 from ee_mllm_jax.torch.composite import composite_decoder
 
 
@@ -51,8 +53,6 @@ def modes_of(config: LlavaConfig) -> tuple[mode_lib.Mode, mode_lib.Mode]:
                                           config.text_config.num_hidden_layers)
   if not mode.visual_in_decoder:
     raise ValueError(f"the PyTorch port runs self and composite attention, not {mode.describe(1)}")
-  if mode.fastv or mode.visionzip:  # issue 25 item 7: not ported; refused rather than silently dropped
-    raise ValueError(f"the PyTorch port does not run token reduction ({mode.reduction_name()[3:]})")
   return mode, trained
 
 
@@ -75,12 +75,14 @@ class EEMLLMModel(LlavaModel):
               inputs_embeds=None, vision_feature_layer=None, vision_feature_select_strategy=None, image_sizes=None,
               mm_encoder_outputs=None, use_cache=None, **kwargs):
     mode = mode_of(self.config)
+    pruned = reduction.is_marked(cache)  # a FastV prefill's cache: its decode steps mask the dropped slots
     is_visual = None
-    if isinstance(mode, mode_lib.Composite):
+    if isinstance(mode, mode_lib.Composite) or mode.fastv or pruned:
       if input_ids is None:
-        raise ValueError("composite attention finds the visual tokens by their image token id: pass input_ids")
+        raise ValueError(f"{'composite attention' if isinstance(mode, mode_lib.Composite) else 'FastV'} finds the "
+                         "visual tokens by their image token id: pass input_ids")
       is_visual = input_ids == self.config.image_token_id
-    if is_visual is None or not bool(is_visual.any()):
+    if is_visual is None or not (pruned or bool(is_visual.any())):
       return super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                              position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds,
                              vision_feature_layer=vision_feature_layer,
@@ -93,21 +95,47 @@ class EEMLLMModel(LlavaModel):
       raise TypeError(f"composite attention does not take {unused}")
     if inputs_embeds is not None:
       raise ValueError("pass input_ids or inputs_embeds, not both")
-    if pixel_values is None and mm_encoder_outputs is None:
-      raise ValueError("the input holds image tokens but neither pixel_values nor mm_encoder_outputs")
-    image = (mm_encoder_outputs or {}).get("image")
-    if image is None:
-      image = self.get_image_features(pixel_values=pixel_values, vision_feature_layer=vision_feature_layer,
-                                      vision_feature_select_strategy=vision_feature_select_strategy,
-                                      image_sizes=image_sizes, return_dict=True)
     inputs_embeds = self.get_input_embeddings()(input_ids)
-    features = torch.cat(image.pooler_output, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
-    placeholders = self.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=features)
-    inputs_embeds = inputs_embeds.masked_scatter(placeholders, features)
+    image = (mm_encoder_outputs or {}).get("image")
+    if bool(is_visual.any()):  # else a decode step of a FastV cache: text only
+      if pixel_values is None and image is None:
+        raise ValueError("the input holds image tokens but neither pixel_values nor mm_encoder_outputs")
+      if image is None:
+        image = self.get_image_features(pixel_values=pixel_values, vision_feature_layer=vision_feature_layer,
+                                        vision_feature_select_strategy=vision_feature_select_strategy,
+                                        image_sizes=image_sizes, return_dict=True)
+      features = torch.cat(image.pooler_output, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+      placeholders = self.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=features)
+      inputs_embeds = inputs_embeds.masked_scatter(placeholders, features)
     out = composite_decoder(self.language_model, inputs_embeds, is_visual, attention_mask=attention_mask,
                             position_ids=position_ids, cache=cache, use_cache=use_cache,
                             mode=mode)
     return LlavaModelOutputWithPast(last_hidden_state=out.last_hidden_state, cache=out.cache, image_outputs=image)
+
+  def get_image_features(self, pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None,
+                         image_sizes=None, **kwargs):
+    """LLaVA's image features, or under VisionZip its d + c tokens per image (`reduction.visionzip_features`)."""
+    mode = mode_of(self.config)
+    if not mode.visionzip:
+      return super().get_image_features(pixel_values, vision_feature_layer=vision_feature_layer,
+                                        vision_feature_select_strategy=vision_feature_select_strategy,
+                                        image_sizes=image_sizes, **kwargs)
+    if image_sizes is not None:
+      raise NotImplementedError("VisionZip runs on whole images (no image_sizes)")
+    layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+    strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
+    features = reduction.visionzip_features(self, pixel_values, mode, layer, strategy)
+    return BaseModelOutputWithPooling(pooler_output=list(features))
+
+  def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
+    mode = mode_of(self.config)
+    if mode.visionzip and input_ids is not None:  # name the count a VisionZip prompt needs
+      per_image, n = mode.visionzip_dominant + mode.visionzip_contextual, int((input_ids == self.config.image_token_id).sum())
+      if n != image_features.shape[0]:
+        raise ValueError(f"VisionZip feeds {per_image} tokens per image: the prompt must hold {per_image} image tokens "
+                         f"per image ({image_features.shape[0]} for {image_features.shape[0] // per_image} images), "
+                         f"not {n} (LLaVA's processor writes the tower's count)")
+    return super().get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=image_features)
 
 
 class EEMLLMForConditionalGeneration(LlavaForConditionalGeneration):
@@ -119,14 +147,18 @@ class EEMLLMForConditionalGeneration(LlavaForConditionalGeneration):
   config_class = EEMLLMConfig
 
   def __init__(self, config: LlavaConfig, attention: str | None = None, visual_ffn: bool | None = None,
-               composite_from_layer: int | None = None):
+               composite_from_layer: int | None = None, fastv_layer: int | None = None,
+               fastv_ratio: float | None = None, visionzip_dominant: int | None = None,
+               visionzip_contextual: int | None = None):
     if not isinstance(config, EEMLLMConfig):
       config = EEMLLMConfig.from_dict(config.to_dict())
     LlavaPreTrainedModel.__init__(self, config)  # LlavaForConditionalGeneration's body, with our inner model
     self.model = EEMLLMModel(config)
     self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
     self.post_init()
-    self.set_mode(attention=attention, visual_ffn=visual_ffn, composite_from_layer=composite_from_layer)
+    self.set_mode(attention=attention, visual_ffn=visual_ffn, composite_from_layer=composite_from_layer,
+                  fastv_layer=fastv_layer, fastv_ratio=fastv_ratio, visionzip_dominant=visionzip_dominant,
+                  visionzip_contextual=visionzip_contextual)
 
   @classmethod
   def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, **kwargs):
@@ -147,16 +179,22 @@ class EEMLLMForConditionalGeneration(LlavaForConditionalGeneration):
     return mode_lib.describe(mode, self.config.text_config.num_hidden_layers, trained)
 
   def set_mode(self, attention: str | None = None, visual_ffn: bool | None = None,
-               composite_from_layer: int | None = None) -> "EEMLLMForConditionalGeneration":
+               composite_from_layer: int | None = None, fastv_layer: int | None = None,
+               fastv_ratio: float | None = None, visionzip_dominant: int | None = None,
+               visionzip_contextual: int | None = None) -> "EEMLLMForConditionalGeneration":
     """Switch the mode in place (the same weights; self -> composite is EE-MLLM-F), reading the
-    flags against the mode that runs now (None keeps a value). Recorded in `config.ee_mllm` with
-    the training mode, so `save_pretrained` writes both."""
+    flags against the mode that runs now (None keeps a value; a reduction is kept across an
+    attention switch). Recorded in `config.ee_mllm` with the training mode, so `save_pretrained`
+    writes both."""
     mode, trained = modes_of(self.config)
-    mode = mode_lib.parse(dict(attention=attention, visual_ffn=visual_ffn, composite_from_layer=composite_from_layer),
-                          base=mode)
+    mode = mode_lib.parse(dict(attention=attention, visual_ffn=visual_ffn, composite_from_layer=composite_from_layer,
+                               fastv_layer=fastv_layer, fastv_ratio=fastv_ratio, visionzip_dominant=visionzip_dominant,
+                               visionzip_contextual=visionzip_contextual), base=mode)
     if not mode.visual_in_decoder:
       raise ValueError("the PyTorch port runs self and composite attention, not cross")
     mode.validate(self.config.text_config.num_hidden_layers)
+    vision = self.config.vision_config
+    mode.tokens_per_image((vision.image_size // vision.patch_size) ** 2)  # VisionZip's counts fit the tower
     mode_lib.check_runs(trained, mode)
     # the mode's keys replaced; the rest of the export's record (template, system prompt) kept
     self.config.ee_mllm = {**(getattr(self.config, "ee_mllm", None) or {}), **mode_lib.to_hf_record(mode, trained)}
