@@ -197,7 +197,9 @@ class EEMLLMForConditionalGeneration(LlavaForConditionalGeneration):
     mode.tokens_per_image((vision.image_size // vision.patch_size) ** 2)  # VisionZip's counts fit the tower
     mode_lib.check_runs(trained, mode)
     # the mode's keys replaced; the rest of the export's record (template, system prompt) kept
-    self.config.ee_mllm = {**(getattr(self.config, "ee_mllm", None) or {}), **mode_lib.to_hf_record(mode, trained)}
+    # (a flag at its default, as a reduction turned off, is left out of the new record: so is the old value)
+    rest = {k: v for k, v in (getattr(self.config, "ee_mllm", None) or {}).items() if k not in mode_lib.FLAGS}
+    self.config.ee_mllm = {**rest, **mode_lib.to_hf_record(mode, trained)}
     return self
 
 
