@@ -126,7 +126,7 @@ def test_setting_is_named_and_travels_with_the_flags():
   for bad in (dict(fastv_layer=3), dict(fastv_ratio=1.0), dict(fastv_layer=-1)):
     with pytest.raises(ValueError, match=next(iter(bad))):
       cfg.replace(**bad)
-  # an export with a reduction is not stock LLaVA, and the PyTorch port refuses it rather than drop it
+  # an export with a reduction is not stock LLaVA (the PyTorch port runs it: tests/test_torch_reduction.py)
   from ee_mllm_jax.mode import Self, hf_model_type
   assert hf_model_type(Self(fastv_layer=1), Self()) == "ee_mllm" and hf_model_type(Self(), Self()) == "llava"
   with pytest.raises(ValueError, match="FastV and VisionZip"):

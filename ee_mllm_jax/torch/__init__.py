@@ -12,7 +12,12 @@ classes), with no custom code in the directory:
     model = EEMLLMForConditionalGeneration.from_pretrained(DIR)                          # its recorded mode
     model = EEMLLMForConditionalGeneration.from_pretrained(DIR, attention="composite")   # EE-MLLM-F
     model.set_mode(composite_from_layer=2)                # layers 0-1 self attention, the rest composite
+    model.set_mode(fastv_layer=2, fastv_ratio=0.5)        # FastV (self or composite), kept by save_pretrained
     out = model.generate(**processor(images=image, text=prompt, return_tensors="pt"), max_new_tokens=32)
+
+The token reductions (FastV, VisionZip: `torch/reduction.py`) run as the JAX model runs them, from
+the export's record or the same keywords (`fastv_layer`, `fastv_ratio`, `visionzip_dominant`,
+`visionzip_contextual`).
 
 This subpackage imports torch and transformers (an optional extra); `import ee_mllm_jax` never does.
 """

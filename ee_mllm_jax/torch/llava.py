@@ -6,17 +6,20 @@ the one the weights were trained in; absent = stock LLaVA, self attention), so `
 records it and `from_pretrained` restores it. Constructor (and so `from_pretrained`) keywords switch
 it as `ee_mllm_jax.mode.parse` reads flags: `attention="composite"` on a stock LLaVA directory is
 EE-MLLM-F (visual FFN kept, since those weights were trained with it); `composite_from_layer=n`
-keeps decoder layers [0, n) self attention.
+keeps decoder layers [0, n) self attention; `fastv_layer` / `fastv_ratio` / `visionzip_dominant` /
+`visionzip_contextual` set the token reductions (`reduction.py`).
 
 An export that runs anything but self attention on self-trained weights has `model_type`
 "ee_mllm": stock transformers warns on it (`LlavaForConditionalGeneration`) or refuses it
 (`AutoConfig`); importing this module registers "ee_mllm" with the Auto classes, so
 `AutoModelForImageTextToText.from_pretrained(DIR)` then builds this class.
 
-A forward whose tokens include image placeholders runs, in composite mode, the composite decoder
-(`composite.composite_decoder`); every other forward (self mode, and every decode step of
-`generate()`, whose new tokens are text) is transformers' own decoder: a decode step is ordinary
-attention of the new text token over the cache, which holds every prompt token's keys/values.
+A forward whose tokens include image placeholders runs, in composite mode or under FastV, the
+port's decoder (`composite.composite_decoder`), and so does every step over a cache that a FastV
+prefill pruned (its layers >= K mask the dropped slots); every other forward (self mode, and every
+decode step of `generate()`, whose new tokens are text) is transformers' own decoder: a decode step
+is ordinary attention of the new text token over the cache, which holds every prompt token's
+keys/values. VisionZip replaces `get_image_features`.
 """
 
 from __future__ import annotations
@@ -67,8 +70,8 @@ _IGNORED_KWARGS = ("return_dict", "output_attentions", "output_hidden_states")
 
 
 class EEMLLMModel(LlavaModel):
-  """LlavaModel whose language model runs composite attention when the mode says so and the
-  input holds image tokens."""
+  """LlavaModel whose language model runs composite attention (or FastV) when the mode says so and
+  the input holds image tokens, and whose image features are VisionZip's under that setting."""
 
   @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
   def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, cache=None,
@@ -141,8 +144,9 @@ class EEMLLMModel(LlavaModel):
 class EEMLLMForConditionalGeneration(LlavaForConditionalGeneration):
   """transformers' LLaVA (same checkpoint keys, `generate()`, processor) with the EE-MLLM modes.
 
-  `attention` / `visual_ffn` / `composite_from_layer` switch the config's recorded mode
-  (`set_mode`); `attention="composite"` on LLaVA weights keeps the visual FFN (EE-MLLM-F)."""
+  `attention` / `visual_ffn` / `composite_from_layer` and the reductions' `fastv_*` /
+  `visionzip_*` switch the config's recorded mode (`set_mode`); `attention="composite"` on LLaVA
+  weights keeps the visual FFN (EE-MLLM-F)."""
 
   config_class = EEMLLMConfig
 
