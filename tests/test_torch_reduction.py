@@ -213,3 +213,12 @@ def test_setting_is_read_from_an_export_and_saved(family, tmp_path):
       EEMLLMForConditionalGeneration(hf.config, **bad)
   with pytest.raises(ValueError, match="VisionZip feeds 8 tokens per image: the prompt must hold 8 image tokens"):
     _logits(loaded, inputs)  # the processor's 16 per image
+
+
+def test_fastv_runs_the_same_under_eager_and_sdpa_attention(family):
+  """The pruned layers' masks are built for the implementation too (self and composite layers)."""
+  _, _, path, inputs = family
+  logits = [_logits(_load(path, attn_implementation=impl, **FASTV_SETTINGS["schedule"]), inputs)
+            for impl in ("eager", "sdpa")]
+  valid = inputs["attention_mask"].bool().numpy() & (inputs["input_ids"] != IMAGE_TOKEN).numpy()
+  np.testing.assert_allclose(logits[0][valid], logits[1][valid], rtol=1e-5, atol=1e-5)

@@ -159,8 +159,9 @@ def composite_decoder(lm, inputs_embeds: torch.Tensor, is_visual: torch.Tensor, 
   impl = cfg._attn_implementation or "eager"
   attend = _attention_fn(impl)
   text_at, every_at = text_index.clamp(max=length - 1) + past, torch.arange(length, device=device)[None] + past
-  allowed = {(kind, lt): _allowed(text_at if kind == "composite" else every_at.expand(b, length), valid)
-             for kind in set(kinds) for lt, valid in ((False, key_valid), (True, late and late[1])) if valid is not None}
+  key_valids = {False: key_valid} | ({True: late[1]} if late else {})  # {layer >= a pruned cache's K: validity}
+  allowed = {(kind, is_late): _allowed(text_at if kind == "composite" else every_at.expand(b, length), valid)
+             for kind in set(kinds) for is_late, valid in key_valids.items()}  # of the queries of each layer kind
   masks = {key: _as_mask(a, impl, inputs_embeds.dtype) for key, a in allowed.items()}
 
   cos, sin = lm.rotary_emb(inputs_embeds, position_ids=position_ids.expand(b, length))  # (B, Z, H)
