@@ -133,7 +133,8 @@ class EEMLLMModel(LlavaModel):
   def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
     mode = mode_of(self.config)
     if mode.visionzip and input_ids is not None:  # name the count a VisionZip prompt needs
-      per_image, n = mode.visionzip_dominant + mode.visionzip_contextual, int((input_ids == self.config.image_token_id).sum())
+      per_image = mode.visionzip_dominant + mode.visionzip_contextual
+      n = int((input_ids == self.config.image_token_id).sum())
       if n != image_features.shape[0]:
         raise ValueError(f"VisionZip feeds {per_image} tokens per image: the prompt must hold {per_image} image tokens "
                          f"per image ({image_features.shape[0]} for {image_features.shape[0] // per_image} images), "
