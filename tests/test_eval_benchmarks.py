@@ -84,6 +84,32 @@ def test_unit_scores_average_to_the_headline_metric(bench):
       assert len(units) == len({q.index % 1_000_000 for q in questions}) < len(questions)
 
 
+def test_seed_likelihood_units_average_to_the_likelihood_accuracy(bench):
+  """SEED-Bench ranked by option likelihood (its own protocol for LLM-based models): the per-question
+  units of "likelihood_accuracy" average to it, and differ from the generated letter's units where
+  the two readings disagree; a metric without units is refused by name."""
+  from ee_mllm_jax.evaluation import runner  # pylint: disable=g-import-not-at-top
+  b = benchmarks.get("seedbench")
+  questions = b.read(bench.benchmarks["seedbench"], bench.root)
+  assert len(questions) >= 2
+  records = []
+  for i, q in enumerate(questions):
+    letters = list(q.options)
+    wrong = next(k for k in letters if k != q.answers[0])
+    pick = q.answers[0] if i % 2 == 0 else wrong
+    scores = [float(k == pick) for k in letters]  # the likelihood's pick: right on every second
+    output = wrong  # the generated letter: never right
+    records.append(dict(question_id=q.qid, prompt="", output=output, **b.record(q, output, scores)))
+  metrics = runner.score(b, records)
+  units = b.unit_scores(records, "likelihood_accuracy")
+  assert 0 < metrics["likelihood_accuracy"] < 1 and metrics["accuracy"] == 0
+  assert sum(units.values()) / len(units) == pytest.approx(metrics["likelihood_accuracy"])
+  letters = b.unit_scores(records)
+  assert sum(letters.values()) / len(letters) == pytest.approx(metrics["accuracy"])
+  with pytest.raises(ValueError, match="SEED-Bench: no per-unit scores for 'per_question_type'"):
+    b.unit_scores(records, "per_question_type")
+
+
 def _png(colour, size=32) -> bytes:
   buf = io.BytesIO()
   Image.new("RGB", (size, size), colour).save(buf, format="PNG")

@@ -130,5 +130,5 @@ class QuestionFile(Benchmark):
   def summary(self, done: Sequence[dict]) -> dict[str, Any]:
     return {}
 
-  def unit_scores(self, done: Sequence[dict]) -> dict[str, float]:
+  def unit_scores(self, done: Sequence[dict], metric: str | None = None) -> dict[str, float]:
     raise NotImplementedError("a question file has no scores")

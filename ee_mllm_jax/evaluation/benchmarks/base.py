@@ -109,11 +109,18 @@ class Benchmark:
     """metrics.json's benchmark fields from the records of the questions that ran."""
     raise NotImplementedError
 
-  def unit_scores(self, done: Sequence[dict]) -> dict[str, float]:
-    """{scoring unit: score in [0, 1]} whose mean is the headline metric: the unit of resampling
-    for intervals over questions (`evaluation.intervals`). By default a question, scored by its
-    record's "score" (or "correct")."""
+  def unit_scores(self, done: Sequence[dict], metric: str | None = None) -> dict[str, float]:
+    """{scoring unit: score in [0, 1]} whose mean is `metric` (a metrics.json key; None: the
+    headline metric): the unit of resampling for intervals over questions
+    (`evaluation.intervals`). By default a question, scored by its record's "score" (or "correct")."""
+    self.check_unit_metric(metric)
     return {str(r["question_id"]): float(r["score"] if "score" in r else r["correct"]) for r in done}
+
+  def check_unit_metric(self, metric: str | None, *others: str):
+    """Refuses a `metric` whose units this benchmark cannot give (the headline's and `others`)."""
+    if metric not in (None, self.metric, *others):
+      raise ValueError(f"{self.title}: no per-unit scores for {metric!r} (it has them for "
+                       f"{', '.join(repr(m) for m in (self.metric, *others))})")
 
   def metric_lines(self, metrics: dict[str, Any]) -> list[str]:
     """The terminal summary's lines of `metrics`: the shown numbers, then the breakdowns."""

@@ -125,8 +125,9 @@ class MMBench(base.Benchmark):
     return dict(parsed=parsed, parse_method=method, answer=q.answers[0], correct=parsed == q.answers[0],
                 index=q.index, category=q.category, l2_category=q.l2_category, options=q.options)
 
-  def unit_scores(self, done):
+  def unit_scores(self, done, metric=None):
     """One unit per circular group (a question and its rotations): right only if every rotation is."""
+    self.check_unit_metric(metric)
     groups = metrics.circular_groups(r["index"] for r in done)
     return {str(g): float(all(done[m]["correct"] for m in members)) for g, members in groups.items()}
 

@@ -56,6 +56,14 @@ class SEEDBench(base.Benchmark):
       r.update(option_logprobs=option_scores, likelihood_choice=best, likelihood_correct=best == q.answers[0])
     return r
 
+  def unit_scores(self, done, metric=None):
+    """Per question: the generated letter right (the headline, "accuracy"), or with
+    "likelihood_accuracy" the likelihood ranking right (the questions that were ranked)."""
+    self.check_unit_metric(metric, "likelihood_accuracy")
+    if metric != "likelihood_accuracy":
+      return super().unit_scores(done)
+    return {str(r["question_id"]): float(r["likelihood_correct"]) for r in done if "likelihood_correct" in r}
+
   def summary(self, done):
     out = {"accuracy": base.mean(r["correct"] for r in done),
            "per_question_type": metrics.accuracy_by(done, "question_type"),
