@@ -62,3 +62,35 @@ def test_the_dataset_asks_what_the_sign_says():
   rng = np.random.default_rng(3)
   image, (q,) = maker.make(rng, "text", 1)
   assert q.question == "What does the sign say?" and q.answer in maker.words and image.size == (48, 48)
+
+
+def test_word_labels_mark_each_text_line_with_its_word_or_field():
+  """The tower's word read-out (`tower_pretraining.word_labels`): on a sign every patch holding a
+  glyph's centre carries the sign's word, on a form each line's patches carry that line's field,
+  and patches away from the text carry none; a label shifted by a line would fail."""
+  import os  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+  import tower_pretraining as tp  # pylint: disable=g-import-not-at-top
+  import ee_mllm_jax as eem  # pylint: disable=g-import-not-at-top
+  cfg = eem.ModelConfig.preset("demo").vision.replace(image_size=48, patch_size=6)
+  rng, kinds = np.random.default_rng(3), set()
+  for _ in range(12):
+    _, glyphs = scenes.labelled_text_scene(rng, 48)
+    words, chars = tp.word_labels(glyphs, cfg).reshape(8, 8), tp.glyph_labels(glyphs, cfg).reshape(8, 8)
+    lines = {}
+    for box in glyphs:
+      lines.setdefault(box[2], []).append(box)
+    kinds.add(any(b[0] == ":" for b in glyphs))  # a form (its lines hold "field:"), or a sign
+    assert words[chars > 0].all() and (words > 0).sum() >= (chars > 0).sum()
+    for boxes in lines.values():
+      text = "".join(b[0] for b in boxes)
+      label = tp.WORD_CLASSES.index(text.split(":")[0]) + 1
+      for _, x0, y0, x1, y1 in boxes:
+        row, col = int((y0 + y1) / 2 // 6), int((x0 + x1) / 2 // 6)
+        if row < 8 and col < 8:  # a long form line may run past the right edge
+          assert words[row, col] == label, text
+    rows = [r for r in range(8) if (words[r] > 0).any()]
+    top = min(min(b[2] for b in glyphs), 48) // 6
+    assert all(r >= int(top) for r in rows) and not words[:int(top)].any()
+  assert kinds == {True, False}  # both signs and forms were drawn
