@@ -1,5 +1,6 @@
 """The paper's comparative claims as one rerunnable experiment: data efficiency of the three modes,
-EE-MLLM-F along the layer schedule, and the speed table. Writes docs/results.md with its plots.
+EE-MLLM-F along the layer schedule, the training-free frontier (EE-MLLM-F, FastV, VisionZip) and
+the speed table. Writes docs/results.md with its plots.
 
     python benchmarks/data_efficiency.py                 # the default, 3 seeds (seed 0 alone: 93 min of step
                                                          # time on 2 shared CPU cores, 63 of it alignment)
@@ -19,10 +20,11 @@ What it does, in order (every step is cached under --work; a rerun skips what is
      pool's conversations with the images removed (it learns the template, the words and the
      answer prior, and cannot know what any image shows) and on one text-only multiple-choice
      exercise per record whose hint gives the answer (`letter_exercises`: how to point at an
-     option, which any Vicuna knows);
+     option, which any Vicuna knows), on text-only batches (no image slot); then a letter stage
+     on the exercises alone (the pointer forms late), scored on held-out exercises;
    * the vision tower: trained from scratch on labelled synthetic images drawn as the dataset
      draws them (object scenes, and a third signs and forms; no question): linear read-outs of
-     each visual token's colour, shape and character and of each image's counts, thrown away
+     each visual token's colour, shape, character and word and of each image's counts, thrown away
      after (the stand-in for CLIP's pretraining; no decoder, so no mode is favoured).
    Saved together as one Orbax parameter tree, the start of every stage 1.
 3. **Alignment**, per mode (LLaVA self, EE-MLLM composite, Flamingo cross), training-set size and
@@ -31,22 +33,25 @@ What it does, in order (every step is cached under --work; a rerun skips what is
    projector; Flamingo: projector, cross blocks, resampler), stage 2 also the LLM. The tower stays
    frozen, as in LLaVA.
 4. **Scores** with eval.py's readers, runner and metrics on the synthetic benchmark files
-   (TextVQA, DocVQA, MMBench with CircularEval, SEED-Bench) and on the val set's open
+   (TextVQA, DocVQA, MMBench with CircularEval, SEED-Bench by option likelihood) and on the val set's open
    questions (colour, shape, count, position) as a TextVQA-format file, kept per question (or
    CircularEval group) for the intervals; each LLaVA model also on the open questions with blank
    images (does it use the image?).
 5. **EE-MLLM-F**: each LLaVA-mode model evaluated in composite mode with and without the visual
-   FFN, and, for the largest size, along the layer schedule (`composite_from_layer` = 0..depth).
+   FFN, and, for the largest size, along the layer schedule (`composite_from_layer` = 0..depth);
+   the largest LLaVA models also with FastV, VisionZip and their combinations (`frontier.py`).
 6. **Speed**: prefill time and analytic FLOPs of the three modes at 336 / 448 / 672 px (V = 576 /
    1024 / 2304) at the width-scaled LLaVA-1.5-7B shape (benchmarks/common.py), and with
-   --preset at that preset's real shape (a GPU run).
+   --preset at that preset's real shape (a GPU run); and the frontier's settings at the width-scaled
+   shape (`reduction_prefill.py`).
 7. **docs/results.md**, `results.json` and the PNG plots, with the command, machine and wall time:
    which benchmarks are informative, means with 95% intervals over seeds and questions, paired
    differences, and a verdict on each of the paper's claims (`evidence.py`).
 
 This file is the procedure. Beside it: `data_efficiency_settings.py` (what is compared, and each
-scale), `experiment_data.py` (step 1), `tower_pretraining.py` (step 2's tower), `speed_table.py` (step 6) and `results_report.py`
-with `results_template.md` (step 7, drawn from results.json alone).
+scale), `experiment_data.py` (step 1), `tower_pretraining.py` (step 2's tower), `frontier.py` (step 5's
+reductions and their report section), `speed_table.py` (step 6) and `results_report.py` with
+`results_template.md` (step 7, drawn from results.json alone).
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ import numpy as np
 import ee_mllm_jax as eem
 import results_report
 from experiment_data import dataset, ds_seconds, write_json
+import frontier
 import speed_table
 import tower_pretraining
 from data_efficiency_settings import (BENCHMARKS, EXTRA_METRICS, INFORMATIVE_SDS, MARGIN, MODE_LABELS, MODES,
@@ -121,8 +127,11 @@ def model_config(scale: Scale, mode: str, tokenizer_size: int) -> eem.ModelConfi
 
 
 def run_config(cfg: eem.ModelConfig, *, workdir: str, train_file: str, ds, steps: int, lr: float, trainable: str,
-               batch: int, seed: int, buckets: tuple[int, ...], init_from: str = "") -> ml_collections.ConfigDict:
-  """A train.py config for one training run of `cfg` (the demo config's recipe otherwise)."""
+               batch: int, seed: int, buckets: tuple[int, ...], init_from: str = "", max_images: int = 1,
+               val_file: str = "") -> ml_collections.ConfigDict:
+  """A train.py config for one training run of `cfg` (the demo config's recipe otherwise);
+  `max_images=0`: text-only batches (no image slot: the tower never runs); `val_file`: its val loss
+  and teacher-forced answer accuracy at the end."""
   c = experiment.load_config_file(DEMO_CONFIG)
   c.workdir = workdir
   c.seed = seed
@@ -134,13 +143,15 @@ def run_config(cfg: eem.ModelConfig, *, workdir: str, train_file: str, ds, steps
                                         if k not in ("image_mean", "image_std")})
   c.synthetic = ml_collections.ConfigDict(dict(dir=""))
   c.data.update(train_file=train_file, val_file="", tokenizer_file=ds.tokenizer_file, image_dir=ds.root,
-                global_batch_size=batch, seed=seed, buckets=tuple(buckets))
+                global_batch_size=batch, seed=seed, buckets=tuple(buckets), max_images=max_images)
   c.steps = steps
   c.optim.learning_rate = lr
   c.optim.trainable = trainable
   c.checkpoint.update(every_steps=10 ** 9, keep=1, async_save=False)
   c.init_from.update(path=init_from, kind="orbax")
-  c.eval_every = -1
+  c.eval_every = steps if val_file else -1
+  c.data.val_file = val_file
+  c.eval_blank_images = False
   c.progress_bar = False
   c.log_every = 100
   return c
@@ -154,8 +165,8 @@ def train_once(config) -> str:
     summary = loop_lib.train(config)
     if summary["step"] < config.steps:  # stopped by a signal: checkpointed, not done; a rerun resumes it
       raise SystemExit(f"{config.workdir}: stopped at step {summary['step']} of {config.steps}; rerun to resume")
-    write_json(done, dict(seconds=time.perf_counter() - t0, step=summary["step"],
-                           train_loss=summary["train_loss"]))
+    write_json(done, dict(seconds=time.perf_counter() - t0, step=summary["step"], train_loss=summary["train_loss"],
+                           **{k: summary[k] for k in ("val_loss", "val_accuracy") if k in summary}))
   return config.workdir
 
 
@@ -174,16 +185,27 @@ def pretrained_parts(scale: Scale, ds, files, work: str, vocab: int) -> tuple[st
   cfg = model_config(scale, "llava", vocab)
   n = scale.pretrain
   steps = steps_for(n, scale.pretrain_epochs, scale.batch)
+  text = dict(ds=ds, lr=scale.pretrain_lr, trainable=r"llm/", batch=scale.batch, seed=0, buckets=scale.buckets,
+              max_images=0)
   llm_run = train_once(run_config(cfg, workdir=os.path.join(work, "pretrain_llm"), train_file=files["pretrain_text"],
-                                  ds=ds, steps=steps, lr=scale.pretrain_lr, trainable=r"llm/", batch=scale.batch,
-                                  seed=0, buckets=scale.buckets))
-  _, llm_params = loading.load_model(llm_run)
+                                  steps=steps, **text))
+  # Then the letter skill a Vicuna has (point at the option that says something): exercises alone,
+  # scored on held-out ones (the val set's questions); it forms late (a pointer circuit), so it
+  # gets its own steps.
+  letters_run = train_once(run_config(cfg, workdir=os.path.join(work, "pretrain_letters"), train_file=files["letters"],
+                                      val_file=files["letters_val"], steps=scale.letter_steps, init_from=llm_run,
+                                      **text))
+  _, llm_params = loading.load_model(letters_run)
   tower_params, tower_info = tower_pretraining.pretrain_tower(
       cfg.vision, images=scale.tower_images, steps=scale.tower_steps, batch=scale.batch * 2, lr=scale.pretrain_lr,
       seed=0)
   ocp.PyTreeCheckpointer().save(os.path.abspath(out), {"vision": tower_params, "llm": llm_params["llm"]}, force=True)
+  letters = _done(letters_run)
   info = {"llm": _done(llm_run) | {"records": n, "steps": steps, "what": "the text of the pretraining pool's "
-                                   "conversations, images removed (a causal LM over the chat template)"},
+                                   "conversations, images removed, and as many letter exercises (a causal LM "
+                                   "over the chat template, text-only batches)",
+                                   "letters": dict(steps=scale.letter_steps, seconds=letters["seconds"],
+                                                   held_out_accuracy=letters["val_accuracy"])},
           "tower": tower_info}
   write_json(info_path, info)
   return out, info
@@ -233,7 +255,7 @@ def evaluate(run: dict, ds, files, work: str, scale: Scale, variant: str = "", b
                                      style=prompts_lib.PromptStyle(short_answer=""))
   runner = runner_lib.Runner(model, settings, sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1)))
   scores, units, t0 = {}, {}, time.perf_counter()
-  for table_name, benchmark in BENCHMARKS[:1] if blank else BENCHMARKS:
+  for table_name, benchmark, metric in BENCHMARKS[:1] if blank else BENCHMARKS:
     bench = benchmarks.get(benchmark)
     path = files["open_blank_val" if blank else "open_val"] if table_name == "open" else ds.benchmarks[benchmark]
     questions = bench.expand(bench.read(path, ds.root))  # MMBench: with its circular rotations
@@ -241,9 +263,9 @@ def evaluate(run: dict, ds, files, work: str, scale: Scale, variant: str = "", b
       continue
     out_dir = os.path.join(work, "evals", name, table_name)
     summary = runner_lib.evaluate(runner, bench, questions, out_dir)
-    scores[table_name] = summary["metrics"][bench.metric]
+    scores[table_name] = summary["metrics"][metric or bench.metric]
     done = [r for r in runner_lib.read_predictions(os.path.join(out_dir, runner_lib.PREDICTIONS)) if "skipped" not in r]
-    units[table_name] = bench.unit_scores(done)
+    units[table_name] = bench.unit_scores(done, metric)
   result = dict(name=name, model_mode=model.mode, scores=scores, units=units, mean=float(np.mean(list(scores.values()))),
                 seconds=time.perf_counter() - t0, cfg=model.cfg.to_dict())
   os.makedirs(os.path.dirname(out_path), exist_ok=True)
@@ -377,9 +399,11 @@ def ee_mllm_f(study: Study, run: dict, base: dict, *, along_schedule: bool) -> l
 def alignment_and_scores(study: Study) -> dict:
   """Every mode at every size for every seed, seed by seed (so that the log shows a whole curve
   early), each scored as soon as it is trained; each LLaVA model also on blank images and as
-  EE-MLLM-F (along the schedule at the largest size)."""
+  EE-MLLM-F (along the schedule at the largest size) and, at the largest size, in every setting of
+  the training-free frontier (`frontier.settings`)."""
   scale, largest = study.scale, max(study.scale.sizes)
-  main_rows, blank_rows, retention = [], [], []
+  main_rows, blank_rows, retention, reductions = [], [], [], []
+  tokens, depth = model_config(scale, "llava", study.vocab).tokens_per_image, scale.llm["depth"]
   for seed in scale.seeds:
     for n in scale.sizes:
       for mode in MODES:
@@ -388,7 +412,9 @@ def alignment_and_scores(study: Study) -> dict:
         if mode == "llava":
           blank_rows.append(study.scored(run, blank=True))
           retention += ee_mllm_f(study, run, main_rows[-1], along_schedule=n == largest)
-  return dict(main=main_rows, blank=blank_rows, retention=retention)
+          if n == largest:
+            reductions += frontier.rows(study, run, main_rows[-1], depth, tokens)
+  return dict(main=main_rows, blank=blank_rows, retention=retention, frontier=reductions)
 
 
 def priors(study: Study) -> dict[str, float]:
@@ -421,8 +447,10 @@ def setup_lines(study: Study, parts_info: dict) -> dict:
 
 def compute_minutes(ds, parts_info: dict, rows: dict, speed_seconds: float) -> dict:
   """Every step's own measured wall time, cached steps included (minutes)."""
-  unique = {e["name"]: e for e in rows["main"] + rows["blank"] + rows["retention"]}.values()
-  compute = dict(data=ds_seconds(ds), pretrain=(parts_info["llm"]["seconds"] + parts_info["tower"]["seconds"]) / 60,
+  unique = {e["name"]: e for e in rows["main"] + rows["blank"] + rows["retention"] + rows["frontier"]}.values()
+  llm = parts_info["llm"]
+  pretrain = llm["seconds"] + llm.get("letters", {}).get("seconds", 0.0) + parts_info["tower"]["seconds"]
+  compute = dict(data=ds_seconds(ds), pretrain=pretrain / 60,
                  align=sum(e["train_seconds"] for e in rows["main"]) / 60,
                  eval=sum(e["seconds"] for e in unique) / 60, speed=speed_seconds / 60)
   compute["total"] = sum(v for v in compute.values() if v is not None)
@@ -449,11 +477,13 @@ def main(argv=None):
   rows = alignment_and_scores(study)
   with timed(minutes, "speed"):
     speed, speed_seconds = speed_table.rows(args, scale, work, MODES)
+    reduction_speed, reduction_seconds = speed_table.reduction_rows(args, scale, work)
 
   command = ["python", "benchmarks/data_efficiency.py"] + [shlex.quote(a) for a in shown_args(argv or sys.argv[1:])]
   report = dict(
       scale=args.scale, command=" ".join(command), machine=machine(), timing=minutes,
-      compute=compute_minutes(ds, parts_info, rows, speed_seconds), note=args.note, **setup_lines(study, parts_info),
+      compute=compute_minutes(ds, parts_info, rows, speed_seconds + reduction_seconds), note=args.note,
+      **setup_lines(study, parts_info), frontier_7b=frontier.at_7b(scale.llm["depth"]), frontier_speed=reduction_speed,
       **rows, speed=speed, speed_repeats=args.speed_repeats, speed_text=scale.speed_text, gpu_rows=bool(args.preset),
       modes=MODE_LABELS, columns=[b[0] for b in BENCHMARKS], extra_columns=[c[0] for c in EXTRA_METRICS])
   report["wall_minutes"] = (time.perf_counter() - t_start) / 60

@@ -186,8 +186,15 @@ def retention_point(r: dict, cols: list[str], size: int, n: int, ffn: bool, *, s
   rows, base = _variants(r, size, n, ffn), cells(r["main"]).get((LLAVA, size))
   if not rows or not base:
     return None
+  return dict(size=size, n=n, visual_ffn=ffn, **versus_base(rows, base, cols, samples=samples))
+
+
+def versus_base(rows: list[dict], base: list[dict], cols: list[str], *, samples: int) -> dict:
+  """A setting's rows (one per seed) against the model's own rows on `cols`: `flops_saved`, `seeds`,
+  `kept` (headline ratio per seed, t interval over seeds), `diff` (setting − model, both sources,
+  95%) and `diff90` (the TOST interval); the three are None without columns."""
   saved = 1 - float(np.mean([e["flops"] for e in rows])) / float(np.mean([e["flops"] for e in base]))
-  point = dict(size=size, n=n, visual_ffn=ffn, flops_saved=saved, seeds=len(rows), kept=None, diff=None, diff90=None)
+  point = dict(flops_saved=saved, seeds=len(rows), kept=None, diff=None, diff90=None)
   if cols:
     mats = _paired(rows, base, cols)
     point.update(kept=seeds_interval(per_seed_headline(rows, cols) / per_seed_headline(base, cols)),

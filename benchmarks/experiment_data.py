@@ -19,8 +19,9 @@ from ee_mllm_jax.evaluation import prompts as prompts_lib
 
 def dataset(scale: Scale, work: str) -> tuple[data_lib.SyntheticDataset, dict[str, str]]:
   """The synthetic set and the files cut from it: train_N (nested), pretrain (with images),
-  pretrain_text (images removed, and letter exercises), open_val (TextVQA format), open_blank_val
-  (the same questions, each on a blank image)."""
+  pretrain_text (images removed, and letter exercises), letters (those exercises alone),
+  letters_val (exercises from the val set's questions, to score the skill), open_val (TextVQA
+  format), open_blank_val (the same questions, each on a blank image)."""
   need = max(scale.sizes) + scale.pretrain
   fresh, t0 = not os.path.exists(os.path.join(work, "data", "manifest.json")), time.perf_counter()
   ds = data_lib.ensure_dataset(os.path.join(work, "data"), seed=0, num_train=need, num_val=scale.val,
@@ -30,6 +31,7 @@ def dataset(scale: Scale, work: str) -> tuple[data_lib.SyntheticDataset, dict[st
     write_json(ds.path("generated_in.json"), dict(seconds=time.perf_counter() - t0))
   files = {f"train_{n}": ds.path(f"splits/train_{n}.json") for n in scale.sizes}
   files.update(pretrain=ds.path("splits/pretrain.json"), pretrain_text=ds.path("splits/pretrain_text.json"),
+               letters=ds.path("splits/letters.json"), letters_val=ds.path("splits/letters_val.json"),
                open_val=ds.path("open_val.json"), open_blank_val=ds.path("open_blank_val.json"))
   if all(os.path.exists(f) for f in files.values()):
     return ds, files
@@ -40,9 +42,13 @@ def dataset(scale: Scale, work: str) -> tuple[data_lib.SyntheticDataset, dict[st
   for n in scale.sizes:
     write_json(files[f"train_{n}"], pool[:n])
   write_json(files["pretrain"], pre)
-  write_json(files["pretrain_text"], [text_only(r) for r in pre] + letter_exercises(pre))
+  letters = letter_exercises(pre)
+  write_json(files["pretrain_text"], [text_only(r) for r in pre] + letters)
+  write_json(files["letters"], letters)
   with open(ds.val_file) as f:
     val = json.load(f)
+  write_json(files["letters_val"], letter_exercises([dict(r, question_types=[r["question_type"]]) for r in val],
+                                                    seed=1))
   Image.new("RGB", (scale.image_size,) * 2, scenes.BACKGROUND).save(ds.path("blank.png"))
   for name, image in (("open_val", None), ("open_blank_val", "blank.png")):
     write_json(files[name], {"data": [

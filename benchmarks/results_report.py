@@ -18,6 +18,7 @@ import string
 import sys
 
 import evidence as ev  # benchmarks run as scripts: this directory is on sys.path
+import frontier
 
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results_template.md")
 DAGGER = "†"
@@ -70,9 +71,19 @@ def compute_line(r: dict) -> str:
           f"after another in one process); this invocation took {r['wall_minutes']:.1f} min{reused}{note}")
 
 
+def letters_part(llm: dict) -> str:
+  """The LLM's letter stage, where it ran: its steps and its held-out letter accuracy."""
+  if "letters" not in llm:
+    return ""
+  x = llm["letters"]
+  return (f", then {x['steps']} steps of the letter exercises alone: {pct(x['held_out_accuracy'])}% of held-out "
+          "exercises answered with the right letter, against 25% by chance")
+
+
 def held_out(tower: dict) -> str:
   h = tower["held_out"]
   glyph = f"{pct(h['glyph_token'])}% of glyph tokens' character, " if "glyph_token" in h else ""
+  glyph += f"{pct(h['word_token'])}% of text tokens' word, " if "word_token" in h else ""
   return (f"{glyph}{pct(h['object_token_colour'])}% / {pct(h['object_token_shape'])}% of object tokens' colour / "
           f"shape, {pct(h['colour_counts'])}% / {pct(h['shape_counts'])}% of per-colour / per-shape counts right")
 
@@ -193,7 +204,8 @@ def render(r: dict, a: dict | None = None) -> str:
       claims="\n".join(ev.claim_lines(r, a)), n_seeds=len(r["seeds"]), seeds=", ".join(map(str, r["seeds"])),
       vision=shapes["vision"], llm=shapes["llm"], tokens=shapes["tokens"], latents=shapes["latents"],
       image_size=shapes["image_size"], sizes=", ".join(map(str, r["sizes"])), val=r["val"],
-      llm_what=llm["what"], llm_records=llm["records"], llm_steps=llm["steps"], tower_what=tower["what"],
+      llm_what=llm["what"], llm_records=llm["records"], llm_steps=llm["steps"], llm_letters=letters_part(llm),
+      tower_what=tower["what"],
       tower_records=tower["records"], tower_steps=tower["steps"], held_out=held_out(tower),
       stage1_epochs=recipe["stage1_epochs"], stage1_lr=recipe["stage1_lr"], stage2_epochs=recipe["stage2_epochs"],
       stage2_lr=recipe["stage2_lr"], batch=recipe["batch"], text_len=r["text_len"], margin=f"{a['margin']:g}",
@@ -203,7 +215,9 @@ def render(r: dict, a: dict | None = None) -> str:
       informative_table=informative_table(r, a), main_table=main_table(r, a), sources_table=sources_table(r, a),
       diff_table=diff_table(r, a), uses_image_table=uses_image_table(r, a), retention_zero=zero,
       retention_schedule=sched, schedule_size=r["schedule_size"],
-      schedule_uses_image="uses" if a["uses_image"].get(r["schedule_size"], {}).get("ok") else "does not use", speed_section=speed_section(r), DAGGER=DAGGER)
+      schedule_uses_image="uses" if a["uses_image"].get(r["schedule_size"], {}).get("ok") else "does not use",
+      frontier_section=frontier.section(r, a["frontier"]) if "frontier" in a else "",
+      speed_section=speed_section(r), DAGGER=DAGGER)
   return text.rstrip("\n") + "\n"
 
 
@@ -301,12 +315,18 @@ def plot_retention(r: dict, path: str, a: dict | None = None):
     for p in pts:
       ax.annotate(f"n={p['n']}", (100 * p["flops_saved"], 100 * p["kept"].mean), fontsize=7, xytext=(3, 3),
                   textcoords="offset points")
+  finish_kept_plot(fig, plt, ax, path, xlabel="prefill FLOPs saved vs LLaVA (%)", ylabel="headline kept vs LLaVA (%)",
+                   title=f"EE-MLLM-F on the LLaVA models ({r['schedule_size']} samples): layers [n, L) composite")
+
+
+def finish_kept_plot(fig, plt, ax, path: str, *, xlabel: str, ylabel: str, title: str, legend: int = 8):
+  """The frame of a share-kept plot (the 100% line, labels, grid, legend), saved to `path`."""
   ax.axhline(100, color="gray", lw=0.8)
-  ax.set_xlabel("prefill FLOPs saved vs LLaVA (%)")
-  ax.set_ylabel("headline kept vs LLaVA (%)")
-  ax.set_title(f"EE-MLLM-F on the LLaVA models ({r['schedule_size']} samples): layers [n, L) composite", fontsize=9)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title, fontsize=9)
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=legend)
   _save(fig, plt, path)
 
 
@@ -317,10 +337,13 @@ def _scaled(x, k: float):
 
 
 def write_all(out: str, r: dict, *, samples: int = ev.iv.BOOTSTRAP_SAMPLES) -> dict:
-  """results.md, data_efficiency.png, pareto.png and ee_mllm_f_retention.png in `out`, from one
-  analysis (returned)."""
+  """results.md, data_efficiency.png, pareto.png, ee_mllm_f_retention.png and frontier.png (where the
+  frontier ran) in `out`, from one analysis (returned)."""
   a = ev.analyse(r, samples=samples)
+  a["frontier"] = frontier.analyse(r, a, samples=samples)
   write(out, r, a)
+  if a["frontier"]["points"]:
+    frontier.plot(r, a["frontier"], os.path.join(out, "frontier.png"))
   plot_data_efficiency(r, os.path.join(out, "data_efficiency.png"), a)
   plot_pareto(r, os.path.join(out, "pareto.png"), a)
   plot_retention(r, os.path.join(out, "ee_mllm_f_retention.png"), a)

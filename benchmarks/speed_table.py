@@ -66,6 +66,19 @@ def measure(base: eem.ModelConfig, image_sizes, modes: dict, *, text_len: int, r
   return rows
 
 
+def reduction_rows(args, scale, work: str) -> tuple[list[dict], float]:
+  """The training-free settings' prefill at the width-scaled 7B shape (`reduction_prefill`, 576
+  tokens per image; cached per backend) and the seconds they took to measure."""
+  if args.skip_speed:
+    return [], 0.0
+  import frontier  # pylint: disable=g-import-not-at-top
+  import reduction_prefill  # pylint: disable=g-import-not-at-top
+  label = f"reductions, scaled LLaVA-1.5-7B (width {scale.speed_width}, {scale.speed_layers} layers), f32"
+  flag_sets = reduction_prefill.settings(scale.llm["depth"])
+  table = cached(os.path.join(work, "speed", f"{jax.default_backend()}_{label}.json"),
+                 lambda: reduction_prefill.measure(flag_sets, width=scale.speed_width, layers=scale.speed_layers,
+                                                   repeats=args.speed_repeats))
+  return frontier.speed_rows({k: tuple(v) for k, v in table["value"].items()}), table["seconds"]
 
 
 def rows(args, scale, work: str, modes: dict) -> tuple[list[dict], float]:

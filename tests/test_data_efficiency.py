@@ -47,12 +47,12 @@ def test_writes_the_report_and_its_plots(results):
   report, out, _ = results
   text = (out / "results.md").read_text()
   assert "python benchmarks/data_efficiency.py --scale tiny" in text and "Compute time" in text and "Machine" in text
-  for name in ("data_efficiency.png", "pareto.png", "ee_mllm_f_retention.png"):
+  for name in ("data_efficiency.png", "pareto.png", "ee_mllm_f_retention.png", "frontier.png"):
     assert f"]({name})" in text
     with Image.open(out / name) as im:
       assert im.format == "PNG" and min(im.size) > 200
   for heading in ("## The paper's claims, decided", "## Benchmarks: informative or not", "## Mode x data size",
-                  "## Paired differences", "## Compute", "## EE-MLLM-F", "## Speed"):
+                  "## Paired differences", "## Compute", "## EE-MLLM-F", "## Training-free reductions", "## Speed"):
     assert heading in text
   # every claim has a verdict, and every score of a cell an interval
   claims = text.split("## The paper's claims, decided")[1].split("\n## ")[0]
@@ -87,6 +87,37 @@ def test_every_mode_size_and_seed_is_trained_and_scored(results):
                                                   "done.json"))["step"] for e in report["main"]}
   for n in sizes:
     assert len({steps[(m, n)] for m in MODES}) == 1
+
+
+def test_the_frontier_runs_every_setting_on_every_largest_llava_model(results):
+  """Each frontier setting is scored on the largest size's LLaVA model of every seed, in the mode it
+  names, and its speed row and 7B FLOPs are there."""
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import frontier  # pylint: disable=g-import-not-at-top
+  report, _, _ = results
+  largest, depth = max(report["sizes"]), 2  # the tiny scale's LLM depth
+  names = {f"{m}: {s}" for m, s, _ in frontier.settings(depth, report["shapes"]["tokens"])}
+  got = {(f"{e['method']}: {e['setting']}", e["seed"]) for e in report["frontier"]}
+  assert got == {(n, s) for n in names for s in report["seeds"]}
+  assert all(e["size"] == largest and e["mode"] == "llava" and 0 < e["flops_saved"] < 1 for e in report["frontier"])
+  assert all(("FastV" in e["method"]) == ("FastV" in e["model_mode"]) for e in report["frontier"])
+  assert names <= set(report["frontier_7b"]) and names <= {x["name"] for x in report["frontier_speed"]}
+
+
+def test_the_pretrained_parts_say_what_they_learnt(results):
+  """The LLM's text pretraining ran on text-only batches, then its letter stage on the exercises
+  alone, scored on held-out ones; the tower's word read-out is scored too; the report says both."""
+  report, out, work = results
+  llm, tower = report["parts"]["llm"], report["parts"]["tower"]
+  assert llm["letters"]["steps"] > 0 and 0.0 <= llm["letters"]["held_out_accuracy"] <= 1.0
+  with open(work / "pretrain_letters" / "done.json") as f:
+    assert json.load(f)["val_accuracy"] == llm["letters"]["held_out_accuracy"]
+  from ee_mllm_jax import loading  # pylint: disable=g-import-not-at-top
+  for run in ("pretrain_llm", "pretrain_letters"):  # no image slot: the tower never ran
+    assert loading.read_run_config(str(work / run / "checkpoints"))["data"]["max_images"] == 0, run
+  assert 0.0 <= tower["held_out"]["word_token"] <= 1.0
+  text = (out / "results.md").read_text()
+  assert "steps of the letter exercises alone" in text and "of text tokens' word" in text
 
 
 def test_tables_say_what_the_design_implies(results):

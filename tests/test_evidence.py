@@ -216,3 +216,37 @@ def test_a_results_json_without_units_is_refused_by_name(tmp_path):
   path.write_text(json.dumps(old))
   with pytest.raises(SystemExit, match="no per-question units"):
     results_report.main([str(path), str(tmp_path)])
+
+
+def test_the_frontier_places_each_setting_against_its_llava_model_and_marks_what_dominates():
+  """Crafted frontier rows on the largest LLaVA models: a setting that keeps everything at half the
+  FLOPs dominates one that keeps less at fewer savings; kept equals the headline ratio by hand;
+  EE-MLLM-F's schedule points join as their own method; the section and plot are drawn."""
+  import frontier  # pylint: disable=g-import-not-at-top
+  r = crafted()
+  size = SIZES[-1]
+  llava = [e for e in r["main"] if e["mode"] == "llava" and e["size"] == size]
+  worse = crafted(ee_shift=-0.2)["main"]  # its EE-MLLM rows: a model 20 points lower
+  r["frontier"] = []
+  for e in llava:
+    low = next(x for x in worse if x["mode"] == "ee-mllm" and x["size"] == size and x["seed"] == e["seed"])
+    r["frontier"].append(dict(e, name=e["name"] + "_good", method="FastV", setting="good", flops=0.5 * e["flops"]))
+    r["frontier"].append(dict(low, name=e["name"] + "_bad", mode="llava", method="VisionZip", setting="bad",
+                              flops=0.7 * e["flops"]))
+  a = ev.analyse(r, samples=SAMPLES)
+  f = frontier.analyse(r, a, samples=SAMPLES)
+  points = {(p["method"], p["setting"]): p for p in f["points"]}
+  good, bad = points["FastV", "good"], points["VisionZip", "bad"]
+  assert good["flops_saved"] == pytest.approx(0.5) and bad["flops_saved"] == pytest.approx(0.3)
+  assert good["kept"].mean == pytest.approx(1.0) and not good["dominated"]
+  kept_by_hand = np.mean([
+      np.mean([100 * np.mean(list(x["units"][c].values())) for c in a["cols"]]) /
+      np.mean([100 * np.mean(list(e["units"][c].values())) for c in a["cols"]])
+      for e, x in zip(sorted(llava, key=lambda e: e["seed"]),
+                      sorted((x for x in r["frontier"] if x["setting"] == "bad"), key=lambda x: x["seed"]))])
+  assert bad["kept"].mean == pytest.approx(kept_by_hand) and bad["kept"].mean < 0.9 and bad["dominated"]
+  assert bad["diff"].high < 0 and good["diff"].mean == 0
+  assert {p["method"] for p in f["points"]} == {"EE-MLLM-F", "FastV", "VisionZip"} and f["cols"] == a["cols"]
+  text = frontier.section(r, f)
+  assert "## Training-free reductions: one frontier" in text and "FastV: good" in text
+  assert "VisionZip: bad" not in text.split("Not dominated")[1]
