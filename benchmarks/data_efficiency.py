@@ -192,21 +192,22 @@ def pretrained_parts(scale: Scale, ds, files, work: str, vocab: int) -> tuple[st
   # Then the letter skill a Vicuna has (point at the option that says something): exercises alone,
   # scored on held-out ones (the val set's questions); it forms late (a pointer circuit), so it
   # gets its own steps.
-  letters_run = train_once(run_config(cfg, workdir=os.path.join(work, "pretrain_letters"), train_file=files["letters"],
-                                      val_file=files["letters_val"], steps=scale.letter_steps, init_from=llm_run,
-                                      **text))
+  letters_run = llm_run if not scale.letter_steps else train_once(run_config(
+      cfg, workdir=os.path.join(work, "pretrain_letters"), train_file=files["letters"], val_file=files["letters_val"],
+      steps=scale.letter_steps, init_from=llm_run, **text))
   _, llm_params = loading.load_model(letters_run)
   tower_params, tower_info = tower_pretraining.pretrain_tower(
       cfg.vision, images=scale.tower_images, steps=scale.tower_steps, batch=scale.batch * 2, lr=scale.pretrain_lr,
       seed=0)
   ocp.PyTreeCheckpointer().save(os.path.abspath(out), {"vision": tower_params, "llm": llm_params["llm"]}, force=True)
-  letters = _done(letters_run)
   info = {"llm": _done(llm_run) | {"records": n, "steps": steps, "what": "the text of the pretraining pool's "
                                    "conversations, images removed, and as many letter exercises (a causal LM "
-                                   "over the chat template, text-only batches)",
-                                   "letters": dict(steps=scale.letter_steps, seconds=letters["seconds"],
-                                                   held_out_accuracy=letters["val_accuracy"])},
+                                   "over the chat template, text-only batches)"},
           "tower": tower_info}
+  if scale.letter_steps:
+    letters = _done(letters_run)
+    info["llm"]["letters"] = dict(steps=scale.letter_steps, seconds=letters["seconds"],
+                                  held_out_accuracy=letters["val_accuracy"])
   write_json(info_path, info)
   return out, info
 
