@@ -2,8 +2,8 @@
 EE-MLLM-F along the layer schedule, the training-free frontier (EE-MLLM-F, FastV, VisionZip) and
 the speed table. Writes docs/results.md with its plots.
 
-    python benchmarks/data_efficiency.py                 # the default, 3 seeds (seed 0 alone: 93 min of step
-                                                         # time on 2 shared CPU cores, 63 of it alignment)
+    python benchmarks/data_efficiency.py                 # the default: 3 seeds, their cells in 3 worker
+                                                         # processes; 87 min on 2 CPU cores
     python benchmarks/data_efficiency.py --scale tiny    # the test suite's minutes-long version
     python benchmarks/data_efficiency.py --scale large --preset llava-1.5-7b   # on a GPU: 4x the data, a
                                                     # bigger model, and the full-size 7B speed rows
@@ -31,7 +31,8 @@ What it does, in order (every step is cached under --work; a rerun skips what is
    seed (a seed changes the connector's init and the data order), with the same two-stage recipe
    and the same steps per sample (`train.py`'s trainer): stage 1 trains the connector (the
    projector; Flamingo: projector, cross blocks, resampler), stage 2 also the LLM. The tower stays
-   frozen, as in LLaVA.
+   frozen, as in LLaVA. The seeds' cells (steps 3 to 5) run in worker processes side by side
+   (`--workers`, `workers.py`).
 4. **Scores** with eval.py's readers, runner and metrics on the synthetic benchmark files
    (TextVQA, DocVQA, MMBench with CircularEval, SEED-Bench by option likelihood) and on the val set's open
    questions (colour, shape, count, position) as a TextVQA-format file, kept per question (or
@@ -78,6 +79,7 @@ from experiment_data import dataset, ds_seconds, write_json
 import frontier
 import speed_table
 import tower_pretraining
+import workers
 from data_efficiency_settings import (BENCHMARKS, EXTRA_METRICS, INFORMATIVE_SDS, MARGIN, MODE_LABELS, MODES,
                                       OPEN_TYPES, SCALES, STAGE1, STAGE2, Scale)
 from ee_mllm_jax import data as data_lib
@@ -111,6 +113,10 @@ def parse_args(argv=None):
   p.add_argument("--speed_repeats", type=int, default=3)
   p.add_argument("--skip_speed", action="store_true", help="leave the speed table out")
   p.add_argument("--note", default="", help="a sentence for the report (e.g. what else ran on the machine)")
+  p.add_argument("--workers", type=int, default=None,
+                 help="processes that train and score the seeds' cells side by side (default: the scale's)")
+  p.add_argument("--cells_only", action="store_true", help="train and score the cells, then stop (what each "
+                                                           "worker of --workers runs)")
   return p.parse_args(argv)
 
 
@@ -311,19 +317,6 @@ def typical_text_len(ds) -> int:
   return int(np.median([len(tok.encode(r["question"] + " " + r["answer"]).ids) for r in val])) + 12  # + template
 
 
-def shown_args(argv: list[str]) -> list[str]:
-  """The command's arguments without --note (a remark about this run, not a setting)."""
-  out, skip = [], False
-  for a in argv:
-    if skip:
-      skip = False
-    elif a == "--note":
-      skip = True
-    elif not a.startswith("--note="):
-      out.append(a)
-  return out
-
-
 def machine() -> str:
   dev = jax.devices()[0]
   cpu = platform.processor() or platform.machine()
@@ -475,14 +468,21 @@ def main(argv=None):
     parts, parts_info = pretrained_parts(scale, ds, files, work, vocab)
   minutes.update(align=0.0, eval=0.0)
   study = Study(scale, work, ds, files, parts, vocab, typical_text_len(ds), minutes)
+  if args.cells_only:
+    alignment_and_scores(study)
+    return
+  n_workers = len(workers.seed_groups(scale.seeds, args.workers or scale.workers))
+  with timed(minutes, "workers"):
+    workers.run_cells(os.path.abspath(__file__), argv or sys.argv[1:], scale.seeds, n_workers, work)
   rows = alignment_and_scores(study)
   with timed(minutes, "speed"):
     speed, speed_seconds = speed_table.rows(args, scale, work, MODES)
     reduction_speed, reduction_seconds = speed_table.reduction_rows(args, scale, work)
 
-  command = ["python", "benchmarks/data_efficiency.py"] + [shlex.quote(a) for a in shown_args(argv or sys.argv[1:])]
+  shown = workers.shown_args(argv or sys.argv[1:])
+  command = ["python", "benchmarks/data_efficiency.py"] + [shlex.quote(a) for a in shown]
   report = dict(
-      scale=args.scale, command=" ".join(command), machine=machine(), timing=minutes,
+      scale=args.scale, command=" ".join(command), machine=machine(), timing=minutes, workers=n_workers,
       compute=compute_minutes(ds, parts_info, rows, speed_seconds + reduction_seconds), note=args.note,
       **setup_lines(study, parts_info), frontier_7b=frontier.at_7b(scale.llm["depth"]), frontier_speed=reduction_speed,
       **rows, speed=speed, speed_repeats=args.speed_repeats, speed_text=scale.speed_text, gpu_rows=bool(args.preset),

@@ -68,6 +68,9 @@ class Scale:
   speed_layers: int
   speed_image_sizes: tuple[int, ...]
   speed_text: int
+  # Processes that train and score the seeds' cells side by side (benchmarks/workers.py; at most one
+  # per seed). At the default shape a step does not fill 2 cores: measured in README, "Results".
+  workers: int = 1
 
 
 SCALES = {
@@ -78,7 +81,7 @@ SCALES = {
         resampler_latents=16, vocab=512, batch=32, buckets=(32, 64, 128),
         stage1_epochs=1.0, stage2_epochs=2.0, stage1_lr=2e-3, stage2_lr=1e-3, pretrain_epochs=2.0,
         pretrain_lr=2e-3, letter_steps=0, tower_images=12000, tower_steps=1500, seeds=(0, 1, 2), eval_batch=64,
-        speed_width=512, speed_layers=4, speed_image_sizes=(336, 448, 672), speed_text=64),
+        speed_width=512, speed_layers=4, speed_image_sizes=(336, 448, 672), speed_text=64, workers=3),
     # For a GPU (untested here: this project's machines lent none so far): a wider, deeper model at
     # 84 px (196 visual tokens) and 4x the data.
     "large": Scale(

@@ -62,13 +62,18 @@ def _cell_keys(r: dict, a: dict) -> list[tuple[str, int]]:
 
 
 def compute_line(r: dict) -> str:
-  c = r["compute"]
+  c, n = r["compute"], r.get("workers", 1)
   data = f"data {c['data']:.1f}, " if c.get("data") is not None else ""
-  reused = ", reusing cached steps." if r["wall_minutes"] < 0.9 * c["total"] else "."
+  if n > 1:  # the cells' steps overlapped: their sum says nothing about what was reused
+    how, reused = (f"the seeds' cells ran in {n} worker processes side by side, each step timed while the others "
+                   "ran"), "."
+  else:
+    how = "steps run one after another in one process"
+    reused = ", reusing cached steps." if r["wall_minutes"] < 0.9 * c["total"] else "."
   note = f" {r['note']}" if r.get("note") else ""
   return (f"{c['total']:.1f} min, the sum of every step's measured wall time ({data}pretraining {c['pretrain']:.1f}, "
-          f"alignment {c['align']:.1f}, evaluation {c['eval']:.1f}, speed table {c['speed']:.1f} min; steps run one "
-          f"after another in one process); this invocation took {r['wall_minutes']:.1f} min{reused}{note}")
+          f"alignment {c['align']:.1f}, evaluation {c['eval']:.1f}, speed table {c['speed']:.1f} min; {how}); "
+          f"this invocation took {r['wall_minutes']:.1f} min{reused}{note}")
 
 
 def letters_part(llm: dict) -> str:

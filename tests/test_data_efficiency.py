@@ -15,10 +15,11 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("llava", "ee-mllm", "flamingo")
 # Two sizes and two seeds keep the suite's run to a few minutes (every code path of the default's
-# runs); half an epoch per stage (one or two steps) and one timed repeat: what is checked here is
-# that every stage runs and what the tables say by construction, not how well the models learn.
+# runs, the seeds in two worker processes as at the default scale); half an epoch per stage (one or
+# two steps) and one timed repeat: what is checked here is that every stage runs and what the
+# tables say by construction, not how well the models learn.
 SMALL = ("--sizes", "32,64", "--seeds", "0,1", "--stage1_epochs", "0.5", "--stage2_epochs", "0.5",
-         "--speed_repeats", "1")
+         "--speed_repeats", "1", "--workers", "2")
 # The benchmark script end to end, in a subprocess: about 8 minutes on 2 cores, two thirds of the
 # suite's budget, so it is the opt-in tier with the learnability and demo-accuracy runs.
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.environ.get("EE_MLLM_SLOW"),
@@ -163,10 +164,13 @@ def test_speed_table_covers_three_modes_at_each_size(results):
 
 def test_rerun_reuses_every_cached_step(results, tmp_path):
   report, _, work = results
+  logs = lambda: [(work / "logs" / f"seeds_{seeds}.log").read_text() for seeds in ("0", "1")]
+  assert all("done at step" in log for log in logs())  # the first run's workers trained their seed's cells
   again, stdout = run(tmp_path / "docs", work, *SMALL, "--skip_speed")
   assert again["main"] == report["main"] and again["retention"] == report["retention"]
   assert again["blank"] == report["blank"]
   assert again["speed"] == [] and again["timing"]["align"] < 0.5  # minutes: nothing retrained
+  assert all("done at step" not in log and ": mean " in log for log in logs())  # the rerun's scored, trained none
 
 
 def test_the_analysis_of_the_scripts_own_results(results):
